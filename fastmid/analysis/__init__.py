@@ -1,0 +1,1 @@
+"""Layer-wise analysis: streaming CKA, weight change, entropy, gradient norms, band advice."""

@@ -1,0 +1,1 @@
+"""SFT data: formats, chat-template tokenization with labels, collation, built-in sets."""

@@ -1,0 +1,1 @@
+"""Evaluation: GSM8K-style exact match and loss/perplexity."""

@@ -1,0 +1,1 @@
+"""Model loading, family layout tables, the band plan and its execution policy."""

@@ -1,0 +1,240 @@
+"""Where each supported architecture keeps its parts: a table, not guesswork.
+
+For every supported ``model_type`` the table names, as dotted attribute paths from the
+``*ForCausalLM`` module: the decoder layer list, the final norm, the input embeddings (plus any
+extra embedding tables such as GPT-2's learned positions), and the output head (``lm_head``), and
+it gives the norm flavour (``rms``: ``x * rstd * w``; ``rms_gemma``: ``x * rstd * (1 + w)`` computed
+in float32; ``layernorm``) and the names of the attention and MLP submodules inside one decoder
+layer (used to classify parameters as attention / MLP / norm and by kernel patching).
+
+Tests build every family from a tiny random config and check each path against the real module
+tree (``tests/models/test_families.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+NormKind = Literal["rms", "rms_gemma", "layernorm"]
+ModuleKind = Literal["attention", "mlp", "norm", "other"]
+
+
+class UnsupportedModelError(ValueError):
+    """The model's ``model_type`` is not in :data:`FAMILIES`; the message lists supported ones."""
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """Layout of one architecture family.
+
+    Attributes:
+        model_type: ``config.model_type`` value.
+        layers: dotted path of the ``nn.ModuleList`` of decoder layers.
+        final_norm: dotted path of the norm after the last decoder layer.
+        embed_tokens: dotted path of the token embedding (``nn.Embedding``).
+        lm_head: dotted path of the output projection (``nn.Linear``, vocab x hidden).
+        norm_kind: ``rms``, ``rms_gemma`` or ``layernorm``.
+        attention: name of the attention submodule in a decoder layer.
+        mlp: name of the MLP submodule in a decoder layer.
+        extra_embeddings: dotted paths of other embedding tables (e.g. GPT-2 ``wpe``).
+        gated_mlp: the MLP is ``down(act(gate(x)) * up(x))`` (SwiGLU/GeGLU) with separate
+            ``gate_proj``/``up_proj``/``down_proj`` linears.
+        final_logit_softcapping_attr: config attribute holding the logit softcap, if any.
+    """
+
+    model_type: str
+    layers: str
+    final_norm: str
+    embed_tokens: str
+    lm_head: str
+    norm_kind: NormKind
+    attention: str
+    mlp: str
+    extra_embeddings: tuple[str, ...] = ()
+    gated_mlp: bool = True
+    final_logit_softcapping_attr: str | None = None
+
+
+def _llama_like(model_type: str, norm_kind: NormKind = "rms", **kw: Any) -> FamilySpec:
+    return FamilySpec(
+        model_type=model_type,
+        layers="model.layers",
+        final_norm="model.norm",
+        embed_tokens="model.embed_tokens",
+        lm_head="lm_head",
+        norm_kind=norm_kind,
+        attention="self_attn",
+        mlp="mlp",
+        **kw,
+    )
+
+
+FAMILIES: dict[str, FamilySpec] = {
+    spec.model_type: spec
+    for spec in (
+        _llama_like("llama"),
+        _llama_like("mistral"),
+        _llama_like("qwen2"),
+        _llama_like("qwen3"),
+        _llama_like("olmo2"),
+        # phi3 fuses gate and up into one `gate_up_proj` linear.
+        _llama_like("phi3", gated_mlp=False),
+        _llama_like("gemma", norm_kind="rms_gemma"),
+        _llama_like(
+            "gemma2", norm_kind="rms_gemma", final_logit_softcapping_attr="final_logit_softcapping"
+        ),
+        _llama_like(
+            "gemma3_text",
+            norm_kind="rms_gemma",
+            final_logit_softcapping_attr="final_logit_softcapping",
+        ),
+        FamilySpec(
+            model_type="gpt_neox",
+            layers="gpt_neox.layers",
+            final_norm="gpt_neox.final_layer_norm",
+            embed_tokens="gpt_neox.embed_in",
+            lm_head="embed_out",
+            norm_kind="layernorm",
+            attention="attention",
+            mlp="mlp",
+            gated_mlp=False,
+        ),
+        FamilySpec(
+            model_type="gpt2",
+            layers="transformer.h",
+            final_norm="transformer.ln_f",
+            embed_tokens="transformer.wte",
+            lm_head="lm_head",
+            norm_kind="layernorm",
+            attention="attn",
+            mlp="mlp",
+            extra_embeddings=("transformer.wpe",),
+            gated_mlp=False,
+        ),
+    )
+}
+
+# GGUF `general.architecture` values whose conversion yields one of the families above.
+GGUF_ARCHITECTURES: tuple[str, ...] = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "phi3",
+    "gemma2",
+    "gemma3",
+    "gpt2",
+)
+
+
+def supported_model_types() -> list[str]:
+    """Sorted list of supported ``model_type`` values."""
+    return sorted(FAMILIES)
+
+
+def family_for_model_type(model_type: str) -> FamilySpec:
+    """The :class:`FamilySpec` of ``model_type``.
+
+    Raises:
+        UnsupportedModelError: unknown ``model_type``; the message lists the supported ones.
+    """
+    try:
+        return FAMILIES[model_type]
+    except KeyError:
+        raise UnsupportedModelError(
+            f"model_type '{model_type}' is not supported "
+            f"(supported: {', '.join(supported_model_types())})"
+        ) from None
+
+
+def family_for_config(config: Any) -> FamilySpec:
+    """The :class:`FamilySpec` for a transformers config (reads ``config.model_type``).
+
+    Raises:
+        UnsupportedModelError: as :func:`family_for_model_type`.
+    """
+    return family_for_model_type(getattr(config, "model_type", "<missing>"))
+
+
+def family_of(model: torch.nn.Module) -> FamilySpec:
+    """The :class:`FamilySpec` of a loaded ``*ForCausalLM`` model.
+
+    Raises:
+        UnsupportedModelError: as :func:`family_for_model_type`.
+    """
+    return family_for_config(model.config)
+
+
+def get_submodule(model: torch.nn.Module, path: str) -> torch.nn.Module:
+    """Follow a dotted path from ``model``.
+
+    Raises:
+        AttributeError: a path component is missing (names the full path and the model class).
+    """
+    obj: Any = model
+    for part in path.split("."):
+        if not hasattr(obj, part):
+            raise AttributeError(f"{type(model).__name__} has no '{path}' (missing '{part}')")
+        obj = getattr(obj, part)
+    return obj
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The model's decoder layers, in order (length ``config.num_hidden_layers``)."""
+    return get_submodule(model, family_of(model).layers)  # type: ignore[return-value]
+
+
+def final_norm(model: torch.nn.Module) -> torch.nn.Module:
+    """The norm applied after the last decoder layer."""
+    return get_submodule(model, family_of(model).final_norm)
+
+
+def input_embeddings(model: torch.nn.Module) -> torch.nn.Embedding:
+    """The token embedding table (vocab x hidden)."""
+    return get_submodule(model, family_of(model).embed_tokens)  # type: ignore[return-value]
+
+
+def output_head(model: torch.nn.Module) -> torch.nn.Linear:
+    """The output projection ``lm_head`` (vocab x hidden)."""
+    return get_submodule(model, family_of(model).lm_head)  # type: ignore[return-value]
+
+
+def embeddings_tied(model: torch.nn.Module) -> bool:
+    """True when ``lm_head.weight`` and the token embedding share one tensor."""
+    return output_head(model).weight is input_embeddings(model).weight
+
+
+def layers_prefix(model: torch.nn.Module) -> str:
+    """State-dict prefix of the decoder layers, e.g. ``"model.layers."``."""
+    return family_of(model).layers + "."
+
+
+def layer_index_of(param_name: str, spec: FamilySpec) -> int | None:
+    """Decoder-layer index of a parameter name like ``model.layers.7.mlp.up_proj.weight``."""
+    prefix = spec.layers + "."
+    if not param_name.startswith(prefix):
+        return None
+    head = param_name[len(prefix) :].split(".", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def module_kind(param_name: str, spec: FamilySpec) -> ModuleKind:
+    """Classify a decoder-layer parameter as ``attention``, ``mlp``, ``norm`` or ``other``.
+
+    The name is relative to the model (``model.layers.3.self_attn.q_proj.weight``) or to the
+    layer (``self_attn.q_proj.weight``).
+    """
+    prefix = spec.layers + "."
+    rel = param_name[len(prefix) :].split(".", 1)[1] if param_name.startswith(prefix) else param_name
+    head = rel.split(".", 1)[0]
+    if head == spec.attention:
+        # q_norm/k_norm (qwen3, olmo2, gemma3) live inside attention but are norms.
+        return "norm" if "norm" in rel.split(".")[-2] else "attention"
+    if head == spec.mlp:
+        return "mlp"
+    if "norm" in head or head.startswith("ln"):
+        return "norm"
+    return "other"

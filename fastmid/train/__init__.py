@@ -1,0 +1,1 @@
+"""The lean Mid-Block training loop, optimizers, checkpoints and export."""
