@@ -228,7 +228,9 @@ def module_kind(param_name: str, spec: FamilySpec) -> ModuleKind:
     layer (``self_attn.q_proj.weight``).
     """
     prefix = spec.layers + "."
-    rel = param_name[len(prefix) :].split(".", 1)[1] if param_name.startswith(prefix) else param_name
+    rel = (
+        param_name[len(prefix) :].split(".", 1)[1] if param_name.startswith(prefix) else param_name
+    )
     head = rel.split(".", 1)[0]
     if head == spec.attention:
         # q_norm/k_norm (qwen3, olmo2, gemma3) live inside attention but are norms.

@@ -1,0 +1,93 @@
+"""Token-sum causal-LM loss, family-agnostic, with logits only where a label is.
+
+The loop normalizes by the number of supervised tokens in a whole accumulation window (design
+section 4), so this function returns the *sum* of token losses and the supervised-token count
+rather than a mean. Positions are shifted as in transformers: the logits at ``t`` predict
+``labels[t + 1]``.
+
+The eager path runs the decoder, then projects with ``lm_head`` only the positions whose shifted
+label is not ``-100``: prompt and padding positions never become vocabulary-sized rows, which for
+chat SFT (answers a fraction of the sequence) saves most of the logits memory and FLOPs while the
+result equals the full-logits cross-entropy exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastmid.models.families import family_of, get_submodule, output_head
+
+IGNORE_INDEX = -100
+
+
+def shifted_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Labels aligned with the logits: ``labels[:, 1:]`` padded with ``-100`` at the end.
+
+    Args:
+        labels: (B, T) int64, ``-100`` where not trained.
+
+    Returns:
+        (B, T) int64: position ``t`` holds the token that the logits at ``t`` must predict.
+    """
+    pad = torch.full_like(labels[:, :1], IGNORE_INDEX)
+    return torch.cat([labels[:, 1:], pad], dim=1)
+
+
+def count_supervised(labels: torch.Tensor) -> int:
+    """Number of supervised (predicted) tokens in a (B, T) label batch, after the shift."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum().item())
+
+
+def decoder_hidden_states(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Final-norm hidden states of the decoder, (B, T, H), without the vocabulary projection."""
+    spec = family_of(model)
+    base = get_submodule(model, spec.layers.rsplit(".", 1)[0])
+    kwargs = {"attention_mask": attention_mask, "use_cache": False}
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids
+    out = base(input_ids=input_ids, **kwargs)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def logit_softcap(model: torch.nn.Module) -> float | None:
+    """The family's final-logit softcap (Gemma 2/3: ``cap * tanh(logits / cap)``), or None."""
+    attr = family_of(model).final_logit_softcapping_attr
+    value = getattr(model.config, attr, None) if attr else None
+    return float(value) if value else None
+
+
+def eager_loss_sum(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    labels: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, int]:
+    """Sum of token cross-entropies (fp32) and the number of supervised tokens.
+
+    Args:
+        input_ids: (B, T) int64; attention_mask: (B, T) {0, 1}; labels: (B, T) int64 with -100.
+
+    Returns:
+        ``(loss_sum, n)``: a float32 scalar tensor (0 with a graph to the band when ``n == 0``, never
+        NaN) and the int count of supervised tokens.
+    """
+    hidden = decoder_hidden_states(model, input_ids, attention_mask, position_ids)
+    target = shifted_labels(labels)
+    keep = target != IGNORE_INDEX
+    n = int(keep.sum().item())
+    if n == 0:
+        return hidden.sum() * 0.0, 0
+    selected = hidden[keep]  # (n, H)
+    logits = output_head(model)(selected).float()
+    cap = logit_softcap(model)
+    if cap is not None:
+        logits = cap * torch.tanh(logits / cap)
+    loss_sum = F.cross_entropy(logits, target[keep], reduction="sum")
+    return loss_sum, n
