@@ -70,15 +70,6 @@ class AccuracyResult:
         }
 
 
-def _numbers_equal(pred: str | None, ref: str | None) -> bool:
-    if pred is None or ref is None:
-        return False
-    try:
-        return abs(float(pred) - float(ref)) < 1e-9
-    except ValueError:
-        return pred.strip() == ref.strip()
-
-
 def _end_token_ids(tokenizer: Any) -> list[int]:
     ids = set()
     if tokenizer.eos_token_id is not None:
@@ -175,7 +166,7 @@ def evaluate_accuracy(
     samples = []
     for (prompt, ref), completion in zip(problems, completions, strict=True):
         pred = extract_final_answer(completion)
-        ok = _numbers_equal(pred, ref)
+        ok = pred is not None and pred == ref
         correct += ok
         if len(samples) < keep_samples:
             samples.append(
@@ -187,7 +178,7 @@ def evaluate_accuracy(
                     "correct": ok,
                 }
             )
-    loss = answer_loss(model, tokenizer, problems, batch_size) if with_loss else None
+    loss = answer_loss(model, tokenizer, data, len(problems), batch_size) if with_loss else None
     return AccuracyResult(
         len(problems),
         correct,
@@ -201,29 +192,23 @@ def evaluate_accuracy(
 
 @torch.no_grad()
 def answer_loss(
-    model: torch.nn.Module, tokenizer: Any, problems: list[tuple[list[dict], str]], batch_size: int
+    model: torch.nn.Module, tokenizer: Any, data: str, n: int, batch_size: int
 ) -> float | None:
-    """Mean token loss (nats/token) of the reference solutions given the prompts.
+    """Mean token loss (nats per supervised token) of the reference solutions given the prompts.
 
-    Uses the same tokenization and label rules as training (``fastmid.data``).
+    Uses the training tokenization and label rules (:func:`fastmid.data.build_sft_examples`) on
+    the first ``n`` examples of ``data`` (its ``test`` split unless ``data`` names one).
     """
-    from fastmid.data import collate_batch, tokenize_conversation
+    from fastmid.data import build_sft_examples, collate_batch
     from fastmid.train.loss import eager_loss_sum
 
+    examples, _ = build_sft_examples(data, tokenizer, split="test", max_examples=n)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
-    examples = []
-    for prompt, _ref in problems:
-        full = prompt[-1].get("_solution")
-        if full is None:
-            continue
-        ex = tokenize_conversation([*prompt, {"role": "assistant", "content": full}], tokenizer)
-        if ex is not None:
-            examples.append(ex)
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
         batch = collate_batch(examples[start : start + batch_size], pad_id)

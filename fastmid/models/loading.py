@@ -266,6 +266,13 @@ def gguf_to_hf_folder(path: str | os.PathLike[str]) -> Path:
     return target
 
 
+def _quiet_transformers() -> None:
+    """Silence transformers' per-tensor progress bars; fastmid prints its own progress."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def weights_folder(source: str | os.PathLike[str]) -> Path:
     """The Hugging Face folder that holds ``source``'s weights (GGUF files are converted, cached).
 
@@ -354,6 +361,7 @@ def load_model_and_tokenizer(
 
     from fastmid.models.families import UnsupportedModelError, family_for_config
 
+    _quiet_transformers()
     folder = weights_folder(source)
     config = load_config(folder)
     try:

@@ -337,7 +337,7 @@ class Trainer:
             loss_sum, _n = self.loss_sum(batch)
             if not torch.isfinite(loss_sum):
                 raise NonFiniteLossError(
-                    f"non-finite loss ({float(loss_sum)}) at step {state.step + 1}, micro-batch "
+                    f"non-finite loss ({float(loss_sum.detach())}) at step {state.step + 1}, micro-batch "
                     f"{ref.position} (epoch {ref.epoch}, examples {ref.indices}); the optimizer did "
                     f"not step; the last good checkpoint is kept in {self.out / 'checkpoints'}"
                 )

@@ -1,0 +1,140 @@
+"""The lean loop: token-normalized accumulation, exact resume, faults, run-folder safety."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from fastmid.train.loop import NonFiniteLossError, RunFolderError, Trainer, TrainingInterrupted
+
+
+def _run(cfg) -> tuple[Trainer, list[dict]]:
+    trainer = Trainer(cfg)
+    trainer.setup()
+    trainer.train()
+    records = [json.loads(x) for x in (trainer.out / "metrics.jsonl").read_text().splitlines()]
+    return trainer, records
+
+
+def _band_state(trainer: Trainer) -> dict[str, torch.Tensor]:
+    params = dict(trainer.model.named_parameters())
+    return {n: params[n].detach().clone() for n in trainer.trainable_names}
+
+
+def test_micro_batch_2_equals_two_accumulated_micro_batches_of_1(make_config):
+    """Design section 4: sum of token losses over the window / supervised tokens in the window."""
+    a, rec_a = _run(make_config("a", micro_batch=2, grad_accum=1, max_steps=2, optim="adamw"))
+    b, rec_b = _run(make_config("b", micro_batch=1, grad_accum=2, max_steps=2, optim="adamw"))
+    for ra, rb in zip(rec_a, rec_b, strict=True):
+        assert ra["supervised_tokens"] == rb["supervised_tokens"]
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-6)
+        assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-5)
+    wa, wb = _band_state(a), _band_state(b)
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-5, atol=1e-7)
+
+
+def test_resume_is_exact(make_config, monkeypatch):
+    """2N steps in one go == N steps, interrupt, resume, N steps: same losses and weights."""
+    full, rec_full = _run(make_config("full", max_steps=6, save_every=0))
+
+    first = Trainer(make_config("split", max_steps=6, save_every=0))
+    first.setup()
+    real = first.train_step
+
+    def step_then_interrupt():
+        record = real()
+        if record["step"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return record
+
+    monkeypatch.setattr(first, "train_step", step_then_interrupt)
+    with pytest.raises(TrainingInterrupted):
+        first.train()
+    assert (first.out / "checkpoints" / "step-3").is_dir()
+
+    resumed, rec_split = _run(make_config("split", max_steps=6, save_every=0, resume="latest"))
+    assert [r["step"] for r in rec_split] == list(range(1, 7))
+    for r1, r2 in zip(rec_full, rec_split, strict=True):
+        assert r1["loss"] == r2["loss"], (r1, r2)
+        assert r1["grad_norm"] == r2["grad_norm"]
+        assert r1["lr"] == r2["lr"]
+    wf, wr = _band_state(full), _band_state(resumed)
+    for name in wf:
+        assert torch.equal(wf[name], wr[name]), name
+
+
+def test_nan_loss_stops_before_the_step_and_keeps_the_checkpoint(make_config, monkeypatch):
+    trainer = Trainer(make_config("nan", max_steps=6, save_every=2))
+    trainer.setup()
+    real = trainer.loss_sum
+    calls = {"n": 0}
+
+    def poisoned(batch):
+        calls["n"] += trainer.model.training  # eval batches do not count
+        loss, n = real(batch)
+        return (loss * float("nan"), n) if calls["n"] == 3 and trainer.model.training else (loss, n)
+
+    monkeypatch.setattr(trainer, "loss_sum", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"step 3, micro-batch 2 .*examples \["):
+        trainer.train()
+    ckpt = trainer.out / "checkpoints" / "step-2"
+    assert ckpt.is_dir()
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 2
+    assert trainer.state.step == 2  # the failed step never reached the optimizer
+
+
+def test_sigint_saves_and_prints_resume_command(make_config, monkeypatch):
+    trainer = Trainer(make_config("sig", max_steps=6, save_every=0))
+    trainer.setup()
+    real = trainer.train_step
+
+    def step_then_interrupt():
+        record = real()
+        if record["step"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return record
+
+    monkeypatch.setattr(trainer, "train_step", step_then_interrupt)
+    with pytest.raises(TrainingInterrupted, match="--resume latest") as info:
+        trainer.train()
+    assert "step 2" in str(info.value)
+    assert (trainer.out / "checkpoints" / "step-2" / "band.safetensors").is_file()
+
+
+def test_existing_run_is_not_overwritten(make_config):
+    _run(make_config("twice", max_steps=1))
+    with pytest.raises(RunFolderError, match="--resume latest.*--overwrite"):
+        Trainer(make_config("twice", max_steps=1)).setup()
+    Trainer(make_config("twice", max_steps=1, overwrite=True)).setup()
+
+
+def test_only_band_gets_optimizer_state_and_small_tensors_keep_32bit(make_config):
+    trainer = Trainer(make_config("optim", max_steps=1))
+    trainer.setup()
+    trainer.train()
+    band_ids = {id(p) for p in trainer.trainable}
+    for p, st in trainer.optimizer.state.items():
+        assert id(p) in band_ids
+        dtype = st["state1"].dtype
+        assert dtype == (torch.uint8 if p.numel() >= 4096 else torch.float32), (p.shape, dtype)
+    assert len(trainer.optimizer.state) == len(trainer.trainable)
+
+
+def test_metrics_and_run_folder(make_config):
+    trainer, records = _run(make_config("folder", max_steps=4, keep_last=1))
+    for key in (
+        "step", "loss", "lr", "grad_norm", "tokens", "supervised_tokens", "tokens_per_s",
+        "peak_memory_bytes", "elapsed_s",
+    ):
+        assert key in records[0], key
+    assert [r["step"] for r in records if "eval_loss" in r] == [2, 4]
+    out = trainer.out
+    assert (out / "config.yaml").is_file() and (out / "plan.json").is_file()
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-4"]  # keep_last=1
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["band"]["indices"] == [1, 2, 3]  # 5 layers, 0.2:0.8 -> [1, 4)
