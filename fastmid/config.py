@@ -76,7 +76,8 @@ class TrainConfig:
     keep_last: int = 2
     eval_accuracy: bool = True
     eval_n: int = 100
-    eval_max_new_tokens: int = 160
+    eval_max_new_tokens: int = 128
+    eval_batch_size: int = 50
     eval_accuracy_data: str = "builtin:arith:test"
     output: str = "runs/default"
     overwrite: bool = False
@@ -216,6 +217,8 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.keep_last >= 1, "keep-last", "must be >= 1")
     need(cfg.log_every >= 1, "log-every", "must be >= 1")
     need(cfg.eval_n >= 1, "eval-n", "must be >= 1")
+    need(cfg.eval_batch_size >= 1, "eval-batch-size", "must be >= 1")
+    need(cfg.eval_max_new_tokens >= 1, "eval-max-new-tokens", "must be >= 1")
     need(cfg.max_examples is None or cfg.max_examples >= 1, "max-examples", "must be >= 1")
     need(
         not (cfg.band is not None and cfg.layers is not None),

@@ -251,15 +251,16 @@ def parse_layer_list(text: str) -> list[int]:
             if "-" in item:
                 lo_s, hi_s = item.split("-", 1)
                 lo, hi = int(lo_s), int(hi_s)
-                if hi < lo:
-                    raise BandError(f"--layers range '{item}' is reversed")
-                out.extend(range(lo, hi + 1))
             else:
-                out.append(int(item))
+                lo = hi = int(item)
         except ValueError:
             raise BandError(
                 f"--layers item '{item}' is not an integer or range like 6-23"
             ) from None
+        # Checked outside the try: BandError is a ValueError and would be re-worded there.
+        if hi < lo:
+            raise BandError(f"--layers range '{item}' is reversed; write it low-high, e.g. 6-23")
+        out.extend(range(lo, hi + 1))
     return out
 
 

@@ -96,7 +96,8 @@ FAMILIES: dict[str, FamilySpec] = {
             layers="gpt_neox.layers",
             final_norm="gpt_neox.final_layer_norm",
             embed_tokens="gpt_neox.embed_in",
-            lm_head="embed_out",
+            # transformers 5 renamed GPT-NeoX's head from `embed_out` to `lm_head`.
+            lm_head="lm_head",
             norm_kind="layernorm",
             attention="attention",
             mlp="mlp",

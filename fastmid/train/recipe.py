@@ -33,7 +33,7 @@ def _accuracy(trainer: Trainer, label: str) -> dict[str, Any] | None:
         cfg.eval_accuracy_data,
         n=cfg.eval_n,
         max_new_tokens=cfg.eval_max_new_tokens,
-        batch_size=max(8, cfg.micro_batch * 2),
+        batch_size=cfg.eval_batch_size,
     )
     lo, hi = result.ci95
     trainer.console.print(

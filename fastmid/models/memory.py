@@ -1,0 +1,532 @@
+"""Per-GPU memory estimate of one training step: Mid-Block tuning beside full fine-tuning and LoRA.
+
+Everything is counted in bytes and reported in GiB (2^30 bytes). The model is never loaded: the
+parameter counts come from transformers' real module tree built on the ``meta`` device
+(:func:`build_meta_model`), so they are exact; the activation terms follow from the config.
+
+Precision policy (design section 4, CUDA): bf16 compute under ``torch.autocast``; frozen weights
+stored in bf16; trained weights kept as fp32 master copies. Bytes per parameter:
+
+==========================  ===========================================================
+frozen weight               2 (bf16)
+trained weight              4 (fp32 master) + 2 (bf16 copy autocast caches in forward and
+                            the matmuls save for backward; a slight over-count for norm
+                            vectors, which are not cast)
+gradient                    4 (fp32, trained parameters only)
+AdamW (``adamw``)           8 (``exp_avg`` + ``exp_avg_sq`` in fp32)
+AdamW8bit (``adamw8bit``)   tensors of >= 4096 elements: 2 (two uint8 states) plus two fp32
+                            absmax values per block of 256 elements; smaller tensors keep
+                            fp32 states, 8 (bitsandbytes 0.50 ``Optimizer2State.init_state``:
+                            ``min_8bit_size=4096``, ``blocksize = 256``; torchao's
+                            ``AdamW8bit``, used under FSDP2, also uses ``block_size=256``)
+LoRA (r=16, all linears)    base frozen bf16 (2); adapters fp32 (4 + 2 autocast copy) with
+                            fp32 gradients (4) and fp32 AdamW states (8), peft's usual setup
+==========================  ===========================================================
+
+Activations (bytes per token per decoder layer) are counted the way Korthikanti et al. 2022,
+"Reducing Activation Recomputation in Large Transformer Models" (arXiv 2205.05198, Sec. 4.1)
+count them: walk the block's ops and add every tensor an op saves for backward. The block is
+transformers' Llama-style decoder layer (RMSNorm, q/k/v/o projections with RoPE, SwiGLU MLP) under
+bf16 autocast, with SDPA/flash attention, which saves q, k, v, the output and an fp32 logsumexp
+and no s x s matrix. Notation: ``h`` hidden size, ``q = num_attention_heads * head_dim``,
+``kv = num_key_value_heads * head_dim``, ``I`` intermediate size, ``n = num_attention_heads``.
+
+* RMSNorm (``x.to(fp32)``, ``pow``, ``rsqrt``, ``* weight``) saves the fp32 input (``4h``) and the
+  fp32 ``rsqrt`` (4) when its input needs a gradient, plus the bf16 normalized input (``2h``) when
+  its weight trains.
+* A linear saves its input only when its weight trains (the input is needed for the weight
+  gradient only). Under autocast each call casts its input separately, so q, k and v each keep
+  their own bf16 copy of the fp32 norm output (``3 * 2h``), gate and up another two (``2 * 2h``).
+* Attention: ``q`` and ``k`` after RoPE (``2q + 2kv``), ``v`` (``2kv``), the output (``2q``,
+  shared with the ``o_proj`` input), logsumexp (``4n``). RoPE's ``cos``/``sin`` are shared by all
+  layers and not counted. GQA runs without ``repeat_kv`` when no padding mask is passed; a padded
+  batch repeats k and v to ``q`` width (``4(q - kv)`` more).
+* SwiGLU: SiLU saves ``gate`` (``2I``); ``silu(gate) * up`` saves both factors (``4I``);
+  ``down_proj`` saves its input (``2I``) when it trains.
+
+Per token and layer this gives (the band, first-band, frozen, full and LoRA layer totals are
+checked against autograd's saved tensors in ``tests/models/test_memory.py``):
+
+==============================  ==========================================================
+band layer                      ``22h + 4q + 4kv + 8I + 4n + 8``
+first band layer, input frozen  ``18h + 4q + 4kv + 8I + 4n + 4`` (its first norm needs no
+                                input gradient)
+frozen layer above the band     ``8h + 4q + 4kv + 6I + 4n + 8`` (norm inputs, q/k/v/out,
+                                gate/silu/up)
+frozen prefix                   0 (runs under ``torch.no_grad()``)
+full fine-tuning layer          ``26h + 4q + 4kv + 8I + 4n + 8`` (fp32 embeddings make the
+                                residual stream fp32, so the normalized inputs are fp32)
+LoRA layer (rank r, 7 linears)  ``18h + 6q + 4kv + 8I + 4n + 8 + 14r`` (peft casts each
+                                adapter input to fp32 and autocast back to bf16: one copy per
+                                linear; first layer ``- 4h - 4``)
+checkpointed layer              its input only (``2h``, ``4h`` for full fine-tuning), plus one
+                                layer's activations recomputed at a time during backward
+head                            final norm ``4h + 4``; full fine-tuning also its weight and the
+                                ``lm_head`` input: ``10h + 12`` (with the embedding's indices)
+==============================  ==========================================================
+
+Logits: the eager path materializes ``tokens x vocab`` logits in bf16 (kept in the model output),
+upcasts them to fp32 for the loss (``log_softmax`` saves its fp32 output) and backward creates
+their fp32 gradient: ``10 * vocab_size`` bytes per token. A chunked cross-entropy avoids this.
+
+Several GPUs (``gpus = N``): FSDP2 (``fully_shard`` per decoder layer) shards weights, gradients
+and optimizer states over N; activations and logits are per GPU and not sharded. Under FSDP2 the
+mixed-precision policy all-gathers bf16 weights one layer at a time, so the autocast copy is
+replaced by the all-gather buffers of the current and the prefetched layer (``2 * 2 *
+params_per_layer``).
+
+Not counted: the CUDA context and cuBLAS workspaces (about 0.5-1 GiB), allocator fragmentation,
+transient gradient buffers inside one layer's backward, the ``s x s`` boolean padding mask of a
+padded batch (shared by all layers). Leave some headroom.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from fastmid.models.band import BandPlan, apply_band
+from fastmid.models.families import FamilySpec, family_of, get_submodule
+
+GIB = 2**30
+BF16_BYTES = 2
+FP32_BYTES = 4
+BNB_BLOCKSIZE = 256
+BNB_MIN_8BIT_SIZE = 4096
+LORA_RANK = 16
+# Families whose decoder layer is the Llama-style block the activation formulas describe.
+EXACT_ACTIVATION_FAMILIES = ("llama", "mistral", "qwen2")
+
+Optim = Literal["adamw8bit", "adamw"]
+Method = Literal["mid_block", "full", "lora"]
+OPTIMIZERS: tuple[str, ...] = ("adamw8bit", "adamw")
+
+
+class MemoryPlanError(ValueError):
+    """An invalid memory-plan setting (sequence length, batch, GPU count, optimizer...)."""
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    """The widths of one decoder layer that set its activation memory.
+
+    Attributes:
+        hidden_size: ``h``.
+        q_width: ``num_attention_heads * head_dim``.
+        kv_width: ``num_key_value_heads * head_dim``.
+        intermediate_size: ``I`` (MLP inner width).
+        num_attention_heads: ``n`` (one fp32 logsumexp per head and token).
+        vocab_size: ``V``.
+    """
+
+    hidden_size: int
+    q_width: int
+    kv_width: int
+    intermediate_size: int
+    num_attention_heads: int
+    vocab_size: int
+
+    @classmethod
+    def from_config(cls, config: Any) -> BlockShape:
+        """Read the widths from a transformers config (``head_dim`` defaults to ``h / n``).
+
+        Raises:
+            MemoryPlanError: the config lacks ``hidden_size``, ``num_attention_heads`` or
+                ``vocab_size``.
+        """
+        try:
+            h = int(config.hidden_size)
+            n = int(config.num_attention_heads)
+            vocab = int(config.vocab_size)
+        except (AttributeError, TypeError):
+            raise MemoryPlanError(
+                f"config of model_type '{getattr(config, 'model_type', '?')}' lacks hidden_size, "
+                "num_attention_heads or vocab_size"
+            ) from None
+        head_dim = getattr(config, "head_dim", None) or h // n
+        n_kv = getattr(config, "num_key_value_heads", None) or n
+        inter = (
+            getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * h
+        )
+        return cls(h, n * head_dim, n_kv * head_dim, int(inter), n, vocab)
+
+    def _attention(self) -> int:
+        # q, k after RoPE; v; output; fp32 logsumexp per head.
+        return 4 * self.q_width + 4 * self.kv_width + 4 * self.num_attention_heads
+
+    def band_layer(self, input_requires_grad: bool = True) -> int:
+        """Bytes per token saved by a trained layer: ``22h + 4q + 4kv + 8I + 4n + 8``.
+
+        With ``input_requires_grad=False`` (first band layer above a frozen, no-grad prefix) the
+        first norm's fp32 input and ``rsqrt`` are not saved: ``- 4h - 4``. Source: module
+        docstring (Korthikanti et al. 2022 method).
+        """
+        h, i = self.hidden_size, self.intermediate_size
+        first_norm = 4 * h + 4 if input_requires_grad else 0
+        norms = first_norm + (4 * h + 4) + 2 * (2 * h)  # + bf16 normalized input per norm weight
+        return norms + 3 * 2 * h + self._attention() + 2 * 2 * h + 8 * i
+
+    def frozen_layer(self) -> int:
+        """Bytes per token saved by a frozen layer that passes gradients down:
+        ``8h + 4q + 4kv + 6I + 4n + 8`` (norm inputs, attention tensors, gate/silu/up)."""
+        h, i = self.hidden_size, self.intermediate_size
+        return 2 * (4 * h + 4) + self._attention() + 6 * i
+
+    def full_layer(self) -> int:
+        """Bytes per token saved by a layer under full fine-tuning:
+        ``26h + 4q + 4kv + 8I + 4n + 8`` (fp32 residual stream: normalized inputs are fp32)."""
+        return self.band_layer(True) + 2 * 2 * self.hidden_size
+
+    def lora_layer(self, rank: int, input_requires_grad: bool = True) -> int:
+        """Bytes per token saved by a frozen layer with LoRA on its 7 linears:
+        ``18h + 6q + 4kv + 8I + 4n + 8 + 14r`` (``- 4h - 4`` when the input needs no gradient).
+        """
+        h, i = self.hidden_size, self.intermediate_size
+        base = self.frozen_layer() - (0 if input_requires_grad else 4 * h + 4)
+        adapter_inputs = 2 * (3 * h + self.q_width + 2 * h + i)  # q,k,v | o | gate,up | down
+        return base + adapter_inputs + 7 * 2 * rank
+
+    def head(self, full: bool = False) -> int:
+        """Bytes per token saved after the last layer: final norm ``4h + 4``; under full
+        fine-tuning ``10h + 12`` (trained norm weight, ``lm_head`` input, embedding indices)."""
+        h = self.hidden_size
+        return 10 * h + 12 if full else 4 * h + 4
+
+    def logits(self) -> int:
+        """Bytes per token of the eager loss path: ``10 V`` (bf16 logits, fp32 log-probabilities
+        saved by ``log_softmax``, their fp32 gradient)."""
+        return (BF16_BYTES + FP32_BYTES + FP32_BYTES) * self.vocab_size
+
+
+@dataclass(frozen=True)
+class TrainingSetup:
+    """What one training step looks like on each GPU.
+
+    Attributes:
+        seq_len: tokens per sequence.
+        micro_batch: sequences per GPU per forward/backward.
+        gpus: GPUs sharing weights, gradients and optimizer states (FSDP2 when > 1).
+        gpu_memory_gib: memory of one GPU in GiB (2^30 bytes); an H200 "141 GB" shows about
+            140 GiB to CUDA.
+        optim: ``adamw8bit`` (bitsandbytes / torchao 8-bit states) or ``adamw`` (fp32 states).
+        checkpointing: non-reentrant activation checkpointing of every layer that stores
+            activations (band and layers above it).
+        lora_rank: rank of the LoRA baseline.
+    """
+
+    seq_len: int = 4096
+    micro_batch: int = 1
+    gpus: int = 1
+    gpu_memory_gib: float = 141.0
+    optim: Optim = "adamw8bit"
+    checkpointing: bool = True
+    lora_rank: int = LORA_RANK
+
+    def __post_init__(self) -> None:
+        for flag, value in (
+            ("--seq-len", self.seq_len),
+            ("--micro-batch", self.micro_batch),
+            ("--gpus", self.gpus),
+            ("lora_rank", self.lora_rank),
+        ):
+            if not isinstance(value, int) or value < 1:
+                raise MemoryPlanError(f"{flag} must be a positive integer, got {value!r}")
+        if not self.gpu_memory_gib > 0:
+            raise MemoryPlanError(f"--gpu-memory must be positive (GiB), got {self.gpu_memory_gib}")
+        if self.optim not in OPTIMIZERS:
+            raise MemoryPlanError(
+                f"--optim '{self.optim}' is not known (choose {' or '.join(OPTIMIZERS)})"
+            )
+
+    @property
+    def tokens(self) -> int:
+        """Tokens per GPU per micro-step: ``micro_batch * seq_len``."""
+        return self.micro_batch * self.seq_len
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Per-GPU memory of one training step, in bytes.
+
+    Attributes:
+        method: ``mid_block``, ``full`` or ``lora``.
+        trainable_parameters: parameters that receive updates.
+        weights, gradients, optimizer_states, activations, logits: bytes per GPU.
+        gpu_memory_gib: the GPU's memory in GiB, for :attr:`fits`.
+    """
+
+    method: Method
+    trainable_parameters: int
+    weights: int
+    gradients: int
+    optimizer_states: int
+    activations: int
+    logits: int
+    gpu_memory_gib: float
+
+    @property
+    def total(self) -> int:
+        """Sum of all terms, bytes."""
+        return (
+            self.weights + self.gradients + self.optimizer_states + self.activations + self.logits
+        )
+
+    @property
+    def fits(self) -> bool:
+        """``total <= gpu_memory_gib * 2^30``."""
+        return self.total <= self.gpu_memory_gib * GIB
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready view: bytes and GiB (rounded to 3 decimals) per term, ``fits``."""
+        terms = {
+            "weights": self.weights,
+            "gradients": self.gradients,
+            "optimizer_states": self.optimizer_states,
+            "activations": self.activations,
+            "logits": self.logits,
+            "total": self.total,
+        }
+        return {
+            "method": self.method,
+            "trainable_parameters": self.trainable_parameters,
+            "bytes": terms,
+            "gib": {k: round(v / GIB, 3) for k, v in terms.items()},
+            "gpu_memory_gib": self.gpu_memory_gib,
+            "fits": self.fits,
+        }
+
+
+# ---- building blocks -------------------------------------------------------------------------
+
+
+def build_meta_model(config: Any) -> torch.nn.Module:
+    """Build the ``*ForCausalLM`` of ``config`` on the meta device (no memory, no weights).
+
+    Returns:
+        The model; its parameters are meta tensors with exact shapes (tied weights tied).
+
+    Raises:
+        ValueError: transformers knows no causal LM for the config.
+    """
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def adamw_state_bytes(numel: int) -> int:
+    """fp32 AdamW state of one tensor: ``8 * numel`` bytes (``exp_avg`` + ``exp_avg_sq``)."""
+    return 2 * FP32_BYTES * numel
+
+
+def adamw8bit_state_bytes(numel: int) -> int:
+    """8-bit AdamW state of one tensor, bytes.
+
+    ``numel < 4096``: fp32 states, ``8 * numel``. Otherwise two uint8 states plus two fp32
+    absmax values per block of 256: ``2 * numel + 8 * ceil(numel / 256)``. Source: bitsandbytes
+    0.50 ``bitsandbytes/optim/optimizer.py``, ``Optimizer2State.init_state`` (``min_8bit_size=4096``,
+    ``blocksize = 256``). The two shared 256-entry quantization maps are not counted.
+    """
+    if numel < BNB_MIN_8BIT_SIZE:
+        return adamw_state_bytes(numel)
+    return 2 * numel + 2 * FP32_BYTES * math.ceil(numel / BNB_BLOCKSIZE)
+
+
+def optimizer_state_bytes(numels: list[int], optim: Optim) -> int:
+    """Optimizer state of a list of tensors (their element counts), bytes.
+
+    Raises:
+        MemoryPlanError: unknown ``optim``.
+    """
+    if optim == "adamw":
+        return sum(adamw_state_bytes(n) for n in numels)
+    if optim == "adamw8bit":
+        return sum(adamw8bit_state_bytes(n) for n in numels)
+    raise MemoryPlanError(f"--optim '{optim}' is not known (choose {' or '.join(OPTIMIZERS)})")
+
+
+def lora_adapter_numels(model: torch.nn.Module, rank: int) -> list[int]:
+    """Element counts of the LoRA ``A`` (``r x in``) and ``B`` (``out x r``) matrices for every
+    linear layer (``nn.Linear`` or GPT-2's ``Conv1D``) inside the decoder layers."""
+    from transformers.pytorch_utils import Conv1D
+
+    numels: list[int] = []
+    for layer in get_submodule(model, family_of(model).layers):
+        for module in layer.modules():
+            if isinstance(module, torch.nn.Linear):
+                d_in, d_out = module.in_features, module.out_features
+            elif isinstance(module, Conv1D):
+                d_in, d_out = module.weight.shape
+            else:
+                continue
+            numels += [rank * d_in, d_out * rank]
+    return numels
+
+
+def _layer_params(model: torch.nn.Module, spec: FamilySpec) -> list[int]:
+    return [
+        sum(p.numel() for p in layer.parameters()) for layer in get_submodule(model, spec.layers)
+    ]
+
+
+def _sharded(nbytes: float, gpus: int) -> int:
+    return math.ceil(nbytes / gpus)
+
+
+def _weights_bytes(frozen: int, trained: int, max_layer: int, gpus: int) -> int:
+    """Per-GPU weight bytes (module docstring: precision policy, FSDP2)."""
+    if gpus == 1:
+        return frozen * BF16_BYTES + trained * (FP32_BYTES + BF16_BYTES)
+    stored = _sharded(frozen * BF16_BYTES + trained * FP32_BYTES, gpus)
+    return stored + 2 * BF16_BYTES * max_layer
+
+
+def _activation_bytes(
+    per_layer: list[int], stored: list[bool], setup: TrainingSetup, ckpt_input: int, head: int
+) -> int:
+    """Activations of one micro-step: per-layer bytes per token for layers that store anything
+    (``stored``); with checkpointing, their inputs plus the largest one recomputed."""
+    kept = [b for b, s in zip(per_layer, stored, strict=True) if s]
+    if setup.checkpointing and kept:
+        per_token = len(kept) * ckpt_input + max(kept)
+    else:
+        per_token = sum(kept)
+    return setup.tokens * (per_token + head)
+
+
+# ---- the three estimates ---------------------------------------------------------------------
+
+
+def estimate_mid_block(
+    model: torch.nn.Module, plan: BandPlan, setup: TrainingSetup
+) -> MemoryEstimate:
+    """Memory of Mid-Block tuning: the band trains, everything else is frozen.
+
+    Args:
+        model: the ``*ForCausalLM`` (meta tensors are fine); its ``requires_grad`` flags are
+            reset by :func:`fastmid.models.band.apply_band`.
+        plan: the band; embeddings, final norm and ``lm_head`` stay frozen.
+        setup: sequence length, batch, GPUs, optimizer, checkpointing.
+
+    Returns:
+        The :class:`MemoryEstimate` (formulas in the module docstring).
+
+    Raises:
+        BandError: the plan's layer count differs from the model's.
+    """
+    spec = family_of(model)
+    trainable = apply_band(model, plan)
+    n_trained = sum(p.numel() for p in trainable)
+    n_total = sum(p.numel() for p in model.parameters())
+    shape = BlockShape.from_config(model.config)
+    layer_params = _layer_params(model, spec)
+    per_layer: list[int] = []
+    for i in range(plan.num_hidden_layers):
+        role = plan.role(i)
+        if role == "band":
+            per_layer.append(shape.band_layer(input_requires_grad=i != plan.first))
+        else:
+            per_layer.append(0 if role == "frozen-prefix" else shape.frozen_layer())
+    stored = [plan.role(i) != "frozen-prefix" for i in range(plan.num_hidden_layers)]
+    return MemoryEstimate(
+        method="mid_block",
+        trainable_parameters=n_trained,
+        weights=_weights_bytes(n_total - n_trained, n_trained, max(layer_params), setup.gpus),
+        gradients=_sharded(n_trained * FP32_BYTES, setup.gpus),
+        optimizer_states=_sharded(
+            optimizer_state_bytes([p.numel() for p in trainable], setup.optim), setup.gpus
+        ),
+        activations=_activation_bytes(
+            per_layer, stored, setup, 2 * shape.hidden_size, shape.head()
+        ),
+        logits=setup.tokens * shape.logits(),
+        gpu_memory_gib=setup.gpu_memory_gib,
+    )
+
+
+def estimate_full(model: torch.nn.Module, setup: TrainingSetup) -> MemoryEstimate:
+    """Memory of full fine-tuning (every parameter trains, fp32 master weights).
+
+    Args:
+        model: the ``*ForCausalLM`` (meta tensors are fine); not modified.
+        setup: as :func:`estimate_mid_block`; the optimizer is ``setup.optim``.
+
+    Returns:
+        The :class:`MemoryEstimate`; the checkpointed input of a layer is the fp32 residual
+        (``4h`` bytes per token).
+    """
+    spec = family_of(model)
+    params = list(model.parameters())
+    n_total = sum(p.numel() for p in params)
+    shape = BlockShape.from_config(model.config)
+    L = len(get_submodule(model, spec.layers))
+    per_layer = [shape.full_layer()] * L
+    return MemoryEstimate(
+        method="full",
+        trainable_parameters=n_total,
+        weights=_weights_bytes(0, n_total, max(_layer_params(model, spec)), setup.gpus),
+        gradients=_sharded(n_total * FP32_BYTES, setup.gpus),
+        optimizer_states=_sharded(
+            optimizer_state_bytes([p.numel() for p in params], setup.optim), setup.gpus
+        ),
+        activations=_activation_bytes(
+            per_layer, [True] * L, setup, FP32_BYTES * shape.hidden_size, shape.head(full=True)
+        ),
+        logits=setup.tokens * shape.logits(),
+        gpu_memory_gib=setup.gpu_memory_gib,
+    )
+
+
+def estimate_lora(model: torch.nn.Module, setup: TrainingSetup) -> MemoryEstimate:
+    """Memory of LoRA (rank ``setup.lora_rank``) on every linear of every decoder layer.
+
+    Base weights frozen in bf16; adapters fp32 with fp32 gradients and fp32 AdamW states,
+    whatever ``setup.optim`` says (peft's usual setup).
+
+    Args:
+        model: the ``*ForCausalLM`` (meta tensors are fine); not modified.
+        setup: as :func:`estimate_mid_block`.
+
+    Returns:
+        The :class:`MemoryEstimate`.
+    """
+    spec = family_of(model)
+    n_base = sum(p.numel() for p in model.parameters())
+    adapters = lora_adapter_numels(model, setup.lora_rank)
+    n_adapters = sum(adapters)
+    shape = BlockShape.from_config(model.config)
+    L = len(get_submodule(model, spec.layers))
+    per_layer = [shape.lora_layer(setup.lora_rank, input_requires_grad=i > 0) for i in range(L)]
+    max_layer = max(_layer_params(model, spec)) + n_adapters // L
+    return MemoryEstimate(
+        method="lora",
+        trainable_parameters=n_adapters,
+        weights=_weights_bytes(n_base, n_adapters, max_layer, setup.gpus),
+        gradients=_sharded(n_adapters * FP32_BYTES, setup.gpus),
+        optimizer_states=_sharded(optimizer_state_bytes(adapters, "adamw"), setup.gpus),
+        activations=_activation_bytes(
+            per_layer, [True] * L, setup, 2 * shape.hidden_size, shape.head()
+        ),
+        logits=setup.tokens * shape.logits(),
+        gpu_memory_gib=setup.gpu_memory_gib,
+    )
+
+
+def estimate_all(
+    model: torch.nn.Module, plan: BandPlan, setup: TrainingSetup
+) -> dict[str, MemoryEstimate]:
+    """Mid-Block, full fine-tuning and LoRA side by side: ``{"mid_block", "full", "lora"}``.
+
+    ``model``'s ``requires_grad`` flags end as the band sets them.
+
+    Raises:
+        BandError: the plan's layer count differs from the model's.
+    """
+    return {
+        "full": estimate_full(model, setup),
+        "lora": estimate_lora(model, setup),
+        "mid_block": estimate_mid_block(model, plan, setup),
+    }

@@ -1,0 +1,306 @@
+"""Memory estimator: hand formulas on a small config, autograd's saved tensors, bitsandbytes' state."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from fastmid.models.band import BandPlan
+from fastmid.models.memory import (
+    GIB,
+    BlockShape,
+    MemoryPlanError,
+    TrainingSetup,
+    adamw8bit_state_bytes,
+    build_meta_model,
+    estimate_all,
+    estimate_full,
+    estimate_lora,
+    estimate_mid_block,
+)
+from fastmid.models.plan_report import make_plan, print_plan
+
+CONFIGS = Path(__file__).resolve().parents[2] / "bench" / "configs"
+
+# A small Llama (I is the field's name for the intermediate size): h=64, q=4*16=64, kv=2*16=32, I=160, 10 layers, vocab 300, untied.
+H, NH, NKV, D, I, L, V = 64, 4, 2, 16, 160, 10, 300  # noqa: E741
+Q, KV = NH * D, NKV * D
+
+
+def tiny_config(**kw) -> LlamaConfig:
+    args = dict(
+        hidden_size=H,
+        intermediate_size=I,
+        num_attention_heads=NH,
+        num_key_value_heads=NKV,
+        head_dim=D,
+        num_hidden_layers=L,
+        vocab_size=V,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )
+    args.update(kw)
+    return LlamaConfig(**args)
+
+
+# ---- hand formulas (written from the module tree of a Llama layer, not from the estimator) ----
+
+# name -> numel of one layer's parameters
+LAYER_TENSORS = {
+    "q": H * Q,
+    "k": H * KV,
+    "v": H * KV,
+    "o": Q * H,
+    "gate": H * I,
+    "up": H * I,
+    "down": I * H,
+    "norm1": H,
+    "norm2": H,
+}
+P_LAYER = sum(LAYER_TENSORS.values())
+P_TOTAL = L * P_LAYER + 2 * V * H + H
+
+
+def bnb_bytes(n: int) -> int:
+    """AdamW8bit state by hand: fp32 below 4096 elements, else uint8 x2 + fp32 absmax per 256."""
+    return 8 * n if n < 4096 else 2 * n + 2 * 4 * -(-n // 256)
+
+
+def test_tiny_parameter_count_matches_module_tree() -> None:
+    model = build_meta_model(tiny_config())
+    assert sum(p.numel() for p in model.parameters()) == P_TOTAL
+    assert all(p.is_meta for p in model.parameters())
+
+
+def test_mid_block_estimate_by_hand() -> None:
+    model = build_meta_model(tiny_config())
+    plan = BandPlan.from_fractions(L, 0.2, 0.8)  # layers 2..7
+    assert plan.indices == tuple(range(2, 8))
+    tokens = 3 * 50
+    setup = TrainingSetup(seq_len=50, micro_batch=3, gpus=1, gpu_memory_gib=1.0)
+    est = estimate_mid_block(model, plan, setup)
+
+    trained = 6 * P_LAYER
+    frozen = P_TOTAL - trained
+    assert est.trainable_parameters == trained
+    assert est.weights == frozen * 2 + trained * (4 + 2)
+    assert est.gradients == trained * 4
+    assert est.optimizer_states == 6 * sum(bnb_bytes(n) for n in LAYER_TENSORS.values())
+
+    # Checkpointing: 8 layers (band 2..7, suffix 8, 9) keep their bf16 input; one band layer
+    # is recomputed at a time; the final norm keeps its fp32 input and rsqrt.
+    band_layer = 22 * H + 4 * Q + 4 * KV + 8 * I + 4 * NH + 8
+    head = 4 * H + 4
+    assert est.activations == tokens * (8 * 2 * H + band_layer + head)
+    assert est.logits == tokens * V * (2 + 4 + 4)
+    assert est.total == sum(
+        (est.weights, est.gradients, est.optimizer_states, est.activations, est.logits)
+    )
+
+    no_ckpt = estimate_mid_block(
+        model, plan, TrainingSetup(seq_len=50, micro_batch=3, checkpointing=False)
+    )
+    first_band = band_layer - (4 * H + 4)
+    frozen_layer = 8 * H + 4 * Q + 4 * KV + 6 * I + 4 * NH + 8
+    assert no_ckpt.activations == tokens * (first_band + 5 * band_layer + 2 * frozen_layer + head)
+
+
+def test_fsdp_shards_states_not_activations() -> None:
+    model = build_meta_model(tiny_config())
+    plan = BandPlan.from_fractions(L, 0.2, 0.8)
+    one = estimate_mid_block(model, plan, TrainingSetup(seq_len=64, gpus=1))
+    four = estimate_mid_block(model, plan, TrainingSetup(seq_len=64, gpus=4))
+    trained = 6 * P_LAYER
+    frozen = P_TOTAL - trained
+    # Sharded fp32 masters and bf16 frozen weights + two all-gathered bf16 layers.
+    assert four.weights == math.ceil((frozen * 2 + trained * 4) / 4) + 2 * 2 * P_LAYER
+    assert four.gradients == math.ceil(trained * 4 / 4)
+    assert four.optimizer_states == math.ceil(one.optimizer_states / 4)
+    assert four.activations == one.activations
+    assert four.logits == one.logits
+
+
+def test_full_and_lora_by_hand() -> None:
+    model = build_meta_model(tiny_config())
+    tokens = 40
+    setup = TrainingSetup(seq_len=tokens, optim="adamw", checkpointing=False, lora_rank=4)
+    full = estimate_full(model, setup)
+    assert full.weights == P_TOTAL * 6
+    assert full.gradients == P_TOTAL * 4
+    assert full.optimizer_states == P_TOTAL * 8
+    full_layer = 26 * H + 4 * Q + 4 * KV + 8 * I + 4 * NH + 8
+    assert full.activations == tokens * (L * full_layer + 10 * H + 12)
+
+    r = 4
+    per_layer = r * ((H + Q) + 2 * (H + KV) + (Q + H) + 2 * (H + I) + (I + H))
+    lora = estimate_lora(model, setup)
+    assert lora.trainable_parameters == L * per_layer
+    assert lora.weights == P_TOTAL * 2 + L * per_layer * 6
+    assert lora.gradients == L * per_layer * 4
+    assert lora.optimizer_states == L * per_layer * 8  # fp32 AdamW whatever --optim says
+    lora_layer = 18 * H + 6 * Q + 4 * KV + 8 * I + 4 * NH + 8 + 14 * r
+    first_lora_layer = lora_layer - (4 * H + 4)  # embeddings frozen: layer 0's input needs no grad
+    head = 4 * H + 4
+    assert lora.activations == tokens * ((L - 1) * lora_layer + first_lora_layer + head)
+
+
+def test_adamw8bit_bytes_match_bitsandbytes_state() -> None:
+    bnb = pytest.importorskip("bitsandbytes")
+    sizes = (100, 4095, 4096, 5000, 256 * 7 + 1)
+    params = [torch.nn.Parameter(torch.randn(n)) for n in sizes]
+    opt = bnb.optim.AdamW8bit(params, lr=1e-3)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    for p, n in zip(params, sizes, strict=True):
+        state = opt.state[p]
+        # The two 256-entry quantization maps are shared by all tensors, not per-tensor state.
+        nbytes = sum(
+            v.numel() * v.element_size()
+            for k, v in state.items()
+            if torch.is_tensor(v) and k in ("state1", "state2", "absmax1", "absmax2")
+        )
+        assert adamw8bit_state_bytes(n) == nbytes, n
+
+
+# ---- activation formulas against autograd's saved tensors ------------------------------------
+
+
+def _saved_bytes_per_token(model, layers, layer: int, seq: int = 24) -> float:
+    """Bytes autograd saves inside ``layers[layer]`` per token, under CPU bf16 autocast.
+
+    Two batch sizes with the same sequence length: the difference removes everything that does
+    not scale with tokens (autocast's bf16 weight copies, RoPE cos/sin shared by the batch).
+    """
+
+    def run(batch: int) -> int:
+        seen: dict[int, int] = {}
+        inside = [False]
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if inside[0]:
+                seen.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+            return t
+
+        pre = layers[layer].register_forward_pre_hook(lambda *a: inside.__setitem__(0, True))
+        post = layers[layer].register_forward_hook(lambda *a: inside.__setitem__(0, False))
+        ids = torch.randint(0, V, (batch, seq), generator=torch.Generator().manual_seed(batch))
+        try:
+            with (
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+                torch.autocast("cpu", dtype=torch.bfloat16),
+            ):
+                model(input_ids=ids)
+        finally:
+            pre.remove()
+            post.remove()
+        return sum(seen.values())
+
+    return (run(3) - run(1)) / (2 * seq)
+
+
+@pytest.fixture(scope="module")
+def base_model() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(tiny_config(num_hidden_layers=3)).eval()
+
+
+def _mixed_precision(model: torch.nn.Module, trained_layers: set[int]) -> torch.nn.Module:
+    """Design section 4 on CPU: trained weights fp32 masters, frozen weights bf16."""
+    model = copy.deepcopy(model)
+    for name, p in model.named_parameters():
+        idx = int(name.split(".")[2]) if name.startswith("model.layers.") else None
+        p.requires_grad_(idx in trained_layers)
+        if not p.requires_grad:
+            p.data = p.data.to(torch.bfloat16)
+    return model
+
+
+def test_activation_formulas_match_saved_tensors(base_model) -> None:
+    shape = BlockShape.from_config(base_model.config)
+    assert (shape.q_width, shape.kv_width) == (Q, KV)
+    band = _mixed_precision(base_model, {0, 1})
+    layers = band.model.layers
+    assert _saved_bytes_per_token(band, layers, 1) == shape.band_layer() == 3096
+    assert _saved_bytes_per_token(band, layers, 0) == shape.band_layer(input_requires_grad=False)
+    assert _saved_bytes_per_token(band, layers, 2) == shape.frozen_layer() == 1880
+
+    full = copy.deepcopy(base_model).float()
+    assert _saved_bytes_per_token(full, full.model.layers, 1) == shape.full_layer()
+
+
+def test_lora_activation_formula_matches_saved_tensors(base_model) -> None:
+    peft = pytest.importorskip("peft")
+    r = 4
+    model = copy.deepcopy(base_model).to(torch.bfloat16)
+    model = peft.get_peft_model(
+        model, peft.LoraConfig(r=r, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
+    )
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    layers = model.base_model.model.model.layers
+    shape = BlockShape.from_config(base_model.config)
+    assert _saved_bytes_per_token(model, layers, 1) == shape.lora_layer(r)
+    assert _saved_bytes_per_token(model, layers, 0) == shape.lora_layer(
+        r, input_requires_grad=False
+    )
+
+
+# ---- published models ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "billions", "layers"),
+    [("qwen2.5-32b", 32.76, 64), ("llama-3.1-8b", 8.03, 32), ("olmo-2-1124-7b", 7.30, 32)],
+)
+def test_published_sizes(name: str, billions: float, layers: int) -> None:
+    plan = make_plan(CONFIGS / f"{name}.json", seq_len=1024)
+    assert round(plan["parameters"]["total"] / 1e9, 2) == billions
+    assert plan["model"]["num_hidden_layers"] == layers
+    assert plan["model"]["tie_word_embeddings"] is False
+
+
+def test_qwen25_32b_default_band_and_report(capsys) -> None:
+    plan = make_plan(CONFIGS / "qwen2.5-32b.json")
+    assert plan["band"]["indices"] == list(range(13, 51))
+    assert plan["band"]["size"] == 38
+    # 64 layers of 487,605,248 parameters: q/k/v carry biases in Qwen2.
+    per_layer = (5120 * 5120 + 5120) + 2 * (5120 * 1024 + 1024) + 5120 * 5120
+    per_layer += 3 * 5120 * 27648 + 2 * 5120
+    assert plan["parameters"]["trainable"] == 38 * per_layer
+    assert json.loads(json.dumps(plan)) == plan
+    mid = plan["memory"]["mid_block"]
+    assert mid["gib"]["total"] == pytest.approx(mid["bytes"]["total"] / GIB, abs=1e-3)
+    assert set(plan["memory"]) == {"mid_block", "full", "lora"}
+
+    from rich.console import Console
+
+    console = Console(width=120, record=True)
+    print_plan(plan, console)
+    text = console.export_text()
+    assert "13..50" in text and "LoRA r=16" in text and "fits in 141 GiB" in text
+
+
+def test_bad_settings_name_the_flag(tmp_path) -> None:
+    with pytest.raises(MemoryPlanError, match="--seq-len"):
+        TrainingSetup(seq_len=0)
+    with pytest.raises(MemoryPlanError, match="--optim 'sgd'"):
+        TrainingSetup(optim="sgd")  # type: ignore[arg-type]
+    with pytest.raises(MemoryPlanError, match="--gpu-memory"):
+        TrainingSetup(gpu_memory_gib=0)
+
+
+def test_fits_flag_follows_gpu_memory() -> None:
+    model = build_meta_model(tiny_config())
+    plan = BandPlan.from_fractions(L, 0.2, 0.8)
+    big = estimate_all(model, plan, TrainingSetup(seq_len=32, gpu_memory_gib=1.0))
+    assert all(e.fits for e in big.values())
+    small = estimate_all(model, plan, TrainingSetup(seq_len=32, gpu_memory_gib=1e-4))
+    assert not any(e.fits for e in small.values())
