@@ -1,0 +1,197 @@
+"""``fastmid data inspect``: counts, token statistics and label masks, printed with rich.
+
+The report shows what a training run would see before any GPU time is spent: the detected format,
+rows read and bad rows skipped (per kind), the ShareGPT cleanup counts, kept / truncated / dropped
+examples, token and trained-token statistics (mean, p50, p95, max), and ``n`` examples decoded with
+the trained tokens highlighted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.panel import Panel
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from fastmid.data.pipeline import build_sft_examples
+from fastmid.data.stats import DataStats, summarize
+from fastmid.data.tokenize import IGNORE_INDEX
+
+TRAINED_STYLE = "bold black on green"
+PROMPT_STYLE = "dim"
+_ELIDE_CHARS = 1200  # longer runs of text are shown as head ... tail
+
+
+def label_runs(input_ids: list[int], labels: list[int], tokenizer: Any) -> list[tuple[str, bool]]:
+    """Decode an example into runs of trained and untrained text.
+
+    Consecutive tokens with the same trained/untrained state are decoded together, so multi-byte
+    characters split across tokens decode whole.
+
+    Args:
+        input_ids: token ids, length T.
+        labels: length T; -100 where not trained.
+        tokenizer: the tokenizer (``decode`` with special tokens kept).
+
+    Returns:
+        ``[(text, trained), ...]`` covering the whole example in order.
+    """
+    runs: list[tuple[str, bool]] = []
+    start = 0
+    for index in range(1, len(input_ids) + 1):
+        if index == len(input_ids) or (labels[index] != IGNORE_INDEX) != (
+            labels[start] != IGNORE_INDEX
+        ):
+            text = tokenizer.decode(input_ids[start:index], skip_special_tokens=False)
+            runs.append((text, labels[start] != IGNORE_INDEX))
+            start = index
+    return runs
+
+
+def _elide(text: str) -> str:
+    if len(text) <= _ELIDE_CHARS:
+        return text
+    half = _ELIDE_CHARS // 2
+    return f"{text[:half]} [... {len(text) - 2 * half} characters ...] {text[-half:]}"
+
+
+def render_example(example: dict[str, list[int]], tokenizer: Any) -> Text:
+    """A rich ``Text`` of one example with trained tokens highlighted.
+
+    Args:
+        example: ``{"input_ids", "labels"}``.
+        tokenizer: the tokenizer used to build it.
+
+    Returns:
+        The text; runs longer than 1200 characters are shortened to their head and tail.
+    """
+    text = Text()
+    for chunk, trained in label_runs(example["input_ids"], example["labels"], tokenizer):
+        text.append(_elide(chunk), style=TRAINED_STYLE if trained else PROMPT_STYLE)
+    return text
+
+
+def _fmt(value: float | int | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.1f}" if isinstance(value, float) else f"{value:,}"
+
+
+def stats_tables(stats: DataStats) -> list[Table]:
+    """The report's tables: counts, token statistics, bad rows, ShareGPT cleanup."""
+    counts = Table(title="Data", show_header=False, title_justify="left")
+    counts.add_column("what", no_wrap=True)
+    counts.add_column("value", justify="right", overflow="fold")
+    counts.add_row("sources", ", ".join(stats.sources))
+    counts.add_row("format", stats.format)
+    counts.add_row("chat template", stats.chat_template)
+    counts.add_row("rows read", _fmt(stats.rows_read))
+    counts.add_row("bad rows skipped", _fmt(stats.bad_rows_skipped))
+    counts.add_row("conversations", _fmt(stats.conversations))
+    counts.add_row("tokenized", _fmt(stats.tokenized))
+    counts.add_row("examples kept", _fmt(stats.kept))
+    counts.add_row("  of which truncated", _fmt(stats.truncated))
+    counts.add_row("examples dropped", _fmt(stats.dropped_total))
+    for reason, count in stats.dropped.items():
+        counts.add_row(f"  {reason}", _fmt(count))
+
+    tokens = Table(title="Tokens per example", title_justify="left")
+    for name in ("", "total", "mean", "p50", "p95", "max"):
+        tokens.add_column(name, justify="right" if name else "left")
+    for label, values in (("tokens", stats.tokens), ("trained", stats.supervised_tokens)):
+        s = summarize(values)
+        tokens.add_row(label, *(_fmt(s[k]) for k in ("total", "mean", "p50", "p95", "max")))
+
+    tables = [counts, tokens]
+    if stats.bad_rows:
+        bad = Table(title="Bad rows skipped", title_justify="left")
+        bad.add_column("kind")
+        bad.add_column("rows", justify="right")
+        for kind, count in sorted(stats.bad_rows.items()):
+            bad.add_row(kind, _fmt(count))
+        tables.append(bad)
+    if any(fmt == "sharegpt" for fmt in stats.formats.values()):
+        cleanup = Table(title="ShareGPT cleanup", title_justify="left")
+        cleanup.add_column("rule")
+        cleanup.add_column("count", justify="right")
+        for rule, count in stats.sharegpt.items():
+            cleanup.add_row(rule, _fmt(count))
+        tables.append(cleanup)
+    return tables
+
+
+def inspect_data(
+    data: str,
+    tokenizer: Any,
+    max_seq_len: int = 2048,
+    n: int = 2,
+    *,
+    split: str = "train",
+    format: str | None = None,
+    skip_bad_rows: bool = False,
+    truncation: str = "prompt-left",
+    train_on_prompt: bool = False,
+    last_turn_only: bool = False,
+    max_examples: int | None = None,
+    console: Console | None = None,
+) -> DataStats:
+    """Build the examples of ``data`` and print the inspection report.
+
+    Args:
+        data: a data string (see :func:`fastmid.data.build_sft_examples`).
+        tokenizer: the model's tokenizer.
+        max_seq_len: tokens per example, as in training.
+        n: examples to print with their label mask (the first ``n`` kept); 0 prints none.
+        split, format, skip_bad_rows, truncation, train_on_prompt, last_turn_only,
+            max_examples: as in :func:`fastmid.data.build_sft_examples`.
+        console: where to print (a fresh ``rich.console.Console`` when None).
+
+    Returns:
+        The :class:`DataStats` of the build.
+
+    Raises:
+        DataError: as :func:`fastmid.data.build_sft_examples` (an empty result is reported,
+            not raised).
+    """
+    console = console or Console()
+    with Progress(
+        TextColumn("tokenizing"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("tokenize", total=None)
+        examples, stats = build_sft_examples(
+            data,
+            tokenizer,
+            split=split,
+            max_seq_len=max_seq_len,
+            format=format,
+            max_examples=max_examples,
+            truncation=truncation,
+            train_on_prompt=train_on_prompt,
+            last_turn_only=last_turn_only,
+            skip_bad_rows=skip_bad_rows,
+            require_examples=False,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
+    for table in stats_tables(stats):
+        console.print(table)
+    legend = Text("legend: ")
+    legend.append("trained tokens", style=TRAINED_STYLE)
+    legend.append("  ")
+    legend.append("not trained (prompt, template)", style=PROMPT_STYLE)
+    if n > 0 and examples:
+        console.print(legend)
+    for number, example in enumerate(examples[: max(n, 0)]):
+        trained = sum(label != IGNORE_INDEX for label in example["labels"])
+        title = f"example {number}: {len(example['input_ids'])} tokens, {trained} trained"
+        console.print(Panel(render_example(example, tokenizer), title=title, title_align="left"))
+    if not examples:
+        console.print("[bold red]no example left[/]: see the drop counts above")
+    return stats
