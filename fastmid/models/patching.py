@@ -1,0 +1,418 @@
+"""Swap a model's modules for kernel-backed ones, and the family-agnostic causal-LM loss.
+
+``patch_model(model, enabled)`` follows the family table (``fastmid.models.families``) plus the
+table below of where transformers defines each family's RMSNorm class, MLP class and
+``apply_rotary_pos_emb`` function. It swaps:
+
+* every RMSNorm instance (layer norms, final norm, q/k norms) for :class:`KernelRMSNorm`, which
+  holds the *same* ``weight`` Parameter (optimizer state, ``requires_grad`` and state-dict keys are
+  unchanged) and calls :func:`fastmid.kernels.rms_norm` (``offset=1`` for Gemma's ``1 + w``);
+* every gated MLP whose activation is SiLU for :class:`KernelSwiGLUMLP` (same ``gate_proj`` /
+  ``up_proj`` / ``down_proj`` children) calling :func:`fastmid.kernels.swiglu`. Gemma's MLPs use
+  tanh-GELU (GeGLU), which has no kernel here: they are left alone and listed in ``skipped``;
+* the modeling module's ``apply_rotary_pos_emb`` for :func:`fastmid.kernels.rope`. transformers
+  calls it as a module-level function, so this swap is global to that modeling module (every
+  model of the family in the process); the kernel computes the same function, and
+  :func:`unpatch_model` restores the original.
+
+The kernel modules dispatch per call (Triton on CUDA, torch reference elsewhere, see
+``fastmid.kernels``), so a patched model stays correct on CPU.
+
+:func:`causal_lm_loss_sum` is the loss the training loop calls: it runs the base model, shifts the
+labels, looks up the family's final-logit softcap, and returns ``(loss_sum, n_supervised)``
+through :func:`fastmid.kernels.linear_cross_entropy` (``fused=True``) or an eager full-logits
+cross-entropy (``fused=False``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastmid.kernels import (
+    interpreter_enabled,
+    kernels_disabled_by_env,
+    linear_cross_entropy,
+    rms_norm,
+    rope,
+    swiglu,
+    triton_available,
+)
+from fastmid.models.families import (
+    FamilySpec,
+    family_of,
+    get_submodule,
+    output_head,
+)
+
+KernelsFlag = Literal["auto", "on", "off"]
+
+
+@dataclass(frozen=True)
+class _Targets:
+    """Where transformers defines one family's patchable pieces.
+
+    Attributes:
+        modeling_module: import path of the family's ``modeling_*.py``.
+        norm_class: its RMSNorm class name.
+        norm_eps_attr: the attribute holding eps on that class.
+        norm_out_dtype: ``promote`` (Llama: ``w * x_hat.to(input dtype)`` promotes to the weight's
+            dtype) or ``input`` (OLMo-2 and Gemma cast the result to the input dtype).
+        mlp_class: its MLP class name.
+    """
+
+    modeling_module: str
+    norm_class: str
+    norm_eps_attr: str
+    norm_out_dtype: Literal["promote", "input"]
+    mlp_class: str
+
+
+def _t(module: str, prefix: str, eps: str, out: Literal["promote", "input"]) -> _Targets:
+    return _Targets(
+        f"transformers.models.{module}.modeling_{module}",
+        f"{prefix}RMSNorm",
+        eps,
+        out,
+        f"{prefix}MLP",
+    )
+
+
+_TARGETS: dict[str, _Targets] = {
+    "llama": _t("llama", "Llama", "variance_epsilon", "promote"),
+    "mistral": _t("mistral", "Mistral", "variance_epsilon", "promote"),
+    "qwen2": _t("qwen2", "Qwen2", "variance_epsilon", "promote"),
+    "qwen3": _t("qwen3", "Qwen3", "variance_epsilon", "promote"),
+    "olmo2": _t("olmo2", "Olmo2", "variance_epsilon", "input"),
+    "gemma": _t("gemma", "Gemma", "eps", "input"),
+    "gemma2": _t("gemma2", "Gemma2", "eps", "input"),
+    "gemma3_text": _t("gemma3", "Gemma3", "eps", "input"),
+}
+
+# Original apply_rotary_pos_emb per modeling module, kept to undo the global swap.
+_ORIGINAL_ROPE: dict[str, Any] = {}
+
+
+def patchable_model_types() -> list[str]:
+    """Sorted ``model_type`` values that :func:`patch_model` knows how to patch."""
+    return sorted(_TARGETS)
+
+
+class KernelRMSNorm(nn.Module):
+    """RMSNorm module backed by :func:`fastmid.kernels.rms_norm`, replacing a transformers one.
+
+    Holds the original module's ``weight`` Parameter itself, so parameter identity, dtype,
+    ``requires_grad`` and the state-dict key (``...norm.weight``) are unchanged. The eps attribute
+    keeps the original's name (``variance_epsilon`` or ``eps``).
+
+    Input (..., H); output (..., H) in the input dtype (``promote`` families: the promotion of the
+    input and weight dtypes, as transformers' Llama norm does).
+    """
+
+    def __init__(self, original: nn.Module, eps_attr: str, offset: float, out_dtype: str) -> None:
+        super().__init__()
+        self.weight = original.weight
+        self.eps_attr = eps_attr
+        setattr(self, eps_attr, float(getattr(original, eps_attr)))
+        self.offset = offset
+        self.out_dtype = out_dtype
+        # Not a submodule: the state dict must keep only `weight`.
+        object.__setattr__(self, "_fastmid_original", original)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """RMSNorm of ``hidden_states`` (..., H) over H."""
+        y = rms_norm(hidden_states, self.weight, getattr(self, self.eps_attr), offset=self.offset)
+        if self.out_dtype == "promote" and self.weight.dtype != hidden_states.dtype:
+            y = y.to(torch.promote_types(hidden_states.dtype, self.weight.dtype))
+        return y  # type: ignore[return-value]
+
+    def extra_repr(self) -> str:
+        return (
+            f"{tuple(self.weight.shape)}, eps={getattr(self, self.eps_attr)}, offset={self.offset}"
+        )
+
+
+class KernelSwiGLUMLP(nn.Module):
+    """``down_proj(swiglu(gate_proj(x), up_proj(x)))`` with the original MLP's own linears.
+
+    The children keep their names, so state-dict keys (``...mlp.gate_proj.weight``) are unchanged.
+    Input (..., hidden_size); output (..., hidden_size).
+    """
+
+    def __init__(self, original: nn.Module) -> None:
+        super().__init__()
+        self.gate_proj = original.gate_proj
+        self.up_proj = original.up_proj
+        self.down_proj = original.down_proj
+        object.__setattr__(self, "_fastmid_original", original)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The gated MLP on ``x`` (..., hidden_size)."""
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+def _kernel_apply_rotary_pos_emb(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    unsqueeze_dim: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop-in for transformers' ``apply_rotary_pos_emb`` backed by :func:`fastmid.kernels.rope`."""
+    return rope(q, k, cos, sin, unsqueeze_dim)
+
+
+@dataclass
+class PatchReport:
+    """What :func:`patch_model` did (JSON-ready through :meth:`to_dict`).
+
+    Attributes:
+        enabled: kernels were requested.
+        model_type: ``config.model_type``.
+        norms: number of RMSNorm modules swapped.
+        mlps: number of MLP modules swapped.
+        rope: the modeling module whose ``apply_rotary_pos_emb`` now uses the kernel, or None.
+        loss: ``fused_linear_cross_entropy`` or ``eager`` (what :func:`causal_lm_loss_sum` should
+            be called with: ``fused = (report.loss == "fused_linear_cross_entropy")``).
+        attention: ``config._attn_implementation`` (``sdpa``, ``flash_attention_2``, ``eager``).
+        skipped: human-readable reasons for parts left unpatched.
+    """
+
+    enabled: bool
+    model_type: str
+    norms: int = 0
+    mlps: int = 0
+    rope: str | None = None
+    loss: str = "eager"
+    attention: str | None = None
+    skipped: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for ``summary.json``."""
+        return asdict(self)
+
+
+def _swap(model: nn.Module, cls: type, make: Any) -> int:
+    """Replace every instance of ``cls`` inside ``model`` by ``make(instance)``; returns count."""
+    targets = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if type(child) is cls
+    ]
+    for parent, name, child in targets:
+        setattr(parent, name, make(child))
+    return len(targets)
+
+
+def patch_model(model: nn.Module, enabled: bool) -> PatchReport:
+    """Swap the supported modules of ``model`` (a ``*ForCausalLM``) for kernel-backed ones.
+
+    Args:
+        model: a transformers causal LM of a family in ``fastmid.models.families``.
+        enabled: False leaves the model untouched and reports the eager loss path.
+
+    Returns:
+        A :class:`PatchReport`. Families without kernel targets (gpt2, gpt_neox, phi3) are left
+        unpatched with a reason in ``skipped``; the fused loss still applies to them.
+
+    Raises:
+        UnsupportedModelError: the model's ``model_type`` is not in the family table.
+    """
+    spec = family_of(model)
+    report = PatchReport(
+        enabled=enabled,
+        model_type=spec.model_type,
+        attention=getattr(model.config, "_attn_implementation", None),
+    )
+    if not enabled:
+        return report
+    report.loss = "fused_linear_cross_entropy"
+    targets = _TARGETS.get(spec.model_type)
+    if targets is None:
+        report.skipped.append(
+            f"{spec.model_type}: no kernel targets (norm kind {spec.norm_kind}); "
+            "only the loss is fused"
+        )
+        return report
+    modeling = importlib.import_module(targets.modeling_module)
+    offset = 1.0 if spec.norm_kind == "rms_gemma" else 0.0
+    report.norms = _swap(
+        model,
+        getattr(modeling, targets.norm_class),
+        lambda m: KernelRMSNorm(m, targets.norm_eps_attr, offset, targets.norm_out_dtype),
+    )
+    report.mlps = _patch_mlps(model, spec, getattr(modeling, targets.mlp_class), report)
+    if targets.modeling_module not in _ORIGINAL_ROPE:
+        _ORIGINAL_ROPE[targets.modeling_module] = modeling.apply_rotary_pos_emb
+        modeling.apply_rotary_pos_emb = _kernel_apply_rotary_pos_emb
+    report.rope = targets.modeling_module
+    return report
+
+
+def _patch_mlps(model: nn.Module, spec: FamilySpec, mlp_cls: type, report: PatchReport) -> int:
+    if not spec.gated_mlp:
+        report.skipped.append(f"{spec.model_type}: MLP is not a separate gate/up/down SwiGLU")
+        return 0
+    silu_types: tuple[type, ...] = (nn.SiLU,)
+    try:
+        from transformers.activations import SiLUActivation
+
+        silu_types += (SiLUActivation,)
+    except ImportError:  # pragma: no cover - older transformers name it differently
+        pass
+    skipped_acts: set[str] = set()
+    swapped = 0
+
+    def make(mlp: nn.Module) -> nn.Module:
+        nonlocal swapped
+        act = getattr(mlp, "act_fn", None)
+        if isinstance(act, silu_types):
+            swapped += 1
+            return KernelSwiGLUMLP(mlp)
+        skipped_acts.add(type(act).__name__)
+        return mlp
+
+    _swap(model, mlp_cls, make)
+    if skipped_acts:
+        report.skipped.append(
+            f"{spec.model_type}: MLP activation {', '.join(sorted(skipped_acts))} is not SiLU "
+            "(no GeGLU kernel); MLPs left eager"
+        )
+    return swapped
+
+
+def unpatch_model(model: nn.Module) -> None:
+    """Undo :func:`patch_model`: put the original modules back and restore every modeling module's
+    ``apply_rotary_pos_emb`` (global: other patched models then use the eager RoPE too)."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            original = child.__dict__.get("_fastmid_original")
+            if original is not None:
+                setattr(parent, name, original)
+    for module_name, original in _ORIGINAL_ROPE.items():
+        importlib.import_module(module_name).apply_rotary_pos_emb = original
+    _ORIGINAL_ROPE.clear()
+
+
+def resolve_kernels_flag(flag: KernelsFlag, device: torch.device | str) -> bool:
+    """Turn the CLI's ``--kernels auto|on|off`` into ``patch_model``'s ``enabled``.
+
+    ``auto``: on when ``device`` is CUDA, Triton imports, and ``FASTMID_KERNELS`` is not ``off``.
+    ``on``: the same requirements, enforced. ``off``: False.
+
+    Raises:
+        ValueError: unknown flag, or ``on`` without CUDA + Triton (the message says to use
+            ``--kernels auto`` or ``off``).
+    """
+    if flag not in ("auto", "on", "off"):
+        raise ValueError(f"--kernels must be auto, on or off; got {flag!r}")
+    if flag == "off":
+        return False
+    usable = torch.device(device).type == "cuda" and triton_available()
+    if flag == "on" and not usable:
+        hint = " (TRITON_INTERPRET=1 is for tests only)" if interpreter_enabled() else ""
+        raise ValueError(
+            f"--kernels on needs a CUDA device and triton; device is {device}, triton "
+            f"{'installed' if triton_available() else 'missing'}{hint}: use --kernels auto or off"
+        )
+    return usable and (flag == "on" or not kernels_disabled_by_env())
+
+
+def preferred_attn_implementation(device: torch.device | str) -> str:
+    """``flash_attention_2`` on CUDA when ``flash_attn`` imports, else ``sdpa``.
+
+    For ``from_pretrained(attn_implementation=...)`` or ``model.set_attn_implementation(...)``;
+    :class:`PatchReport` records what the model actually uses.
+    """
+    if torch.device(device).type == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError:
+            return "sdpa"
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def final_logit_softcap(model: nn.Module) -> float | None:
+    """The family's final-logit softcap from the config (Gemma 2/3), or None."""
+    attr = family_of(model).final_logit_softcapping_attr
+    value = getattr(model.config, attr, None) if attr else None
+    return float(value) if value else None
+
+
+def _base_model(model: nn.Module, spec: FamilySpec) -> nn.Module:
+    """The decoder stack (``model.model`` for Llama-likes): the parent of the layer list."""
+    return get_submodule(model, spec.layers.rsplit(".", 1)[0])
+
+
+def causal_lm_loss_sum(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    labels: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    fused: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy of a causal LM and the number of supervised tokens.
+
+    Runs the model's decoder stack (which ends with the final norm), predicts ``labels[:, t+1]``
+    from position ``t`` (labels are shifted left, the last position gets ``-100``, so the hidden
+    states are never copied), applies the family's final-logit softcap, and sums the token losses.
+
+    Args:
+        model: a ``*ForCausalLM`` of a family in ``fastmid.models.families``.
+        input_ids: (batch, seq) int64 token ids.
+        attention_mask: (batch, seq) 1 = token, 0 = padding, or None.
+        labels: (batch, seq) int64, ``-100`` where no loss is taken (prompt, padding); unshifted,
+            i.e. aligned with ``input_ids`` as transformers expects.
+        position_ids: (batch, seq) int64 for packed sequences, or None.
+        fused: True: :func:`fastmid.kernels.linear_cross_entropy` (chunked, no full logits on the
+            Triton path; a frozen ``lm_head`` gets no weight gradient). False: eager ``lm_head``
+            over all positions, float32 ``cross_entropy(reduction="sum")``.
+
+    Returns:
+        ``(loss_sum, n_supervised)``: float32 scalar (nats, differentiable; 0 when nothing is
+        supervised) and int64 scalar. Divide sums by counts over the whole accumulation window.
+
+    Raises:
+        ValueError: ``labels`` and ``input_ids`` shapes differ.
+        UnsupportedModelError: the family is not in the table.
+    """
+    if labels.shape != input_ids.shape:
+        raise ValueError(
+            f"labels {tuple(labels.shape)} must have the shape of input_ids "
+            f"{tuple(input_ids.shape)}"
+        )
+    spec = family_of(model)
+    outputs = _base_model(model, spec)(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
+    )
+    hidden_states = outputs[0]
+    shifted = F.pad(labels[:, 1:], (0, 1), value=-100)
+    head = output_head(model)
+    softcap = final_logit_softcap(model)
+    if fused and getattr(head, "bias", None) is None:
+        return linear_cross_entropy(
+            hidden_states.reshape(-1, hidden_states.shape[-1]),
+            head.weight,
+            shifted.reshape(-1),
+            ignore_index=-100,
+            softcap=softcap,
+        )
+    logits = head(hidden_states).float()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    flat = shifted.reshape(-1)
+    loss_sum = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), flat, ignore_index=-100, reduction="sum"
+    )
+    return loss_sum, (flat != -100).sum()

@@ -1,0 +1,521 @@
+"""Sufficient statistics of one token block for streaming linear CKA (biased and debiased).
+
+For a block of ``n`` tokens with layer outputs ``x`` (n, d1) of one model and ``y`` (n, d2) of
+another, and per-layer reference means ``ref_x`` (d1,), ``ref_y`` (d2,), let ``X = x - ref_x``,
+``Y = y - ref_y``, ``a_i = ||X_i||^2`` and ``b_i = ||Y_i||^2``. Every statistic that linear CKA
+needs (design.md section 6) is an entry of the Gram matrix of the augmented block
+
+    W = [X | Y | 1 | a | b]        (n, d1 + d2 + 3),        G = W^T W,
+
+namely ``X^T X``, ``X^T Y``, ``Y^T Y``, the column sums ``X^T 1`` and ``Y^T 1``, the row-norm
+weighted sums ``X^T a``, ``X^T b``, ``Y^T a``, ``Y^T b``, and the scalars ``n``, ``sum a``,
+``sum b``, ``sum a^2``, ``sum a b``, ``sum b^2``. Adding the statistics of consecutive blocks gives
+the statistics of all tokens, so CKA computed from the sums is the one-shot value.
+
+Subtracting the reference mean first matters: activations of LLMs have outlier channels about 1e4
+times the typical size, and the raw ``X^T Y - n mu_x mu_y^T`` loses every digit to cancellation in
+fp32. The reference mean is any fixed per-layer vector close to the true mean (the streaming
+accumulator uses the first block's mean).
+
+Paths (same signature, same result structure):
+
+* :func:`cka_block_stats_reference`: torch, float64 by default (the CPU path and the test oracle).
+* :func:`cka_block_stats_triton`: two Triton kernels. ``_row_sq_norms`` reads ``x`` and ``y``
+  once to form ``a`` and ``b``; ``_augmented_gram`` computes the upper tiles of ``G`` with fp32
+  accumulation and IEEE-precision ``tl.dot`` (never TF32), loading each tile straight from ``x``
+  and ``y`` with the reference mean subtracted on the fly, so the augmented ``W`` is never built
+  in memory. Offsets are int64; any ``n``, ``d1``, ``d2`` (not only powers of two) and any
+  strides are accepted.
+* :func:`cka_block_stats`: the dispatcher, with the package-wide rules of
+  :mod:`fastmid.kernels._dispatch`: Triton on CUDA tensors when Triton imports, the reference
+  elsewhere; ``FASTMID_KERNELS=off`` forces the reference; ``backend="triton"`` forces Triton (on
+  CPU tensors this needs ``TRITON_INTERPRET=1``, which is how the tests run it).
+
+The Triton kernels are compiled lazily on first use (and per value of ``TRITON_INTERPRET``), so
+the interpreter switch only has to be set before the first call, not before this module is
+imported.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+import torch
+from fastmid.kernels._dispatch import Backend, resolve_backend
+
+try:  # Triton is a Linux-only dependency; the reference path needs none of it.
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton = None  # type: ignore[assignment]
+    tl = None  # type: ignore[assignment]
+    HAS_TRITON = False
+
+
+class CKAStatsError(ValueError):
+    """Bad input to the CKA statistics op: wrong rank, mismatched token counts or widths."""
+
+
+@dataclass
+class CKABlockStats:
+    """Sufficient statistics of linear CKA for a set of tokens (one block, or a running sum).
+
+    With ``X = x - ref_x`` (n, d1), ``Y = y - ref_y`` (n, d2), ``a_i = ||X_i||^2``,
+    ``b_i = ||Y_i||^2``. All fields share one dtype (float64 from the reference path, float32
+    from the Triton path) and one device.
+
+    Attributes:
+        n: () token count.
+        sum_x: (d1,) ``X^T 1``.
+        sum_y: (d2,) ``Y^T 1``.
+        xtx: (d1, d1) ``X^T X``.
+        xty: (d1, d2) ``X^T Y``.
+        yty: (d2, d2) ``Y^T Y``.
+        sum_a: () ``sum_i a_i``.
+        sum_b: () ``sum_i b_i``.
+        sum_aa: () ``sum_i a_i^2``.
+        sum_ab: () ``sum_i a_i b_i``.
+        sum_bb: () ``sum_i b_i^2``.
+        xa: (d1,) ``X^T a``.
+        xb: (d1,) ``X^T b``.
+        ya: (d2,) ``Y^T a``.
+        yb: (d2,) ``Y^T b``.
+    """
+
+    n: torch.Tensor
+    sum_x: torch.Tensor
+    sum_y: torch.Tensor
+    xtx: torch.Tensor
+    xty: torch.Tensor
+    yty: torch.Tensor
+    sum_a: torch.Tensor
+    sum_b: torch.Tensor
+    sum_aa: torch.Tensor
+    sum_ab: torch.Tensor
+    sum_bb: torch.Tensor
+    xa: torch.Tensor
+    xb: torch.Tensor
+    ya: torch.Tensor
+    yb: torch.Tensor
+
+    def to(self, dtype: torch.dtype) -> CKABlockStats:
+        """A copy with every field cast to ``dtype``."""
+        return CKABlockStats(**{f.name: getattr(self, f.name).to(dtype) for f in fields(self)})
+
+    def add_(self, other: CKABlockStats) -> CKABlockStats:
+        """Add ``other``'s fields into this one in place (casting to this dtype); returns self.
+
+        Raises:
+            CKAStatsError: a field's shape differs (the widths changed between blocks).
+        """
+        for f in fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if mine.shape != theirs.shape:
+                raise CKAStatsError(
+                    f"cannot add CKA statistics: field {f.name} has shape {tuple(theirs.shape)}, "
+                    f"expected {tuple(mine.shape)}"
+                )
+            mine.add_(theirs.to(device=mine.device, dtype=mine.dtype))
+        return self
+
+    @classmethod
+    def zeros(
+        cls,
+        d1: int,
+        d2: int,
+        dtype: torch.dtype = torch.float64,
+        device: torch.device | str = "cpu",
+    ) -> CKABlockStats:
+        """All-zero statistics for widths ``d1``, ``d2`` (the start of a running sum)."""
+
+        def z(*shape: int) -> torch.Tensor:
+            return torch.zeros(shape, dtype=dtype, device=device)
+
+        return cls(
+            n=z(),
+            sum_x=z(d1),
+            sum_y=z(d2),
+            xtx=z(d1, d1),
+            xty=z(d1, d2),
+            yty=z(d2, d2),
+            sum_a=z(),
+            sum_b=z(),
+            sum_aa=z(),
+            sum_ab=z(),
+            sum_bb=z(),
+            xa=z(d1),
+            xb=z(d1),
+            ya=z(d2),
+            yb=z(d2),
+        )
+
+
+def _check_inputs(
+    x: torch.Tensor, y: torch.Tensor, ref_x: torch.Tensor, ref_y: torch.Tensor
+) -> tuple[int, int, int]:
+    if x.dim() != 2 or y.dim() != 2:
+        raise CKAStatsError(
+            f"x and y must be 2-D (tokens, features); got shapes {tuple(x.shape)} and "
+            f"{tuple(y.shape)}"
+        )
+    if x.shape[0] != y.shape[0]:
+        raise CKAStatsError(
+            f"x and y must hold the same tokens: x has {x.shape[0]} rows, y has {y.shape[0]}"
+        )
+    if ref_x.shape != (x.shape[1],) or ref_y.shape != (y.shape[1],):
+        raise CKAStatsError(
+            f"reference means must have shapes ({x.shape[1]},) and ({y.shape[1]},); got "
+            f"{tuple(ref_x.shape)} and {tuple(ref_y.shape)}"
+        )
+    return x.shape[0], x.shape[1], y.shape[1]
+
+
+def cka_block_stats_reference(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    ref_x: torch.Tensor,
+    ref_y: torch.Tensor,
+    dtype: torch.dtype = torch.float64,
+) -> CKABlockStats:
+    """Statistics of one token block in torch (the reference path).
+
+    Args:
+        x: (n, d1) layer output of model A, any float dtype, any device.
+        y: (n, d2) layer output of model B on the same tokens.
+        ref_x: (d1,) reference mean subtracted from ``x`` before any product.
+        ref_y: (d2,) reference mean subtracted from ``y``.
+        dtype: accumulation dtype; float64 (the default) is the oracle precision.
+
+    Returns:
+        :class:`CKABlockStats` in ``dtype`` on ``x.device``.
+
+    Raises:
+        CKAStatsError: wrong ranks, different token counts, reference means of the wrong width.
+    """
+    n, _, _ = _check_inputs(x, y, ref_x, ref_y)
+    X = x.to(dtype) - ref_x.to(device=x.device, dtype=dtype)
+    Y = y.to(dtype) - ref_y.to(device=x.device, dtype=dtype)
+    a = X.square().sum(1)
+    b = Y.square().sum(1)
+    return CKABlockStats(
+        n=torch.tensor(float(n), dtype=dtype, device=x.device),
+        sum_x=X.sum(0),
+        sum_y=Y.sum(0),
+        xtx=X.T @ X,
+        xty=X.T @ Y,
+        yty=Y.T @ Y,
+        sum_a=a.sum(),
+        sum_b=b.sum(),
+        sum_aa=a @ a,
+        sum_ab=a @ b,
+        sum_bb=b @ b,
+        xa=X.T @ a,
+        xb=X.T @ b,
+        ya=Y.T @ a,
+        yb=Y.T @ b,
+    )
+
+
+# ---- Triton path --------------------------------------------------------------------------------
+
+
+def _row_sq_norms(
+    x_ptr,
+    y_ptr,
+    rx_ptr,
+    ry_ptr,
+    a_ptr,
+    b_ptr,
+    n,
+    d1,
+    d2,
+    sxn,
+    sxd,
+    syn,
+    syd,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # One program per block of BLOCK_N tokens: a = ||x - ref_x||^2, b = ||y - ref_y||^2 (fp32).
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < n
+    rows64 = rows.to(tl.int64)
+    acc_a = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for d0 in range(0, d1, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        cmask = cols < d1
+        m = rmask[:, None] & cmask[None, :]
+        v = tl.load(
+            x_ptr + rows64[:, None] * sxn + cols.to(tl.int64)[None, :] * sxd, mask=m, other=0.0
+        ).to(tl.float32)
+        r = tl.load(rx_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        v = tl.where(m, v - r[None, :], 0.0)
+        acc_a += tl.sum(v * v, axis=1)
+    acc_b = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for d0 in range(0, d2, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        cmask = cols < d2
+        m = rmask[:, None] & cmask[None, :]
+        v = tl.load(
+            y_ptr + rows64[:, None] * syn + cols.to(tl.int64)[None, :] * syd, mask=m, other=0.0
+        ).to(tl.float32)
+        r = tl.load(ry_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        v = tl.where(m, v - r[None, :], 0.0)
+        acc_b += tl.sum(v * v, axis=1)
+    tl.store(a_ptr + rows, acc_a, mask=rmask)
+    tl.store(b_ptr + rows, acc_b, mask=rmask)
+
+
+def _load_w_tile(
+    x_ptr,
+    y_ptr,
+    rx_ptr,
+    ry_ptr,
+    a_ptr,
+    b_ptr,
+    rows,
+    cols,
+    n,
+    d1,
+    d2,
+    sxn,
+    sxd,
+    syn,
+    syd,
+):
+    # A (BLOCK_N, BLOCK_D) tile of W = [x - ref_x | y - ref_y | 1 | a | b], zero outside W.
+    rmask = rows < n
+    rows64 = rows.to(tl.int64)
+    in_x = cols < d1
+    in_y = (cols >= d1) & (cols < d1 + d2)
+    ycols = tl.where(in_y, cols - d1, 0).to(tl.int64)
+    xcols = tl.where(in_x, cols, 0).to(tl.int64)
+    mx = rmask[:, None] & in_x[None, :]
+    my = rmask[:, None] & in_y[None, :]
+    xv = tl.load(x_ptr + rows64[:, None] * sxn + xcols[None, :] * sxd, mask=mx, other=0.0)
+    yv = tl.load(y_ptr + rows64[:, None] * syn + ycols[None, :] * syd, mask=my, other=0.0)
+    rx = tl.load(rx_ptr + xcols, mask=in_x, other=0.0).to(tl.float32)
+    ry = tl.load(ry_ptr + ycols, mask=in_y, other=0.0).to(tl.float32)
+    w = tl.where(mx, xv.to(tl.float32) - rx[None, :], 0.0)
+    w += tl.where(my, yv.to(tl.float32) - ry[None, :], 0.0)
+    av = tl.load(a_ptr + rows, mask=rmask, other=0.0)
+    bv = tl.load(b_ptr + rows, mask=rmask, other=0.0)
+    extra = d1 + d2
+    w += tl.where(rmask[:, None] & (cols == extra)[None, :], 1.0, 0.0)
+    w += tl.where((cols == extra + 1)[None, :], av[:, None], 0.0)
+    w += tl.where((cols == extra + 2)[None, :], bv[:, None], 0.0)
+    return w
+
+
+def _augmented_gram(
+    x_ptr,
+    y_ptr,
+    rx_ptr,
+    ry_ptr,
+    a_ptr,
+    b_ptr,
+    g_ptr,
+    n,
+    d1,
+    d2,
+    sxn,
+    sxd,
+    syn,
+    syd,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # Program (i, j) computes the tile G[i-block, j-block] of G = W^T W for i <= j only; the
+    # lower tiles are the transposes and are filled on the host.
+    pid_i = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    if pid_i <= pid_j:
+        D = d1 + d2 + 3
+        ci = pid_i * BLOCK_D + tl.arange(0, BLOCK_D)
+        cj = pid_j * BLOCK_D + tl.arange(0, BLOCK_D)
+        acc = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
+        for n0 in range(0, n, BLOCK_N):
+            rows = n0 + tl.arange(0, BLOCK_N)
+            wi = _load_w_tile(
+                x_ptr, y_ptr, rx_ptr, ry_ptr, a_ptr, b_ptr, rows, ci, n, d1, d2, sxn, sxd, syn, syd
+            )
+            wj = _load_w_tile(
+                x_ptr, y_ptr, rx_ptr, ry_ptr, a_ptr, b_ptr, rows, cj, n, d1, d2, sxn, sxd, syn, syd
+            )
+            # IEEE fp32 products: TF32 keeps 10 mantissa bits, far too few for these sums.
+            acc = tl.dot(tl.trans(wi), wj, acc, input_precision="ieee")
+        gmask = (ci < D)[:, None] & (cj < D)[None, :]
+        offs = ci.to(tl.int64)[:, None] * D + cj.to(tl.int64)[None, :]
+        tl.store(g_ptr + offs, acc, mask=gmask)
+
+
+_COMPILED: dict[str, tuple[object, object]] = {}
+
+
+def _kernels() -> tuple[object, object]:
+    """The jitted kernels, compiled for the current ``TRITON_INTERPRET`` setting."""
+    mode = os.environ.get("TRITON_INTERPRET", "0")
+    if mode not in _COMPILED:
+        load_tile = triton.jit(_load_w_tile)
+        _COMPILED[mode] = (triton.jit(_row_sq_norms), _jit_gram(load_tile))
+    return _COMPILED[mode]
+
+
+def _jit_gram(load_tile: object) -> object:
+    # triton resolves callees through the function's globals, so the jitted gram kernel must see
+    # a jitted `_load_w_tile`; a private namespace keeps the plain Python function intact here.
+    import types
+
+    namespace = dict(globals())
+    namespace["_load_w_tile"] = load_tile
+    fn = types.FunctionType(_augmented_gram.__code__, namespace, "_augmented_gram")
+    fn.__module__ = __name__
+    fn.__qualname__ = "_augmented_gram"
+    return triton.jit(fn)
+
+
+def triton_available_for(t: torch.Tensor) -> bool:
+    """True when the Triton path can run on ``t``: Triton imports, and ``t`` is on CUDA or the
+    Triton interpreter is on (``TRITON_INTERPRET=1``)."""
+    if not HAS_TRITON:
+        return False
+    return t.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def cka_block_stats_triton(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    ref_x: torch.Tensor,
+    ref_y: torch.Tensor,
+    block_n: int = 32,
+    block_d: int = 64,
+) -> CKABlockStats:
+    """Statistics of one token block with the Triton kernels (fp32, IEEE dot products).
+
+    Args:
+        x: (n, d1) float32/bfloat16/float16, any strides, on CUDA (or CPU under
+            ``TRITON_INTERPRET=1``).
+        y: (n, d2) on the same device.
+        ref_x: (d1,) reference mean subtracted inside the kernel.
+        ref_y: (d2,) reference mean.
+        block_n: tokens per inner step (a power of two, >= 16).
+        block_d: output tile width (a power of two, >= 16).
+
+    Returns:
+        :class:`CKABlockStats` in float32 on ``x.device``.
+
+    Raises:
+        CKAStatsError: as :func:`cka_block_stats_reference`; no Triton, or a CPU tensor without
+            ``TRITON_INTERPRET=1``.
+    """
+    n, d1, d2 = _check_inputs(x, y, ref_x, ref_y)
+    if not triton_available_for(x):
+        raise CKAStatsError(
+            "the Triton CKA kernel needs triton and a CUDA tensor (or TRITON_INTERPRET=1 for CPU "
+            "tensors); use backend='torch' or set FASTMID_KERNELS=off"
+        )
+    if y.device != x.device:
+        raise CKAStatsError(f"x is on {x.device} but y is on {y.device}")
+    row_norms, gram = _kernels()
+    dev = x.device
+    rx = ref_x.to(device=dev, dtype=torch.float32).contiguous()
+    ry = ref_y.to(device=dev, dtype=torch.float32).contiguous()
+    a = torch.empty(n, dtype=torch.float32, device=dev)
+    b = torch.empty(n, dtype=torch.float32, device=dev)
+    D = d1 + d2 + 3
+    G = torch.zeros(D, D, dtype=torch.float32, device=dev)
+    if n > 0:
+        row_norms[(triton.cdiv(n, block_n),)](  # type: ignore[index]
+            x,
+            y,
+            rx,
+            ry,
+            a,
+            b,
+            n,
+            d1,
+            d2,
+            *x.stride(),
+            *y.stride(),
+            BLOCK_N=block_n,
+            BLOCK_D=block_d,
+        )
+        tiles = triton.cdiv(D, block_d)
+        gram[(tiles, tiles)](  # type: ignore[index]
+            x,
+            y,
+            rx,
+            ry,
+            a,
+            b,
+            G,
+            n,
+            d1,
+            d2,
+            *x.stride(),
+            *y.stride(),
+            BLOCK_N=block_n,
+            BLOCK_D=block_d,
+        )
+        tile = torch.arange(D, device=dev) // block_d
+        G = torch.where(tile[:, None] > tile[None, :], G.T, G)
+    return _unpack_gram(G, d1, d2)
+
+
+def _unpack_gram(G: torch.Tensor, d1: int, d2: int) -> CKABlockStats:
+    o, ia, ib = d1 + d2, d1 + d2 + 1, d1 + d2 + 2
+    sx, sy = slice(0, d1), slice(d1, d1 + d2)
+    return CKABlockStats(
+        n=G[o, o].clone(),
+        sum_x=G[sx, o].clone(),
+        sum_y=G[sy, o].clone(),
+        xtx=G[sx, sx].clone(),
+        xty=G[sx, sy].clone(),
+        yty=G[sy, sy].clone(),
+        sum_a=G[o, ia].clone(),
+        sum_b=G[o, ib].clone(),
+        sum_aa=G[ia, ia].clone(),
+        sum_ab=G[ia, ib].clone(),
+        sum_bb=G[ib, ib].clone(),
+        xa=G[sx, ia].clone(),
+        xb=G[sx, ib].clone(),
+        ya=G[sy, ia].clone(),
+        yb=G[sy, ib].clone(),
+    )
+
+
+def cka_block_stats(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    ref_x: torch.Tensor,
+    ref_y: torch.Tensor,
+    backend: Backend = "auto",
+) -> CKABlockStats:
+    """Statistics of one token block for streaming CKA, on the best path for the device.
+
+    Dispatch follows :func:`fastmid.kernels._dispatch.resolve_backend` like every other op:
+    ``auto`` runs Triton on CUDA tensors (unless ``FASTMID_KERNELS=off`` or a
+    ``use_backend("torch")`` block) and the float64 reference elsewhere; ``triton`` forces the
+    kernel (CPU tensors need ``TRITON_INTERPRET=1``); ``torch`` forces the reference.
+
+    Args:
+        x: (n, d1) layer output of model A.
+        y: (n, d2) layer output of model B on the same tokens.
+        ref_x: (d1,) reference mean subtracted before any product.
+        ref_y: (d2,) reference mean.
+        backend: ``auto``, ``triton`` or ``torch``.
+
+    Returns:
+        :class:`CKABlockStats`: float64 from the reference path, float32 from Triton.
+
+    Raises:
+        CKAStatsError: as the two paths.
+        ValueError: an unknown ``backend``.
+        KernelBackendError: Triton forced where it cannot run.
+    """
+    if resolve_backend(backend, x, y) == "triton":
+        return cka_block_stats_triton(x, y, ref_x, ref_y)
+    return cka_block_stats_reference(x, y, ref_x, ref_y)
