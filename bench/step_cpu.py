@@ -37,7 +37,7 @@ import torch
 from fastmid.models.band import BandPlan, apply_band
 from fastmid.models.execution import install_execution_policy
 from fastmid.models.loading import load_model_and_tokenizer
-from fastmid.train.loss import eager_loss_sum
+from fastmid.train.loss import causal_lm_loss_sum
 from fastmid.train.optim import build_optimizer
 
 RESULTS = Path(__file__).parent / "results"
@@ -74,14 +74,14 @@ def build_variant(name: str):
         install_execution_policy(model, plan)
 
         def loss_fn(ids, mask, labels):
-            s, n = eager_loss_sum(model, ids, mask, labels)
+            s, n = causal_lm_loss_sum(model, ids, mask, labels)
             return s / n
     elif name == "full":
         for p in model.parameters():
             p.requires_grad_(True)
 
         def loss_fn(ids, mask, labels):
-            s, n = eager_loss_sum(model, ids, mask, labels)
+            s, n = causal_lm_loss_sum(model, ids, mask, labels)
             return s / n
     elif name == "naive":
         apply_band(model, plan)
@@ -179,7 +179,9 @@ def main() -> None:
         "command": "python bench/step_cpu.py",
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "step_cpu.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    (RESULTS / "step_cpu.json").write_text(
+        json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n"
+    )
     mib = 2**20
     lines = [
         "# Step time and memory on CPU: Mid-Block vs full FT, naive band, LoRA r=16",

@@ -200,7 +200,7 @@ def answer_loss(
     the first ``n`` examples of ``data`` (its ``test`` split unless ``data`` names one).
     """
     from fastmid.data import build_sft_examples, collate_batch
-    from fastmid.train.loss import eager_loss_sum
+    from fastmid.train.loss import causal_lm_loss_sum
 
     examples, _ = build_sft_examples(data, tokenizer, split="test", max_examples=n)
     was_training = model.training
@@ -213,7 +213,7 @@ def answer_loss(
     for start in range(0, len(examples), batch_size):
         batch = collate_batch(examples[start : start + batch_size], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
-        loss_sum, k = eager_loss_sum(
+        loss_sum, k = causal_lm_loss_sum(
             model, batch["input_ids"], batch["attention_mask"], batch["labels"]
         )
         total += float(loss_sum)

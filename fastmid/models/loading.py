@@ -336,6 +336,18 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
+def attention_implementation_for(device: torch.device | str) -> str:
+    """``flash_attention_2`` on CUDA when the ``flash-attn`` package imports (the ``[gpu]``
+    extra), else transformers' ``sdpa``."""
+    if torch.device(device).type == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError:
+            return "sdpa"
+        return "flash_attention_2"
+    return "sdpa"
+
+
 def load_model_and_tokenizer(
     source: str | os.PathLike[str],
     dtype: torch.dtype | None = None,
@@ -349,7 +361,8 @@ def load_model_and_tokenizer(
         device: default ``cuda`` if available, else ``cpu``.
 
     Returns:
-        ``(model, tokenizer)``: a ``PreTrainedModel`` in eval mode with SDPA attention, and its
+        ``(model, tokenizer)``: a ``PreTrainedModel`` in eval mode (attention: FlashAttention-2 on
+        CUDA when ``flash-attn`` is installed, else SDPA; see :func:`attention_implementation_for`), and its
         tokenizer. The model's ``model_type`` is one of :data:`fastmid.models.families.FAMILIES`.
 
     Raises:
@@ -371,7 +384,10 @@ def load_model_and_tokenizer(
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     model = AutoModelForCausalLM.from_pretrained(
-        str(folder), dtype=dtype, local_files_only=True, attn_implementation="sdpa"
+        str(folder),
+        dtype=dtype,
+        local_files_only=True,
+        attn_implementation=attention_implementation_for(device),
     )
     strip_gguf_quantization(model)
     model.to(device)

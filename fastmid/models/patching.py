@@ -20,8 +20,9 @@ The kernel modules dispatch per call (Triton on CUDA, torch reference elsewhere,
 
 :func:`causal_lm_loss_sum` is the loss the training loop calls: it runs the base model, shifts the
 labels, looks up the family's final-logit softcap, and returns ``(loss_sum, n_supervised)``
-through :func:`fastmid.kernels.linear_cross_entropy` (``fused=True``) or an eager full-logits
-cross-entropy (``fused=False``).
+through :func:`fastmid.kernels.linear_cross_entropy` (``fused=True``) or an eager cross-entropy
+over the supervised positions only (``fused=False``). It is defined in
+:mod:`fastmid.train.loss` and re-exported here.
 """
 
 from __future__ import annotations
@@ -31,13 +32,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fastmid.kernels import (
     interpreter_enabled,
     kernels_disabled_by_env,
-    linear_cross_entropy,
     rms_norm,
     rope,
     swiglu,
@@ -46,9 +45,11 @@ from fastmid.kernels import (
 from fastmid.models.families import (
     FamilySpec,
     family_of,
-    get_submodule,
-    output_head,
 )
+
+# The loss lives with the training code (fastmid.train.loss); re-exported here because patching
+# decides whether it runs through the fused kernel (``fused=True``).
+from fastmid.train.loss import causal_lm_loss_sum as causal_lm_loss_sum
 
 KernelsFlag = Literal["auto", "on", "off"]
 
@@ -322,97 +323,3 @@ def resolve_kernels_flag(flag: KernelsFlag, device: torch.device | str) -> bool:
             f"{'installed' if triton_available() else 'missing'}{hint}: use --kernels auto or off"
         )
     return usable and (flag == "on" or not kernels_disabled_by_env())
-
-
-def preferred_attn_implementation(device: torch.device | str) -> str:
-    """``flash_attention_2`` on CUDA when ``flash_attn`` imports, else ``sdpa``.
-
-    For ``from_pretrained(attn_implementation=...)`` or ``model.set_attn_implementation(...)``;
-    :class:`PatchReport` records what the model actually uses.
-    """
-    if torch.device(device).type == "cuda":
-        try:
-            import flash_attn  # noqa: F401
-        except ImportError:
-            return "sdpa"
-        return "flash_attention_2"
-    return "sdpa"
-
-
-def final_logit_softcap(model: nn.Module) -> float | None:
-    """The family's final-logit softcap from the config (Gemma 2/3), or None."""
-    attr = family_of(model).final_logit_softcapping_attr
-    value = getattr(model.config, attr, None) if attr else None
-    return float(value) if value else None
-
-
-def _base_model(model: nn.Module, spec: FamilySpec) -> nn.Module:
-    """The decoder stack (``model.model`` for Llama-likes): the parent of the layer list."""
-    return get_submodule(model, spec.layers.rsplit(".", 1)[0])
-
-
-def causal_lm_loss_sum(
-    model: nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    labels: torch.Tensor,
-    position_ids: torch.Tensor | None = None,
-    fused: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token cross-entropy of a causal LM and the number of supervised tokens.
-
-    Runs the model's decoder stack (which ends with the final norm), predicts ``labels[:, t+1]``
-    from position ``t`` (labels are shifted left, the last position gets ``-100``, so the hidden
-    states are never copied), applies the family's final-logit softcap, and sums the token losses.
-
-    Args:
-        model: a ``*ForCausalLM`` of a family in ``fastmid.models.families``.
-        input_ids: (batch, seq) int64 token ids.
-        attention_mask: (batch, seq) 1 = token, 0 = padding, or None.
-        labels: (batch, seq) int64, ``-100`` where no loss is taken (prompt, padding); unshifted,
-            i.e. aligned with ``input_ids`` as transformers expects.
-        position_ids: (batch, seq) int64 for packed sequences, or None.
-        fused: True: :func:`fastmid.kernels.linear_cross_entropy` (chunked, no full logits on the
-            Triton path; a frozen ``lm_head`` gets no weight gradient). False: eager ``lm_head``
-            over all positions, float32 ``cross_entropy(reduction="sum")``.
-
-    Returns:
-        ``(loss_sum, n_supervised)``: float32 scalar (nats, differentiable; 0 when nothing is
-        supervised) and int64 scalar. Divide sums by counts over the whole accumulation window.
-
-    Raises:
-        ValueError: ``labels`` and ``input_ids`` shapes differ.
-        UnsupportedModelError: the family is not in the table.
-    """
-    if labels.shape != input_ids.shape:
-        raise ValueError(
-            f"labels {tuple(labels.shape)} must have the shape of input_ids "
-            f"{tuple(input_ids.shape)}"
-        )
-    spec = family_of(model)
-    outputs = _base_model(model, spec)(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        use_cache=False,
-    )
-    hidden_states = outputs[0]
-    shifted = F.pad(labels[:, 1:], (0, 1), value=-100)
-    head = output_head(model)
-    softcap = final_logit_softcap(model)
-    if fused and getattr(head, "bias", None) is None:
-        return linear_cross_entropy(
-            hidden_states.reshape(-1, hidden_states.shape[-1]),
-            head.weight,
-            shifted.reshape(-1),
-            ignore_index=-100,
-            softcap=softcap,
-        )
-    logits = head(hidden_states).float()
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    flat = shifted.reshape(-1)
-    loss_sum = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), flat, ignore_index=-100, reduction="sum"
-    )
-    return loss_sum, (flat != -100).sum()

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from fastmid.config import TrainConfig, dump_yaml
+from fastmid.config import ConfigError, TrainConfig, dump_yaml
 from fastmid.models.band import BandPlan, apply_band, count_parameters
 from fastmid.models.execution import install_execution_policy
 from fastmid.models.families import decoder_layers
@@ -42,7 +42,7 @@ from fastmid.train.checkpoint import (
 )
 from fastmid.train.export import export_hf_folder, save_band_delta
 from fastmid.train.logging import MetricsWriter, make_progress, peak_memory_bytes, truncate_metrics
-from fastmid.train.loss import count_supervised
+from fastmid.train.loss import causal_lm_loss_sum, count_supervised
 from fastmid.train.optim import build_optimizer, build_scheduler
 
 
@@ -159,19 +159,14 @@ class Trainer:
         (self.out / "plan.json").write_text(json.dumps(self.plan_record(), indent=1) + "\n")
 
     def _setup_kernels(self) -> bool:
-        mode = self.cfg.kernels
-        if mode == "off":
-            return False
+        from fastmid.models.patching import patch_model, resolve_kernels_flag
+
         try:
-            from fastmid.models.patching import patch_model
-        except ImportError:
-            if mode == "on":
-                raise
-            return False
-        use = mode == "on" or (self.device.type == "cuda" and _triton_available())
-        if use:
-            self.kernel_report = patch_model(self.model, enabled=True)
-        return use
+            enabled = resolve_kernels_flag(self.cfg.kernels, self.device)  # type: ignore[arg-type]
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        self.kernel_report = patch_model(self.model, enabled)
+        return enabled
 
     def _setup_data(self) -> None:
         from fastmid.data import build_sft_examples, split_eval
@@ -258,26 +253,15 @@ class Trainer:
             else contextlib.nullcontext()
         )
         with ctx:
-            if self.kernels_enabled:
-                from fastmid.models.patching import causal_lm_loss_sum
-
-                return causal_lm_loss_sum(
-                    self.model,
-                    batch["input_ids"],
-                    batch["attention_mask"],
-                    batch["labels"],
-                    position_ids=batch.get("position_ids"),
-                    fused=True,
-                )
-            from fastmid.train.loss import eager_loss_sum
-
-            return eager_loss_sum(
+            loss_sum, n = causal_lm_loss_sum(
                 self.model,
                 batch["input_ids"],
                 batch["attention_mask"],
                 batch["labels"],
                 position_ids=batch.get("position_ids"),
+                fused=self.kernels_enabled,
             )
+        return loss_sum, int(n)
 
     @torch.no_grad()
     def eval_loss(self) -> float | None:
@@ -455,14 +439,6 @@ class Trainer:
             self.plan.to_dict(),
         )
         return final
-
-
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def attention_implementation(model: torch.nn.Module) -> str:

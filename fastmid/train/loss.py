@@ -5,8 +5,8 @@ section 4), so this function returns the *sum* of token losses and the supervise
 rather than a mean. Positions are shifted as in transformers: the logits at ``t`` predict
 ``labels[t + 1]``.
 
-The eager path runs the decoder, then projects with ``lm_head`` only the positions whose shifted
-label is not ``-100``: prompt and padding positions never become vocabulary-sized rows, which for
+The decoder runs once, then only the positions whose shifted label is not ``-100`` are projected
+with ``lm_head``: prompt and padding positions never become vocabulary-sized rows, which for
 chat SFT (answers a fraction of the sequence) saves most of the logits memory and FLOPs while the
 result equals the full-logits cross-entropy exactly.
 """
@@ -62,32 +62,58 @@ def logit_softcap(model: torch.nn.Module) -> float | None:
     return float(value) if value else None
 
 
-def eager_loss_sum(
+def causal_lm_loss_sum(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
     labels: torch.Tensor,
     position_ids: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, int]:
-    """Sum of token cross-entropies (fp32) and the number of supervised tokens.
+    fused: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of next-token cross-entropies (fp32, nats) and the number of supervised tokens.
+
+    Runs the decoder stack (ending with the final norm), keeps the positions whose shifted label
+    is not ``-100``, and scores only those: eagerly (``lm_head`` + float32
+    ``cross_entropy(reduction="sum")``) or, with ``fused``, through
+    :func:`fastmid.kernels.linear_cross_entropy` (chunked; a frozen ``lm_head`` gets no weight
+    gradient). The family's final-logit softcap (Gemma 2/3) is applied in both.
 
     Args:
-        input_ids: (B, T) int64; attention_mask: (B, T) {0, 1}; labels: (B, T) int64 with -100.
+        model: a ``*ForCausalLM`` of a family in :mod:`fastmid.models.families`.
+        input_ids: (B, T) int64. attention_mask: (B, T) {0, 1} or None.
+        labels: (B, T) int64, unshifted (aligned with ``input_ids``), ``-100`` where untrained.
+        position_ids: (B, T) int64 or None.
+        fused: use the fused kernel path.
 
     Returns:
-        ``(loss_sum, n)``: a float32 scalar tensor (0 with a graph to the band when ``n == 0``, never
-        NaN) and the int count of supervised tokens.
+        ``(loss_sum, n)``: float32 scalar (0 with a graph to the trainable weights when ``n == 0``,
+        never NaN) and an int64 scalar tensor.
+
+    Raises:
+        ValueError: ``labels`` and ``input_ids`` shapes differ.
     """
+    if labels.shape != input_ids.shape:
+        raise ValueError(
+            f"labels {tuple(labels.shape)} must have the shape of input_ids "
+            f"{tuple(input_ids.shape)}"
+        )
     hidden = decoder_hidden_states(model, input_ids, attention_mask, position_ids)
     target = shifted_labels(labels)
     keep = target != IGNORE_INDEX
-    n = int(keep.sum().item())
-    if n == 0:
-        return hidden.sum() * 0.0, 0
+    n = keep.sum()
+    if int(n) == 0:
+        return hidden.float().sum() * 0.0, n
     selected = hidden[keep]  # (n, H)
-    logits = output_head(model)(selected).float()
+    head = output_head(model)
     cap = logit_softcap(model)
+    if fused and getattr(head, "bias", None) is None:
+        from fastmid.kernels import linear_cross_entropy
+
+        loss_sum, _ = linear_cross_entropy(
+            selected, head.weight, target[keep], ignore_index=IGNORE_INDEX, softcap=cap
+        )
+        return loss_sum, n
+    logits = head(selected).float()
     if cap is not None:
         logits = cap * torch.tanh(logits / cap)
-    loss_sum = F.cross_entropy(logits, target[keep], reduction="sum")
-    return loss_sum, n
+    return F.cross_entropy(logits, target[keep], reduction="sum"), n

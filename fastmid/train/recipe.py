@@ -88,7 +88,7 @@ def run_train(cfg: TrainConfig, console: Console | None = None) -> dict[str, Any
         "peak_memory_bytes": peak_memory_bytes(trainer.device),
         "device": str(trainer.device),
         "optimizer": cfg.optim,
-        "kernels": trainer.kernels_enabled,
+        "kernels": trainer.kernel_report.to_dict(),
         "attention": attention_implementation(trainer.model),
         "final_loss": last.get("loss"),
         "final_eval_loss": trainer.eval_loss(),
