@@ -1,0 +1,466 @@
+"""``fastmid analyze``: run base and tuned models over the same tokens and measure every layer.
+
+Flow: load both models (and one tokenizer) -> tokenize the data with the SFT pipeline
+(``fastmid.data.build_sft_examples``) up to a token budget -> right-padded batches -> for each
+group of decoder layers that fits the memory budget, for each batch: capture the group's outputs of
+both models (:mod:`fastmid.analysis.capture`), then feed the accumulators (streaming CKA, pooled
+cosine, matrix entropy and effective rank) with padding (and optionally the first position)
+masked -> weight change from the two state dicts -> optional gradient norms at the base model ->
+band advice -> ``analysis.json``/``.csv``/``.png`` and a console table.
+
+Everything per token is streamed, so memory does not grow with ``max_tokens``; the CKA running
+sums (float64, ``3 d^2`` numbers per layer) are what may force several layer groups on wide models.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastmid.analysis.advice import default_band, depth_pattern, recommend_band
+from fastmid.analysis.capture import layer_outputs
+from fastmid.analysis.cka import StreamingCKA
+from fastmid.analysis.metrics import (
+    PooledCosine,
+    SpectralMeans,
+    layer_grad_norms,
+    weight_change,
+)
+from fastmid.analysis.report import print_table, write_report
+from fastmid.analysis.results import AnalysisResult, LayerMetrics
+from fastmid.kernels.cka_stats import Backend
+from fastmid.models.families import decoder_layers
+
+
+class AnalysisError(ValueError):
+    """Inputs ``fastmid analyze`` cannot compare; the message names the flag and what to do."""
+
+
+# ---- data -------------------------------------------------------------------------------------
+
+
+def analysed_positions(length: int, mask_bos: bool) -> int:
+    """Tokens of a sequence of ``length`` that the per-token metrics see."""
+    return max(length - (1 if mask_bos else 0), 0)
+
+
+def take_token_budget(
+    examples: Sequence[dict[str, list[int]]], max_tokens: int, mask_bos: bool
+) -> list[dict[str, list[int]]]:
+    """The first examples whose analysed tokens add up to ``max_tokens``, the last one truncated.
+
+    Truncating the end of a sequence leaves the hidden states of its earlier tokens unchanged
+    (causal attention), so the budget is met exactly without bias.
+
+    Args:
+        examples: dicts with ``input_ids`` and ``labels`` (lists of token ids).
+        max_tokens: token budget (> 0).
+        mask_bos: the first position of each sequence is not counted (it is masked).
+
+    Returns:
+        The selected examples (copies of the lists where truncated).
+    """
+    out: list[dict[str, list[int]]] = []
+    used = 0
+    for ex in examples:
+        if used >= max_tokens:
+            break
+        n = analysed_positions(len(ex["input_ids"]), mask_bos)
+        if n == 0:
+            continue
+        room = max_tokens - used
+        if n > room:
+            keep = room + (1 if mask_bos else 0)
+            ex = {k: list(v[:keep]) for k, v in ex.items()}
+            n = room
+        out.append(ex)
+        used += n
+    return out
+
+
+def load_examples(
+    data: str,
+    tokenizer: Any,
+    max_tokens: int,
+    max_seq_len: int,
+    mask_bos: bool,
+    split: str = "train",
+) -> list[dict[str, list[int]]]:
+    """Tokenize ``data`` with the SFT pipeline until ``max_tokens`` analysed tokens are reached.
+
+    Asks ``fastmid.data.build_sft_examples`` for 64 examples, then doubles until the budget is met
+    or the source runs dry, so a large data set is never tokenized in full.
+
+    Raises:
+        AnalysisError: the data yields no token (names ``--data``).
+        fastmid.data.DataError: unreadable data (raised by the data pipeline).
+    """
+    from fastmid.data import build_sft_examples
+
+    want = 64
+    while True:
+        examples, _stats = build_sft_examples(
+            data, tokenizer, split=split, max_seq_len=max_seq_len, max_examples=want
+        )
+        chosen = take_token_budget(examples, max_tokens, mask_bos)
+        got = sum(analysed_positions(len(e["input_ids"]), mask_bos) for e in chosen)
+        if got >= max_tokens or len(examples) < want:
+            break
+        want *= 2
+    if not chosen:
+        raise AnalysisError(f"--data {data}: no tokens to analyse (split '{split}')")
+    return chosen
+
+
+def make_batches(
+    examples: Sequence[dict[str, list[int]]], batch_size: int, pad_token_id: int
+) -> list[dict[str, torch.Tensor]]:
+    """Right-padded batches (``fastmid.data.collate_batch``), longest sequences first.
+
+    Sorting by length keeps padding (wasted compute) small; every metric is a sum or mean over
+    tokens or prompts, so the order does not change results.
+
+    Returns:
+        Dicts with ``input_ids``, ``attention_mask``, ``labels``: (batch, seq) int64.
+    """
+    from fastmid.data import collate_batch
+
+    order = sorted(examples, key=lambda e: -len(e["input_ids"]))
+    return [
+        collate_batch(list(order[i : i + batch_size]), pad_token_id)
+        for i in range(0, len(order), batch_size)
+    ]
+
+
+def token_mask(attention_mask: torch.Tensor, mask_bos: bool) -> torch.Tensor:
+    """(batch, seq) bool of analysed tokens: real (non-padding) tokens, minus position 0 if
+    ``mask_bos`` (right padding puts every sequence's first token at position 0)."""
+    mask = attention_mask.to(torch.bool).clone()
+    if mask_bos:
+        mask[:, 0] = False
+    return mask
+
+
+# ---- memory plan ------------------------------------------------------------------------------
+
+
+def layer_state_bytes(hidden_base: int, hidden_tuned: int, batch_tokens: int, paired: bool) -> int:
+    """Bytes held per layer while a group is analysed: CKA running sums (float64) when paired,
+    plus the captured outputs of one batch (float32) of each model."""
+    cka = StreamingCKA.state_bytes(hidden_base, hidden_tuned) if paired else 0
+    acts = 4 * batch_tokens * (hidden_base + (hidden_tuned if paired else 0))
+    return cka + acts
+
+
+def plan_layer_groups(num_layers: int, bytes_per_layer: int, budget_bytes: int) -> list[list[int]]:
+    """Split ``range(num_layers)`` into consecutive groups whose state fits ``budget_bytes``.
+
+    Every group holds at least one layer, even when one layer alone exceeds the budget.
+    """
+    per_group = max(1, budget_bytes // max(bytes_per_layer, 1))
+    return [list(range(i, min(i + per_group, num_layers))) for i in range(0, num_layers, per_group)]
+
+
+def default_memory_budget(device: torch.device) -> int:
+    """Half the free memory of ``device`` (CUDA: ``mem_get_info``; CPU: psutil available), bytes."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free // 2
+    import psutil
+
+    return psutil.virtual_memory().available // 2
+
+
+# ---- the measurement pass ---------------------------------------------------------------------
+
+
+@dataclass
+class _LayerAccumulators:
+    cka: StreamingCKA | None
+    cosine: PooledCosine | None
+    spectra_base: SpectralMeans
+    spectra_tuned: SpectralMeans | None
+
+
+def measure_layers(
+    base: torch.nn.Module,
+    tuned: torch.nn.Module | None,
+    batches: Sequence[dict[str, torch.Tensor]],
+    mask_bos: bool = False,
+    memory_budget_bytes: int | None = None,
+    backend: Backend = "auto",
+    on_batch: Callable[[int, int], None] | None = None,
+) -> tuple[list[LayerMetrics], int]:
+    """Representation metrics of every decoder layer over the batches.
+
+    Args:
+        base: the base ``*ForCausalLM`` model.
+        tuned: the tuned model (same number of decoder layers, same tokenizer), or None for the
+            single-model metrics (entropy and effective rank of ``base``).
+        batches: dicts with ``input_ids`` and ``attention_mask`` (batch, seq), right-padded.
+        mask_bos: exclude position 0 of every sequence.
+        memory_budget_bytes: per-group state limit; default :func:`default_memory_budget`.
+        backend: CKA statistics path (``auto``: Triton on CUDA, float64 torch on CPU).
+        on_batch: called as ``on_batch(done, total)`` after each (group, batch) step.
+
+    Returns:
+        ``(rows, n_tokens)``: one :class:`LayerMetrics` per layer (representation metrics filled)
+        and the number of analysed tokens.
+
+    Raises:
+        AnalysisError: the models differ in depth.
+        CKAError: NaN/inf activations (names the layer), fewer than 4 tokens.
+    """
+    L = len(decoder_layers(base))
+    if tuned is not None and len(decoder_layers(tuned)) != L:
+        raise AnalysisError(
+            f"--base has {L} decoder layers but --tuned has {len(decoder_layers(tuned))}: "
+            "layer-wise comparison needs the same depth"
+        )
+    device = next(base.parameters()).device
+    tuned_device = next(tuned.parameters()).device if tuned is not None else device
+    hidden_b = int(base.config.hidden_size)
+    hidden_t = int(tuned.config.hidden_size) if tuned is not None else 0
+    max_tokens = max((int(b["input_ids"].numel()) for b in batches), default=0)
+    budget = memory_budget_bytes or default_memory_budget(device)
+    groups = plan_layer_groups(
+        L, layer_state_bytes(hidden_b, hidden_t, max_tokens, tuned is not None), budget
+    )
+    rows = [LayerMetrics(index=i, depth_fraction=(i + 1) / L) for i in range(L)]
+    total_steps, done = len(groups) * len(batches), 0
+    n_tokens = sum(int(token_mask(b["attention_mask"], mask_bos).sum()) for b in batches)
+    for group in groups:
+        acc = {
+            i: _LayerAccumulators(
+                cka=StreamingCKA(f"layer {i}", backend=backend) if tuned is not None else None,
+                cosine=PooledCosine() if tuned is not None else None,
+                spectra_base=SpectralMeans(),
+                spectra_tuned=SpectralMeans() if tuned is not None else None,
+            )
+            for i in group
+        }
+        for batch in batches:
+            ids = batch["input_ids"]
+            attn = batch["attention_mask"]
+            mask = token_mask(attn, mask_bos)
+            hb = layer_outputs(base, ids.to(device), attn.to(device), group)
+            ht = (
+                layer_outputs(tuned, ids.to(tuned_device), attn.to(tuned_device), group)
+                if tuned is not None
+                else {}
+            )
+            for i in group:
+                a = acc[i]
+                m = mask.to(hb[i].device)
+                a.spectra_base.update(hb[i], m)
+                if tuned is not None:
+                    y = ht[i].to(hb[i].device)
+                    a.cka.update(hb[i], y, m)  # type: ignore[union-attr]
+                    a.cosine.update(hb[i], y, m)  # type: ignore[union-attr]
+                    a.spectra_tuned.update(y, m)  # type: ignore[union-attr]
+            del hb, ht
+            done += 1
+            if on_batch is not None:
+                on_batch(done, total_steps)
+        for i in group:
+            a = acc[i]
+            rows[i].entropy_base, rows[i].erank_base = a.spectra_base.compute()
+            if tuned is not None:
+                r = a.cka.compute()  # type: ignore[union-attr]
+                rows[i].cka_debiased, rows[i].cka_biased = r.debiased, r.biased
+                rows[i].cosine = a.cosine.compute()  # type: ignore[union-attr]
+                rows[i].entropy_tuned, rows[i].erank_tuned = a.spectra_tuned.compute()  # type: ignore[union-attr]
+    return rows, n_tokens
+
+
+def fill_weight_change(
+    rows: list[LayerMetrics], base: torch.nn.Module, tuned: torch.nn.Module
+) -> None:
+    """Write :func:`fastmid.analysis.metrics.weight_change` into ``rows`` (in place)."""
+    for wc in weight_change(base, tuned):
+        row = rows[wc.layer]
+        row.weight_change = wc.total
+        row.weight_change_attention = wc.attention
+        row.weight_change_mlp = wc.mlp
+        row.weight_change_norm = wc.norm
+
+
+def _same_tokenizer(a: Any, b: Any) -> bool:
+    return len(a) == len(b) and a.get_vocab() == b.get_vocab()
+
+
+# ---- entry point ------------------------------------------------------------------------------
+
+
+def run_analysis(
+    base: str,
+    tuned: str | None,
+    data: str,
+    max_tokens: int = 20000,
+    max_seq_len: int = 512,
+    batch_size: int = 8,
+    mask_bos: bool = False,
+    grad_norms: bool = False,
+    output_dir: str | Path | None = "analysis",
+    console: Any = None,
+    *,
+    split: str = "train",
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    memory_budget_bytes: int | None = None,
+    threshold: float = 0.5,
+    title: str | None = None,
+) -> AnalysisResult:
+    """``fastmid analyze``: layer-wise comparison of a base and a tuned model, with band advice.
+
+    Args:
+        base: base model source (``"default"``, HF folder, ``.gguf``, cached repo id).
+        tuned: tuned model source, or None for single-model metrics (entropy, effective rank,
+            and gradient norms with ``grad_norms``). The same source as ``base`` reuses the
+            loaded model.
+        data: data source for ``fastmid.data.build_sft_examples`` (e.g. ``"builtin:arith"``).
+        max_tokens: analysed tokens (padding and masked positions excluded), > 0.
+        max_seq_len: tokens per sequence (longer examples are truncated by the data pipeline).
+        batch_size: sequences per forward pass.
+        mask_bos: exclude the first position of every sequence (an attention sink with outsized
+            activations in many models).
+        grad_norms: also compute per-layer gradient norms of the SFT loss at the base model.
+        output_dir: folder for ``analysis.json``/``.csv``/``.png``; None writes nothing.
+        console: a ``rich.console.Console`` for the progress bar and table; None is silent.
+        split: data split.
+        device: default CUDA if available, else CPU.
+        dtype: model dtype; default float32 on CPU, bfloat16 on CUDA.
+        memory_budget_bytes: per-group state limit (bytes); default half the free memory.
+        threshold: tau of the band rule (:mod:`fastmid.analysis.advice`).
+        title: first line of the PNG title.
+
+    Returns:
+        :class:`AnalysisResult` (also written to ``output_dir``).
+
+    Raises:
+        AnalysisError: bad numeric flags, different tokenizers or depths, no data.
+        ModelSourceError: an unloadable ``--base``/``--tuned``.
+        CKAError: NaN/inf activations (names the layer).
+    """
+    from fastmid.models.loading import load_model_and_tokenizer
+
+    for flag, value in (
+        ("--max-tokens", max_tokens),
+        ("--max-seq-len", max_seq_len),
+        ("--batch-size", batch_size),
+    ):
+        if value < 1:
+            raise AnalysisError(f"{flag} must be a positive integer, got {value}")
+    t0 = time.perf_counter()
+    base_model, tokenizer = load_model_and_tokenizer(base, dtype=dtype, device=device)
+    tuned_model = None
+    if tuned is not None:
+        if str(tuned) == str(base):
+            tuned_model = base_model
+        else:
+            tuned_model, tuned_tok = load_model_and_tokenizer(tuned, dtype=dtype, device=device)
+            if not _same_tokenizer(tokenizer, tuned_tok):
+                raise AnalysisError(
+                    f"--tuned {tuned} has a different tokenizer from --base {base}: the models "
+                    "must read the same tokens"
+                )
+    t_load = time.perf_counter()
+    examples = load_examples(data, tokenizer, max_tokens, max_seq_len, mask_bos, split)
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
+    batches = make_batches(examples, batch_size, int(pad_id))
+    t_data = time.perf_counter()
+
+    progress = _progress(console)
+    with progress:
+        task = progress.add_task("analyze: layer statistics", total=None)
+
+        def on_batch(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        rows, n_tokens = measure_layers(
+            base_model, tuned_model, batches, mask_bos, memory_budget_bytes, on_batch=on_batch
+        )
+    t_stats = time.perf_counter()
+    if tuned_model is not None:
+        fill_weight_change(rows, base_model, tuned_model)
+    if grad_norms:
+        if console is not None:
+            console.print("analyze: gradient norms of the SFT loss at the base model")
+        for row, g in zip(rows, layer_grad_norms(base_model, batches), strict=True):
+            row.grad_norm = g
+    t_grad = time.perf_counter()
+
+    L = len(rows)
+    result = AnalysisResult(
+        layers=rows,
+        num_hidden_layers=L,
+        current_band=default_band(L),
+        advice=recommend_band(rows, threshold),
+        pattern=depth_pattern(rows),
+        config={
+            "base": str(base),
+            "tuned": None if tuned is None else str(tuned),
+            "data": data,
+            "split": split,
+            "max_tokens": max_tokens,
+            "max_seq_len": max_seq_len,
+            "batch_size": batch_size,
+            "mask_bos": mask_bos,
+            "grad_norms": grad_norms,
+            "device": str(next(base_model.parameters()).device),
+            "dtype": str(next(base_model.parameters()).dtype),
+            "hidden_states": "decoder-layer outputs (before the final norm)",
+        },
+        n_tokens=n_tokens,
+        n_prompts=len(examples),
+        seconds={
+            "load": t_load - t0,
+            "data": t_data - t_load,
+            "stats": t_stats - t_data,
+            "grad_norms": t_grad - t_stats,
+            "total": t_grad - t0,
+        },
+    )
+    if output_dir is not None:
+        write_report(result, output_dir, title)
+    if console is not None:
+        print_table(result, console)
+        if result.files:
+            console.print(f"wrote {', '.join(result.files.values())}")
+    return result
+
+
+class _NullProgress:
+    def __enter__(self) -> _NullProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def add_task(self, *_a: object, **_k: object) -> int:
+        return 0
+
+    def update(self, *_a: object, **_k: object) -> None:
+        return None
+
+
+def _progress(console: Any) -> Any:
+    if console is None:
+        return _NullProgress()
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    return Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )

@@ -1,0 +1,99 @@
+"""The Triton CKA statistics kernel (interpreted on CPU) against the float64 torch path."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+import pytest
+import torch
+from fastmid.kernels import use_backend
+from fastmid.kernels.cka_stats import (
+    CKAStatsError,
+    cka_block_stats,
+    cka_block_stats_reference,
+    cka_block_stats_triton,
+)
+
+
+def naive_stats(x: torch.Tensor, y: torch.Tensor, rx: torch.Tensor, ry: torch.Tensor) -> dict:
+    """Each statistic by an explicit float64 loop over tokens (independent of both paths)."""
+    X, Y = x.double() - rx.double(), y.double() - ry.double()
+    out: dict[str, torch.Tensor] = {}
+    a = torch.stack([X[i] @ X[i] for i in range(X.shape[0])])
+    b = torch.stack([Y[i] @ Y[i] for i in range(Y.shape[0])])
+    out["n"] = torch.tensor(float(X.shape[0]), dtype=torch.float64)
+    out["sum_x"], out["sum_y"] = X.sum(0), Y.sum(0)
+    out["xtx"] = sum(torch.outer(X[i], X[i]) for i in range(X.shape[0]))
+    out["xty"] = sum(torch.outer(X[i], Y[i]) for i in range(X.shape[0]))
+    out["yty"] = sum(torch.outer(Y[i], Y[i]) for i in range(X.shape[0]))
+    out["sum_a"], out["sum_b"] = a.sum(), b.sum()
+    out["sum_aa"], out["sum_ab"], out["sum_bb"] = (a * a).sum(), (a * b).sum(), (b * b).sum()
+    out["xa"], out["xb"] = (X * a[:, None]).sum(0), (X * b[:, None]).sum(0)
+    out["ya"], out["yb"] = (Y * a[:, None]).sum(0), (Y * b[:, None]).sum(0)
+    return out
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-300))
+
+
+@pytest.mark.parametrize(
+    ("n", "d1", "d2", "dtype"),
+    [(37, 48, 80, torch.float32), (5, 17, 3, torch.float32), (70, 33, 33, torch.bfloat16)],
+)
+def test_triton_matches_float64(n, d1, d2, dtype):
+    g = torch.Generator().manual_seed(n)
+    x = (torch.randn(n, d1, generator=g) * 3 + 1).to(dtype)
+    y = torch.randn(n, d2, generator=g).to(dtype)
+    rx, ry = torch.randn(d1, generator=g), torch.randn(d2, generator=g)
+    want = naive_stats(x, y, rx, ry)
+    ref = cka_block_stats_reference(x, y, rx, ry)
+    tri = cka_block_stats_triton(x, y, rx, ry, block_n=16, block_d=16)
+    assert tri.xtx.dtype == torch.float32
+    for f in fields(ref):
+        assert rel_err(getattr(ref, f.name), want[f.name]) < 1e-12, f.name
+        assert rel_err(getattr(tri, f.name), want[f.name]) < 1e-5, f.name
+
+
+def test_triton_accepts_non_contiguous_input():
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(48, 37, generator=g).T  # (37, 48), column-major
+    y = torch.randn(37, 160, generator=g)[:, ::2]  # (37, 80), stride 2
+    rx, ry = torch.zeros(48), torch.full((80,), 0.5)
+    assert not x.is_contiguous() and not y.is_contiguous()
+    want = naive_stats(x, y, rx, ry)
+    tri = cka_block_stats(x, y, rx, ry, backend="triton")
+    for f in fields(tri):
+        assert rel_err(getattr(tri, f.name), want[f.name]) < 1e-5, f.name
+
+
+def test_dispatch_uses_reference_on_cpu_and_when_disabled(monkeypatch):
+    x, y = torch.randn(6, 4), torch.randn(6, 3)
+    zx, zy = torch.zeros(4), torch.zeros(3)
+    assert cka_block_stats(x, y, zx, zy).xtx.dtype == torch.float64
+    with use_backend("triton"):
+        assert cka_block_stats(x, y, zx, zy).xtx.dtype == torch.float32
+        monkeypatch.setenv("FASTMID_KERNELS", "off")
+        assert cka_block_stats(x, y, zx, zy, backend="torch").xtx.dtype == torch.float64
+    assert cka_block_stats(x, y, zx, zy).xtx.dtype == torch.float64
+
+
+def test_bad_shapes_are_rejected():
+    with pytest.raises(CKAStatsError, match="same tokens"):
+        cka_block_stats_reference(
+            torch.randn(5, 4), torch.randn(6, 4), torch.zeros(4), torch.zeros(4)
+        )
+    with pytest.raises(CKAStatsError, match="reference means"):
+        cka_block_stats_reference(
+            torch.randn(5, 4), torch.randn(5, 4), torch.zeros(3), torch.zeros(4)
+        )
+    with pytest.raises(ValueError, match="backend"):
+        cka_block_stats(
+            torch.randn(5, 4), torch.randn(5, 4), torch.zeros(4), torch.zeros(4), "cuda"
+        )  # type: ignore[arg-type]
+
+
+def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(CKAStatsError, match="TRITON_INTERPRET"):
+        cka_block_stats_triton(torch.randn(5, 4), torch.randn(5, 4), torch.zeros(4), torch.zeros(4))
