@@ -217,7 +217,7 @@ def answer_loss(
             model, batch["input_ids"], batch["attention_mask"], batch["labels"]
         )
         total += float(loss_sum)
-        count += k
+        count += int(k)
     model.train(was_training)
     return total / count if count else None
 
