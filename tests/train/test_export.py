@@ -51,8 +51,14 @@ def test_gguf_model_exports_cleanly(tmp_path):
     from fastmid.train.export import export_hf_folder
 
     model = LlamaForCausalLM(
-        LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                    num_attention_heads=2, num_key_value_heads=1)
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
     )
 
     class FakeQuantizer:  # what transformers attaches to a GGUF-loaded model

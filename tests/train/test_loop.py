@@ -128,8 +128,15 @@ def test_only_band_gets_optimizer_state_and_small_tensors_keep_32bit(make_config
 def test_metrics_and_run_folder(make_config):
     trainer, records = _run(make_config("folder", max_steps=4, keep_last=1))
     for key in (
-        "step", "loss", "lr", "grad_norm", "tokens", "supervised_tokens", "tokens_per_s",
-        "peak_memory_bytes", "elapsed_s",
+        "step",
+        "loss",
+        "lr",
+        "grad_norm",
+        "tokens",
+        "supervised_tokens",
+        "tokens_per_s",
+        "peak_memory_bytes",
+        "elapsed_s",
     ):
         assert key in records[0], key
     assert [r["step"] for r in records if "eval_loss" in r] == [2, 4]
