@@ -113,6 +113,13 @@ def train(
     skip_bad_rows: bool | None = typer.Option(
         None, "--skip-bad-rows", help="skip and count malformed rows"
     ),
+    train_embeddings: bool | None = typer.Option(
+        None, "--train-embeddings", help="also train the input embeddings (tied lm_head too)"
+    ),
+    train_lm_head: bool | None = typer.Option(None, "--train-lm-head", help="also train lm_head"),
+    train_final_norm: bool | None = typer.Option(
+        None, "--train-final-norm", help="also train the final norm"
+    ),
     train_on_prompt: bool | None = typer.Option(None, "--train-on-prompt"),
     last_turn_only: bool | None = typer.Option(None, "--last-turn-only"),
 ) -> None:

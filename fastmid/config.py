@@ -41,6 +41,7 @@ class TrainConfig:
     placement: str | None = None  # first | last | middle | random (ablations)
     train_embeddings: bool = False
     train_lm_head: bool = False
+    train_final_norm: bool = False
     # data
     data: str = "builtin:arith"
     eval_data: str | None = None

@@ -117,12 +117,14 @@ class Trainer:
             self.plan,
             train_embeddings=cfg.train_embeddings,
             train_lm_head=cfg.train_lm_head,
+            train_final_norm=cfg.train_final_norm,
         )
         self.counts = count_parameters(
             self.model,
             self.plan,
             train_embeddings=cfg.train_embeddings,
             train_lm_head=cfg.train_lm_head,
+            train_final_norm=cfg.train_final_norm,
         )
         if self.device.type == "cuda":
             # fp32 master weights for what trains; bf16 for the frozen rest (design section 4).
