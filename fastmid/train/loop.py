@@ -112,20 +112,13 @@ class Trainer:
         self.device = next(self.model.parameters()).device
         L = len(decoder_layers(self.model))
         self.plan = BandPlan.parse(L, cfg.band, cfg.layers, cfg.placement, cfg.seed)
-        self.trainable = apply_band(
-            self.model,
-            self.plan,
+        extras = dict(
             train_embeddings=cfg.train_embeddings,
             train_lm_head=cfg.train_lm_head,
             train_final_norm=cfg.train_final_norm,
         )
-        self.counts = count_parameters(
-            self.model,
-            self.plan,
-            train_embeddings=cfg.train_embeddings,
-            train_lm_head=cfg.train_lm_head,
-            train_final_norm=cfg.train_final_norm,
-        )
+        self.trainable = apply_band(self.model, self.plan, **extras)
+        self.counts = count_parameters(self.model, self.plan, **extras)
         if self.device.type == "cuda":
             # fp32 master weights for what trains; bf16 for the frozen rest (design section 4).
             for p in self.trainable:

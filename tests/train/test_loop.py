@@ -20,6 +20,19 @@ def _run(cfg) -> tuple[Trainer, list[dict]]:
     return trainer, records
 
 
+def _interrupt_after(trainer: Trainer, step: int, monkeypatch) -> None:
+    """Deliver a real SIGINT to this process right after optimizer step ``step``."""
+    real = trainer.train_step
+
+    def step_then_interrupt():
+        record = real()
+        if record["step"] == step:
+            os.kill(os.getpid(), signal.SIGINT)
+        return record
+
+    monkeypatch.setattr(trainer, "train_step", step_then_interrupt)
+
+
 def _band_state(trainer: Trainer) -> dict[str, torch.Tensor]:
     params = dict(trainer.model.named_parameters())
     return {n: params[n].detach().clone() for n in trainer.trainable_names}
@@ -44,15 +57,7 @@ def test_resume_is_exact(make_config, monkeypatch):
 
     first = Trainer(make_config("split", max_steps=6, save_every=0))
     first.setup()
-    real = first.train_step
-
-    def step_then_interrupt():
-        record = real()
-        if record["step"] == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-        return record
-
-    monkeypatch.setattr(first, "train_step", step_then_interrupt)
+    _interrupt_after(first, 3, monkeypatch)
     with pytest.raises(TrainingInterrupted):
         first.train()
     assert (first.out / "checkpoints" / "step-3").is_dir()
@@ -91,15 +96,7 @@ def test_nan_loss_stops_before_the_step_and_keeps_the_checkpoint(make_config, mo
 def test_sigint_saves_and_prints_resume_command(make_config, monkeypatch):
     trainer = Trainer(make_config("sig", max_steps=6, save_every=0))
     trainer.setup()
-    real = trainer.train_step
-
-    def step_then_interrupt():
-        record = real()
-        if record["step"] == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-        return record
-
-    monkeypatch.setattr(trainer, "train_step", step_then_interrupt)
+    _interrupt_after(trainer, 2, monkeypatch)
     with pytest.raises(TrainingInterrupted, match="--resume latest") as info:
         trainer.train()
     assert "step 2" in str(info.value)
