@@ -45,12 +45,13 @@ def _known_errors() -> tuple[type[BaseException], ...]:
         RunFolderError,
         OptimizerError,
     ]
-    try:
-        from fastmid.data import DataError
+    from fastmid.analysis.analyze import AnalysisError
+    from fastmid.analysis.cka import CKAError
+    from fastmid.analysis.metrics import MetricsError
+    from fastmid.data import DataError
+    from fastmid.models.memory import MemoryPlanError
 
-        errors.append(DataError)
-    except ImportError:  # pragma: no cover - data package always present in a full install
-        pass
+    errors += [DataError, MemoryPlanError, AnalysisError, CKAError, MetricsError, FileExistsError]
     return tuple(errors)
 
 

@@ -229,5 +229,12 @@ def validate(cfg: TrainConfig) -> None:
 
 
 def dump_yaml(cfg: TrainConfig, path: Path) -> None:
-    """Write the resolved config (every default written out) to ``path``."""
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """Write the resolved config (every default written out) to ``path``.
+
+    ``overwrite`` and ``resume`` describe one invocation, not the run: they are written as
+    ``false``/``null`` so that re-running a saved config never wipes or silently resumes a run.
+    """
+    values = cfg.to_dict()
+    values["overwrite"] = False
+    values["resume"] = None
+    path.write_text(yaml.safe_dump(values, sort_keys=False))

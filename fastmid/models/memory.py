@@ -100,9 +100,10 @@ LORA_RANK = 16
 # Families whose decoder layer is the Llama-style block the activation formulas describe.
 EXACT_ACTIVATION_FAMILIES = ("llama", "mistral", "qwen2")
 
-Optim = Literal["adamw8bit", "adamw"]
+Optim = Literal["adamw8bit", "paged_adamw8bit", "adamw"]
 Method = Literal["mid_block", "full", "lora"]
-OPTIMIZERS: tuple[str, ...] = ("adamw8bit", "adamw")
+# paged_adamw8bit keeps the same 8-bit states, paged to host memory under pressure: same bytes.
+OPTIMIZERS: tuple[str, ...] = ("adamw8bit", "paged_adamw8bit", "adamw")
 
 
 class MemoryPlanError(ValueError):
@@ -343,7 +344,7 @@ def optimizer_state_bytes(numels: list[int], optim: Optim) -> int:
     """
     if optim == "adamw":
         return sum(adamw_state_bytes(n) for n in numels)
-    if optim == "adamw8bit":
+    if optim in ("adamw8bit", "paged_adamw8bit"):
         return sum(adamw8bit_state_bytes(n) for n in numels)
     raise MemoryPlanError(f"--optim '{optim}' is not known (choose {' or '.join(OPTIMIZERS)})")
 

@@ -222,8 +222,11 @@ def print_plan(plan_dict: dict[str, Any], console: Any = None) -> None:
     totals.add_column("part")
     totals.add_column("params", justify="right")
     for label, key in (
-        ("embeddings", "embeddings"),
-        ("lm_head (untied)", "lm_head"),
+        (
+            "embeddings" + (" (lm_head tied to them)" if m["tie_word_embeddings"] else ""),
+            "embeddings",
+        ),
+        ("lm_head" + (" (tied: counted above)" if m["tie_word_embeddings"] else ""), "lm_head"),
         ("final norm", "final_norm"),
         ("trainable (band)", "trainable"),
         ("frozen", "frozen"),

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from fastmid.train.export import make_readable
+
 _STEP_RE = re.compile(r"^step-(\d+)$")
 
 
@@ -109,6 +111,7 @@ def save_checkpoint(
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(state.__dict__, indent=1) + "\n")
+        make_readable(tmp)
         if final.exists():  # a re-save of the same step (e.g. SIGINT right after a save)
             shutil.rmtree(final)
         tmp.rename(final)

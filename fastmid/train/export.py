@@ -22,6 +22,21 @@ from safetensors.torch import save_file
 from fastmid.models.loading import strip_gguf_quantization
 
 
+def make_readable(path: Path) -> None:
+    """Give a written folder (or file) the usual permissions (dirs 755, files 644).
+
+    ``tempfile.mkdtemp`` creates folders readable by the owner only and safetensors may write
+    owner-only files; a model folder is meant to be shared, like the rest of the run folder.
+    """
+    path = Path(path)
+    if path.is_file():
+        path.chmod(0o644)
+        return
+    path.chmod(0o755)
+    for child in path.rglob("*"):
+        child.chmod(0o755 if child.is_dir() else 0o644)
+
+
 def export_hf_folder(
     model: torch.nn.Module, tokenizer: Any, out_dir: Path, dtype: torch.dtype | None = None
 ) -> Path:
@@ -51,6 +66,7 @@ def export_hf_folder(
         model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         _fix_generation_eos(tmp, tokenizer)
+        make_readable(tmp)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)
@@ -89,4 +105,5 @@ def save_band_delta(
     params = dict(model.named_parameters())
     tensors = {n: params[n].detach().contiguous().cpu() for n in trainable_names}
     save_file(tensors, str(path), metadata={"fastmid_plan": json.dumps(plan)})
+    make_readable(path)
     return path

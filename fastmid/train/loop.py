@@ -33,6 +33,7 @@ from fastmid.models.execution import install_execution_policy
 from fastmid.models.families import decoder_layers
 from fastmid.models.loading import load_model_and_tokenizer
 from fastmid.train.checkpoint import (
+    CheckpointError,
     TrainerState,
     capture_rng,
     load_checkpoint,
@@ -83,14 +84,25 @@ class Trainer:
 
     # ---- setup ------------------------------------------------------------------------------
 
-    def _prepare_output(self) -> None:
+    # Settings that fix the data order, the band and the loss; a resumed run must match them.
+    RESUME_KEYS = (
+        "model", "band", "layers", "placement", "train_embeddings", "train_lm_head",
+        "train_final_norm", "data", "eval_data", "eval_fraction", "format", "split",
+        "max_examples", "shuffle_seed", "max_seq_len", "truncation", "train_on_prompt",
+        "last_turn_only", "skip_bad_rows", "group_by_length", "micro_batch", "grad_accum", "seed",
+    )  # fmt: skip
+
+    def _check_output(self) -> None:
+        """Refuse to start where a run would be lost; nothing is deleted here."""
         cfg, out = self.cfg, self.out
         holds_run = (out / "config.yaml").is_file() or (out / "checkpoints").is_dir()
         if cfg.resume is not None:
+            self._check_resume_matches()
             return
         if holds_run and not cfg.overwrite:
             raise RunFolderError(
-                f"{out} already holds a run; continue it with --resume latest, "
+                f"{out} already holds a run; continue it with "
+                f"`fastmid train {out / 'config.yaml'} --resume latest`, "
                 f"replace it with --overwrite, or choose another --output"
             )
         if out.exists() and any(out.iterdir()) and not holds_run and not cfg.overwrite:
@@ -98,14 +110,31 @@ class Trainer:
                 f"{out} exists and is not empty (and is not a fastmid run); choose another "
                 "--output or pass --overwrite"
             )
-        if out.exists() and cfg.overwrite:
+
+    def _check_resume_matches(self) -> None:
+        path = resolve_resume(self.cfg.resume, self.out)  # type: ignore[arg-type]
+        saved = json.loads((path / "trainer_state.json").read_text())["config"]
+        current = self.cfg.to_dict()
+        diff = [k for k in self.RESUME_KEYS if k in saved and saved[k] != current.get(k)]
+        if diff:
+            shown = ", ".join(f"{k}: {saved[k]!r} -> {current.get(k)!r}" for k in diff)
+            raise CheckpointError(
+                f"--resume {path}: this run's settings differ from the checkpoint's ({shown}); "
+                f"resume with the run's own config: `fastmid train "
+                f"{path.parent.parent / 'config.yaml'} --resume {self.cfg.resume}`"
+            )
+
+    def _prepare_output(self) -> None:
+        """Called once model and data are loaded: only now is an old run replaced."""
+        cfg, out = self.cfg, self.out
+        if cfg.resume is None and cfg.overwrite and out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
 
     def setup(self) -> None:
         """Load everything; after it, :meth:`train` can run."""
         cfg = self.cfg
-        self._prepare_output()
+        self._check_output()
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.model, self.tokenizer = load_model_and_tokenizer(cfg.model)
@@ -141,6 +170,7 @@ class Trainer:
         self.scheduler = build_scheduler(
             self.optimizer, self.total_steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio
         )
+        self._prepare_output()
         self.state = TrainerState(0, 0, 0, 0, 0.0, {}, self.plan.to_dict(), cfg.to_dict())
         if cfg.resume is not None:
             path = resolve_resume(cfg.resume, self.out)
@@ -150,6 +180,11 @@ class Trainer:
             restore_rng(self.state.rng)
             truncate_metrics(self.out / "metrics.jsonl", self.state.step)
             self.console.print(f"resumed from {path} at step {self.state.step}")
+            if self.state.step >= self.total_steps:
+                raise RunFolderError(
+                    f"{path}: the run already finished its {self.total_steps} steps; pass a "
+                    "larger --max-steps to train on, or use its final/ model"
+                )
         dump_yaml(cfg, self.out / "config.yaml")
         (self.out / "plan.json").write_text(json.dumps(self.plan_record(), indent=1) + "\n")
 

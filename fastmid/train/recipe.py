@@ -63,12 +63,21 @@ def run_train(cfg: TrainConfig, console: Console | None = None) -> dict[str, Any
         f"({counts.trainable_share:.1f}%), {len(trainer.train_examples)} train / "
         f"{len(trainer.eval_examples)} eval examples, {trainer.total_steps} steps"
     )
+    # The base model's accuracy is computed once per run (a resumed run reuses it) unless the
+    # evaluation settings changed.
     before_path = out / "eval_before.json"
-    if before_path.is_file():
-        before = json.loads(before_path.read_text())
+    key = {
+        "data": cfg.eval_accuracy_data,
+        "n": cfg.eval_n,
+        "max_new_tokens": cfg.eval_max_new_tokens,
+    }
+    saved = json.loads(before_path.read_text()) if before_path.is_file() else None
+    if saved and saved.get("settings") == key:
+        before = saved["result"]
     else:
         before = _accuracy(trainer, "before")
-        before_path.write_text(json.dumps(before, indent=1) + "\n")
+        if before is not None:
+            before_path.write_text(json.dumps({"settings": key, "result": before}, indent=1) + "\n")
     last = trainer.train()
     final = trainer.export()
     after = _accuracy(trainer, "after")

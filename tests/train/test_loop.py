@@ -142,3 +142,27 @@ def test_metrics_and_run_folder(make_config):
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-4"]  # keep_last=1
     plan = json.loads((out / "plan.json").read_text())
     assert plan["band"]["indices"] == [1, 2, 3]  # 5 layers, 0.2:0.8 -> [1, 4)
+
+
+def test_overwrite_deletes_nothing_when_setup_fails(make_config, tmp_path):
+    trainer, _ = _run(make_config("keep", max_steps=1))
+    before = sorted(p.name for p in trainer.out.iterdir())
+    with pytest.raises(Exception, match="nope.jsonl"):
+        Trainer(make_config("keep", overwrite=True, data=str(tmp_path / "nope.jsonl"))).setup()
+    assert sorted(p.name for p in trainer.out.iterdir()) == before
+    saved = (trainer.out / "config.yaml").read_text()
+    assert "overwrite: false" in saved and "resume: null" in saved
+
+
+def test_resume_refuses_different_settings_and_finished_runs(make_config):
+    from fastmid.train.checkpoint import CheckpointError
+
+    _run(make_config("r", max_steps=2, save_every=0))
+    with pytest.raises(CheckpointError, match=r"max_examples: 64 -> 32.*config\.yaml --resume"):
+        Trainer(make_config("r", max_steps=4, max_examples=32, resume="latest")).setup()
+    with pytest.raises(RunFolderError, match="already finished its 2 steps"):
+        Trainer(make_config("r", max_steps=2, resume="latest")).setup()
+    # a checkpoint resumed into a new, not yet existing folder
+    ckpt = str(make_config("r").output) + "/checkpoints/step-2"
+    _, records = _run(make_config("new/sub", max_steps=3, resume=ckpt))
+    assert [r["step"] for r in records] == [3]
