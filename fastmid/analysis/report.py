@@ -162,14 +162,20 @@ def print_table(result: AnalysisResult, console: Any = None) -> None:
         result: the analysis.
         console: a ``rich.console.Console``; a new one when None.
     """
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
     console = console or Console()
-    table = Table(title="fastmid analyze: per-layer metrics", show_lines=False)
+    # Compact enough for 80 columns; depth fractions and full precision are in the CSV/JSON.
+    table = Table(
+        title="fastmid analyze: per-layer metrics",
+        box=box.SIMPLE_HEAD,
+        padding=(0, 1),
+        pad_edge=False,
+    )
     cols = [
         ("layer", "index"),
-        ("depth", "depth_fraction"),
         ("CKA deb", "cka_debiased"),
         ("CKA bias", "cka_biased"),
         ("dW rel", "weight_change"),
@@ -183,10 +189,10 @@ def print_table(result: AnalysisResult, console: Any = None) -> None:
     present = [
         (h, c)
         for h, c in cols
-        if c in ("index", "depth_fraction") or _finite([getattr(r, c) for r in result.layers])
+        if c == "index" or _finite([getattr(r, c) for r in result.layers])
     ]
     for header, _ in present:
-        table.add_column(header, justify="right")
+        table.add_column(header, justify="right", no_wrap=True)
     band = set(result.current_band)
     for r in result.layers:
         cells = []
@@ -196,8 +202,8 @@ def print_table(result: AnalysisResult, console: Any = None) -> None:
                 cells.append(f"{v}{'*' if v in band else ' '}")
             elif isinstance(v, float):
                 # CKA and cosine sit near 1 for small changes: keep the digits that differ.
-                digits = 6 if c in ("cka_debiased", "cka_biased", "cosine") else 4
-                cells.append("-" if not math.isfinite(v) else f"{v:.{digits}g}")
+                fmt = ".5f" if c in ("cka_debiased", "cka_biased", "cosine") else ".3g"
+                cells.append("-" if not math.isfinite(v) else format(v, fmt))
             else:
                 cells.append(str(v))
         table.add_row(*cells)
