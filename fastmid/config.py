@@ -57,7 +57,7 @@ class TrainConfig:
     skip_bad_rows: bool = False
     group_by_length: bool = False
     # schedule
-    max_steps: int | None = 30
+    max_steps: int | None = 90
     epochs: float = 1.0
     micro_batch: int = 8
     grad_accum: int = 1
@@ -71,9 +71,9 @@ class TrainConfig:
     grad_checkpointing: bool = False
     kernels: str = "auto"
     # evaluation, saving
-    eval_every: int = 10
+    eval_every: int = 30
     eval_batches: int = 8
-    save_every: int = 10
+    save_every: int = 30
     keep_last: int = 2
     eval_accuracy: bool = True
     eval_n: int = 100

@@ -187,9 +187,7 @@ def print_table(result: AnalysisResult, console: Any = None) -> None:
         ("grad", "grad_norm"),
     ]
     present = [
-        (h, c)
-        for h, c in cols
-        if c == "index" or _finite([getattr(r, c) for r in result.layers])
+        (h, c) for h, c in cols if c == "index" or _finite([getattr(r, c) for r in result.layers])
     ]
     for header, _ in present:
         table.add_column(header, justify="right", no_wrap=True)

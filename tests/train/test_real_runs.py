@@ -85,7 +85,7 @@ def test_default_run_short(tmp_path):
 
 @pytest.mark.slow
 def test_default_run_raises_accuracy(tmp_path):
-    """The full default run (about 5 minutes on 2 cores): accuracy after training exceeds the
+    """The full default run (about 15 minutes on 2 cores): accuracy after training exceeds the
     base model's by more than the 95% interval of the base accuracy."""
     cfg = build_config(None, dict(output=str(tmp_path / "full")))
     summary = run_train(cfg)
