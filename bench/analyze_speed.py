@@ -28,8 +28,7 @@ from pathlib import Path
 import torch
 
 from fastmid.analysis.analyze import load_examples, make_batches, measure_layers
-from fastmid.analysis.capture import backbone
-from fastmid.models.families import decoder_layers
+from fastmid.models.families import backbone, decoder_layers
 from fastmid.models.loading import load_model_and_tokenizer
 
 RESULTS = Path(__file__).parent / "results"

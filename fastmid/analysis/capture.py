@@ -12,19 +12,11 @@ from collections.abc import Sequence
 
 import torch
 
-from fastmid.models.families import decoder_layers, family_of, get_submodule
+from fastmid.models.families import backbone, decoder_layers
 
 
 class _StopForward(Exception):
     """Raised by the hook of the last needed layer to end the forward early."""
-
-
-def backbone(model: torch.nn.Module) -> torch.nn.Module:
-    """The decoder stack without the head: the parent of the layer list (``model.model`` for
-    llama-like families, ``transformer`` for GPT-2), from the family table."""
-    layers_path = family_of(model).layers
-    parent = layers_path.rsplit(".", 1)[0]
-    return get_submodule(model, parent)
 
 
 @torch.no_grad()

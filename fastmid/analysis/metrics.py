@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from fastmid.models.families import decoder_layers, family_of, layer_index_of, module_kind
+from fastmid.train.loss import causal_lm_loss_sum
 
 IGNORE_INDEX = -100
 
@@ -299,19 +300,10 @@ def layer_grad_norms(
     device = next(model.parameters()).device
     try:
         for batch in _on_device(batches, device):
-            logits = model(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                use_cache=False,
-            ).logits
-            labels = batch["labels"][:, 1:]
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(),
-                labels.flatten(),
-                ignore_index=IGNORE_INDEX,
-                reduction="sum",
+            loss_sum, _ = causal_lm_loss_sum(
+                model, batch["input_ids"], batch["attention_mask"], batch["labels"]
             )
-            (loss / total).backward()
+            (loss_sum / total).backward()
         norms = []
         for layer in layers:
             sq = sum(

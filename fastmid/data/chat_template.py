@@ -93,3 +93,18 @@ class ChatRenderer:
         if not isinstance(text, str):  # pragma: no cover - transformers returns str here
             raise TypeError(f"apply_chat_template returned {type(text).__name__}, expected str")
         return text
+
+
+END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>")
+
+
+def end_of_turn_ids(tokenizer: Any) -> list[int]:
+    """Token ids that end an assistant turn: EOS plus the end-of-turn tokens of the common chat
+    templates (ChatML, Gemma, Llama 3) that the vocabulary holds; sorted, for ``generate``'s
+    ``eos_token_id`` and the exported ``generation_config.json``."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    vocab = tokenizer.get_vocab()
+    ids.update(int(vocab[tok]) for tok in END_OF_TURN_TOKENS if tok in vocab)
+    return sorted(ids)

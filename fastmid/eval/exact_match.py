@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from fastmid.data.chat_template import end_of_turn_ids
 from fastmid.models.loading import load_model_and_tokenizer
 
 
@@ -70,17 +71,6 @@ class AccuracyResult:
         }
 
 
-def _end_token_ids(tokenizer: Any) -> list[int]:
-    ids = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    vocab = tokenizer.get_vocab()
-    for tok in ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>"):
-        if tok in vocab:
-            ids.add(int(vocab[tok]))
-    return sorted(ids)
-
-
 @torch.no_grad()
 def generate_answers(
     model: torch.nn.Module,
@@ -120,7 +110,7 @@ def generate_answers(
                 **enc,
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
-                eos_token_id=_end_token_ids(tokenizer),
+                eos_token_id=end_of_turn_ids(tokenizer),
                 pad_token_id=pad_id,
             )
             new = gen[:, enc["input_ids"].shape[1] :]

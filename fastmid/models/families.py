@@ -188,6 +188,12 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     return get_submodule(model, family_of(model).layers)  # type: ignore[return-value]
 
 
+def backbone(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder stack without the head: the parent of the layer list (``model.model`` for
+    llama-like families, ``transformer`` for GPT-2). Its output is the final-norm hidden states."""
+    return get_submodule(model, family_of(model).layers.rsplit(".", 1)[0])
+
+
 def final_norm(model: torch.nn.Module) -> torch.nn.Module:
     """The norm applied after the last decoder layer."""
     return get_submodule(model, family_of(model).final_norm)

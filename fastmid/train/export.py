@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from fastmid.data.chat_template import end_of_turn_ids
 from fastmid.models.loading import strip_gguf_quantization
 
 
@@ -84,15 +85,7 @@ def _fix_generation_eos(folder: Path, tokenizer: Any) -> None:
     cfg = json.loads(path.read_text())
     eos = cfg.get("eos_token_id")
     ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    end_turn = (
-        tokenizer.convert_tokens_to_ids("<|im_end|>")
-        if "<|im_end|>" in tokenizer.get_vocab()
-        else None
-    )
-    if end_turn is not None:
-        ids.add(int(end_turn))
+    ids.update(end_of_turn_ids(tokenizer))
     if ids:
         cfg["eos_token_id"] = sorted(ids) if len(ids) > 1 else next(iter(ids))
         path.write_text(json.dumps(cfg, indent=2) + "\n")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastmid.models.families import family_of, get_submodule, output_head
+from fastmid.models.families import backbone, family_of, output_head
 
 IGNORE_INDEX = -100
 
@@ -46,8 +46,7 @@ def decoder_hidden_states(
     position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Final-norm hidden states of the decoder, (B, T, H), without the vocabulary projection."""
-    spec = family_of(model)
-    base = get_submodule(model, spec.layers.rsplit(".", 1)[0])
+    base = backbone(model)
     kwargs = {"attention_mask": attention_mask, "use_cache": False}
     if position_ids is not None:
         kwargs["position_ids"] = position_ids
