@@ -243,12 +243,19 @@ def analyze(
     batch_size: int = typer.Option(8, help="sequences per forward"),
     mask_bos: bool = typer.Option(False, "--mask-bos", help="exclude the first position"),
     grad_norms: bool = typer.Option(False, "--grad-norms", help="per-layer SFT grad norms"),
+    entropy_tokens: int = typer.Option(
+        128, help="tokens per prompt for entropy and effective rank (0: all)"
+    ),
     output: Path = typer.Option(Path("analysis"), help="output folder"),
 ) -> None:
     """Layer-wise base-vs-tuned analysis (CKA, weight change, entropy, grad norms) + band advice."""
 
     def go() -> None:
         from fastmid.analysis.analyze import run_analysis
+        from fastmid.analysis.heap import keep_freed_memory
+
+        # Each batch frees and reallocates every layer's outputs: keep that memory (see heap.py).
+        keep_freed_memory()
 
         run_analysis(
             base=base,
@@ -259,6 +266,7 @@ def analyze(
             batch_size=batch_size,
             mask_bos=mask_bos,
             grad_norms=grad_norms,
+            entropy_tokens=entropy_tokens,
             output_dir=output,
             console=Console(),
         )

@@ -26,6 +26,11 @@ Paths (same signature, same result structure):
   and ``y`` with the reference mean subtracted on the fly, so the augmented ``W`` is never built
   in memory. Offsets are int64; any ``n``, ``d1``, ``d2`` (not only powers of two) and any
   strides are accepted.
+* :func:`syrk_accumulate`: the production CPU path of the streaming accumulator. The float64
+  ``W`` of a block (:func:`augmented_rows`) goes through BLAS ``dsyrk`` (scipy), which forms only
+  the upper triangle of ``W^T W`` and adds it into the running Gram in place: ``n D^2 / 2``
+  multiply-adds, 2/3 of the ``(d1^2 + d1 d2 + d2^2) n`` of three separate products, and no
+  temporary (D, D) block.
 * :func:`cka_block_stats`: the dispatcher, with the package-wide rules of
   :mod:`fastmid.kernels._dispatch`: Triton on CUDA tensors when Triton imports, the reference
   elsewhere; ``FASTMID_KERNELS=off`` forces the reference; ``backend="triton"`` forces Triton (on
@@ -219,6 +224,114 @@ def cka_block_stats_reference(
     )
 
 
+def augmented_width(d1: int, d2: int) -> int:
+    """Width ``D = d1 + d2 + 3`` of the augmented block ``W = [X | Y | 1 | a | b]``."""
+    return d1 + d2 + 3
+
+
+def augmented_rows(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    ref_x: torch.Tensor,
+    ref_y: torch.Tensor,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """The augmented block ``W = [x - ref_x | y - ref_y | 1 | a | b]`` of one token block.
+
+    Args:
+        x: (n, d1) layer output of model A, any float dtype.
+        y: (n, d2) layer output of model B on the same tokens.
+        ref_x: (d1,) reference mean subtracted from ``x``.
+        ref_y: (d2,) reference mean subtracted from ``y``.
+        dtype: dtype of ``W`` (float64 for the CPU path).
+
+    Returns:
+        (n, d1 + d2 + 3) C-contiguous ``W`` on ``x.device``: column ``d1 + d2`` is all ones,
+        ``d1 + d2 + 1`` holds ``a_i = ||X_i||^2`` and ``d1 + d2 + 2`` holds ``b_i = ||Y_i||^2``.
+        A NaN/inf anywhere in row i of ``x`` (``y``) makes ``a_i`` (``b_i``) non-finite, so one
+        sum over a column checks a whole side.
+
+    Raises:
+        CKAStatsError: wrong ranks, different token counts, reference means of the wrong width.
+    """
+    n, d1, d2 = _check_inputs(x, y, ref_x, ref_y)
+    o = d1 + d2
+    W = torch.empty(n, augmented_width(d1, d2), dtype=dtype, device=x.device)
+    # One pass per side: the subtraction writes the promoted difference straight into W.
+    torch.sub(x, ref_x.to(device=x.device, dtype=dtype), out=W[:, :d1])
+    torch.sub(y, ref_y.to(device=x.device, dtype=dtype), out=W[:, d1:o])
+    W[:, o] = 1.0
+    W[:, o + 1] = torch.linalg.vector_norm(W[:, :d1], dim=1).square_()
+    W[:, o + 2] = torch.linalg.vector_norm(W[:, d1:o], dim=1).square_()
+    return W
+
+
+def new_running_gram(d1: int, d2: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A zero float64 (D, D) running Gram, ``D = d1 + d2 + 3``, stored column-major.
+
+    Column-major (the transpose of a contiguous tensor) is Fortran order, so
+    :func:`syrk_accumulate` adds into this memory in place. Any path may also ``add_`` a full
+    block into it; readers use only the upper triangle (:func:`gram_to_stats`).
+    """
+    D = augmented_width(d1, d2)
+    return torch.zeros(D, D, dtype=torch.float64, device=device).T
+
+
+def syrk_accumulate(W: torch.Tensor, gram: torch.Tensor) -> None:
+    """Add the upper triangle of ``W^T W`` into ``gram`` in place with BLAS ``dsyrk`` (scipy).
+
+    ``dsyrk`` forms one triangle only: ``n D^2 / 2`` multiply-adds for ``n`` tokens, and no
+    temporary (D, D) block. It runs on BLAS's own threads (all cores unless
+    ``OPENBLAS_NUM_THREADS``/``OMP_NUM_THREADS`` say otherwise); call it from one thread at a
+    time.
+
+    Args:
+        W: (n, D) float64 C-contiguous CPU tensor (:func:`augmented_rows`).
+        gram: (D, D) float64 column-major CPU tensor (:func:`new_running_gram`); its upper
+            triangle gains ``W^T W``, its strict lower triangle is left as it was.
+
+    Raises:
+        CKAStatsError: not float64 CPU tensors, shapes that do not match, or the wrong layouts.
+    """
+    import numpy as np
+    from scipy.linalg.blas import dsyrk
+
+    if W.dim() != 2 or gram.shape != (W.shape[1], W.shape[1]):
+        raise CKAStatsError(
+            f"syrk_accumulate needs W (n, D) and gram (D, D); got {tuple(W.shape)} and "
+            f"{tuple(gram.shape)}"
+        )
+    if W.dtype != torch.float64 or gram.dtype != torch.float64 or W.is_cuda or gram.is_cuda:
+        raise CKAStatsError("syrk_accumulate is the CPU path: W and gram must be float64 on CPU")
+    if not W.is_contiguous() or not gram.T.is_contiguous():
+        raise CKAStatsError(
+            "syrk_accumulate needs a C-contiguous W and a column-major gram (new_running_gram)"
+        )
+    if W.shape[0] == 0:
+        return
+    c = gram.numpy()
+    # Row-major W (n, D) is W^T (D, n) in Fortran order: dsyrk with trans=0 forms W^T W.
+    out = dsyrk(1.0, W.numpy().T, beta=1.0, c=c, trans=0, lower=0, overwrite_c=1)
+    if not np.shares_memory(out, c):  # scipy copied instead of writing in place
+        c[...] = out
+
+
+def gram_to_stats(gram: torch.Tensor, d1: int, d2: int) -> CKABlockStats:
+    """The CKA statistics in the upper triangle of an augmented Gram ``G = W^T W``.
+
+    Args:
+        gram: (D, D), ``D = d1 + d2 + 3``; only entries on and above the diagonal are read.
+        d1: width of ``x``.
+        d2: width of ``y``.
+
+    Returns:
+        :class:`CKABlockStats` in ``gram``'s dtype, with the symmetric ``X^T X`` and ``Y^T Y``
+        rebuilt from their upper triangles.
+    """
+    upper = torch.triu(gram)
+    return _unpack_gram(upper + torch.triu(gram, 1).T, d1, d2)
+
+
 # ---- Triton path --------------------------------------------------------------------------------
 
 
@@ -395,6 +508,25 @@ def cka_block_stats_triton(
 ) -> CKABlockStats:
     """Statistics of one token block with the Triton kernels (fp32, IEEE dot products).
 
+    Args and errors as :func:`augmented_gram_triton`.
+
+    Returns:
+        :class:`CKABlockStats` in float32 on ``x.device``.
+    """
+    _n, d1, d2 = _check_inputs(x, y, ref_x, ref_y)
+    return _unpack_gram(augmented_gram_triton(x, y, ref_x, ref_y, block_n, block_d), d1, d2)
+
+
+def augmented_gram_triton(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    ref_x: torch.Tensor,
+    ref_y: torch.Tensor,
+    block_n: int = 32,
+    block_d: int = 64,
+) -> torch.Tensor:
+    """``G = W^T W`` of one token block with the Triton kernels (fp32, IEEE dot products).
+
     Args:
         x: (n, d1) float32/bfloat16/float16, any strides, on CUDA (or CPU under
             ``TRITON_INTERPRET=1``).
@@ -405,7 +537,7 @@ def cka_block_stats_triton(
         block_d: output tile width (a power of two, >= 16).
 
     Returns:
-        :class:`CKABlockStats` in float32 on ``x.device``.
+        (D, D) symmetric float32 ``G`` on ``x.device``, ``D = d1 + d2 + 3``.
 
     Raises:
         CKAStatsError: as :func:`cka_block_stats_reference`; no Triton, or a CPU tensor without
@@ -462,7 +594,7 @@ def cka_block_stats_triton(
         )
         tile = torch.arange(D, device=dev) // block_d
         G = torch.where(tile[:, None] > tile[None, :], G.T, G)
-    return _unpack_gram(G, d1, d2)
+    return G
 
 
 def _unpack_gram(G: torch.Tensor, d1: int, d2: int) -> CKABlockStats:

@@ -14,6 +14,7 @@ sums (float64, ``3 d^2`` numbers per layer) are what may force several layer gro
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,15 +25,18 @@ import torch
 
 from fastmid.analysis.advice import default_band, depth_pattern, recommend_band
 from fastmid.analysis.capture import layer_outputs
-from fastmid.analysis.cka import StreamingCKA
+from fastmid.analysis.cka import PreparedBlock, StreamingCKA
 from fastmid.analysis.metrics import (
+    ENTROPY_TOKENS,
     PooledCosine,
     SpectralMeans,
     layer_grad_norms,
     weight_change,
 )
+from fastmid.analysis.parallel import LayerParallel
 from fastmid.analysis.report import print_table, write_report
 from fastmid.analysis.results import AnalysisResult, LayerMetrics
+from fastmid.kernels._dispatch import resolve_backend
 from fastmid.kernels.cka_stats import Backend
 from fastmid.models.families import decoder_layers
 
@@ -150,9 +154,14 @@ def token_mask(attention_mask: torch.Tensor, mask_bos: bool) -> torch.Tensor:
 
 
 def layer_state_bytes(hidden_base: int, hidden_tuned: int, batch_tokens: int, paired: bool) -> int:
-    """Bytes held per layer while a group is analysed: CKA running sums (float64) when paired,
-    plus the captured outputs of one batch (float32) of each model."""
-    cka = StreamingCKA.state_bytes(hidden_base, hidden_tuned) if paired else 0
+    """Bytes held per layer while a group is analysed: CKA running sums (float64) and one
+    prepared CKA block (float64 rows, :meth:`StreamingCKA.block_bytes`) when paired, plus the
+    captured outputs of one batch (float32) of each model."""
+    cka = 0
+    if paired:
+        cka = StreamingCKA.state_bytes(hidden_base, hidden_tuned) + StreamingCKA.block_bytes(
+            batch_tokens, hidden_base, hidden_tuned
+        )
     acts = 4 * batch_tokens * (hidden_base + (hidden_tuned if paired else 0))
     return cka + acts
 
@@ -195,6 +204,8 @@ def measure_layers(
     memory_budget_bytes: int | None = None,
     backend: Backend = "auto",
     on_batch: Callable[[int, int], None] | None = None,
+    entropy_tokens: int | None = ENTROPY_TOKENS,
+    workers: int | None = None,
 ) -> tuple[list[LayerMetrics], int]:
     """Representation metrics of every decoder layer over the batches.
 
@@ -207,6 +218,11 @@ def measure_layers(
         memory_budget_bytes: per-group state limit; default :func:`default_memory_budget`.
         backend: CKA statistics path (``auto``: Triton on CUDA, float64 torch on CPU).
         on_batch: called as ``on_batch(done, total)`` after each (group, batch) step.
+        entropy_tokens: tokens per prompt for matrix entropy and effective rank (the first
+            ones; default 128, the paper's truncation; None or 0: all).
+        workers: threads for the per-layer statistics on CPU
+            (:class:`fastmid.analysis.parallel.LayerParallel`); default torch's thread count.
+            Always 1 on CUDA and for the Triton CKA path.
 
     Returns:
         ``(rows, n_tokens)``: one :class:`LayerMetrics` per layer (representation metrics filled)
@@ -234,48 +250,85 @@ def measure_layers(
     rows = [LayerMetrics(index=i, depth_fraction=(i + 1) / L) for i in range(L)]
     total_steps, done = len(groups) * len(batches), 0
     n_tokens = sum(int(token_mask(b["attention_mask"], mask_bos).sum()) for b in batches)
-    for group in groups:
-        acc = {
-            i: _LayerAccumulators(
-                cka=StreamingCKA(f"layer {i}", backend=backend) if tuned is not None else None,
-                cosine=PooledCosine() if tuned is not None else None,
-                spectra_base=SpectralMeans(),
-                spectra_tuned=SpectralMeans() if tuned is not None else None,
-            )
-            for i in group
-        }
-        for batch in batches:
-            ids = batch["input_ids"]
-            attn = batch["attention_mask"]
-            mask = token_mask(attn, mask_bos)
-            hb = layer_outputs(base, ids.to(device), attn.to(device), group)
-            ht = (
-                layer_outputs(tuned, ids.to(tuned_device), attn.to(tuned_device), group)
-                if tuned is not None
-                else {}
-            )
-            for i in group:
-                a = acc[i]
-                m = mask.to(hb[i].device)
-                a.spectra_base.update(hb[i], m)
-                if tuned is not None:
-                    y = ht[i].to(hb[i].device)
-                    a.cka.update(hb[i], y, m)  # type: ignore[union-attr]
-                    a.cosine.update(hb[i], y, m)  # type: ignore[union-attr]
-                    a.spectra_tuned.update(y, m)  # type: ignore[union-attr]
-            del hb, ht
-            done += 1
-            if on_batch is not None:
-                on_batch(done, total_steps)
-        for i in group:
-            a = acc[i]
-            rows[i].entropy_base, rows[i].erank_base = a.spectra_base.compute()
-            if tuned is not None:
-                r = a.cka.compute()  # type: ignore[union-attr]
-                rows[i].cka_debiased, rows[i].cka_biased = r.debiased, r.biased
-                rows[i].cosine = a.cosine.compute()  # type: ignore[union-attr]
-                rows[i].entropy_tuned, rows[i].erank_tuned = a.spectra_tuned.compute()  # type: ignore[union-attr]
+    if (
+        device.type != "cpu"
+        or tuned_device.type != "cpu"
+        # Triton's CPU interpreter (tests) keeps global state and is not thread-safe.
+        or (tuned is not None and resolve_backend(backend, torch.empty(0)) == "triton")
+    ):
+        workers = 1
+    with LayerParallel(workers) as pool:
+        for group in groups:
+            acc = {
+                i: _LayerAccumulators(
+                    cka=StreamingCKA(f"layer {i}", backend=backend) if tuned is not None else None,
+                    cosine=PooledCosine() if tuned is not None else None,
+                    spectra_base=SpectralMeans(entropy_tokens),
+                    spectra_tuned=SpectralMeans(entropy_tokens) if tuned is not None else None,
+                )
+                for i in group
+            }
+            for batch in batches:
+                ids = batch["input_ids"]
+                attn = batch["attention_mask"]
+                mask = token_mask(attn, mask_bos)
+                hb = layer_outputs(base, ids.to(device), attn.to(device), group)
+                ht = (
+                    layer_outputs(tuned, ids.to(tuned_device), attn.to(tuned_device), group)
+                    if tuned is not None
+                    else {}
+                )
+
+                blocks: dict[int, PreparedBlock] = {}
+                pool.run(functools.partial(_update_layer, acc, hb, ht, mask, blocks), group)
+                # The (D, D) CKA products run here, one layer after another, on BLAS's own
+                # threads (every core); interleaving them with the workers' torch ops would make
+                # the two thread pools wait on each other.
+                for i in group:
+                    if i in blocks:
+                        acc[i].cka.accumulate(blocks.pop(i))  # type: ignore[union-attr]
+                del hb, ht
+                done += 1
+                if on_batch is not None:
+                    on_batch(done, total_steps)
+            _collect(rows, acc, group, tuned is not None)
     return rows, n_tokens
+
+
+def _update_layer(
+    acc: dict[int, _LayerAccumulators],
+    hb: dict[int, torch.Tensor],
+    ht: dict[int, torch.Tensor],
+    mask: torch.Tensor,
+    blocks: dict[int, PreparedBlock],
+    i: int,
+) -> None:
+    # One layer's per-token work for a batch; runs on a LayerParallel worker. The CKA block is
+    # only prepared here and accumulated by the caller (see measure_layers).
+    a = acc[i]
+    m = mask.to(hb[i].device)
+    a.spectra_base.update(hb[i], m)
+    if a.cka is not None:
+        y = ht[i].to(hb[i].device)
+        blocks[i] = a.cka.prepare(hb[i], y, m)
+        a.cosine.update(hb[i], y, m)  # type: ignore[union-attr]
+        a.spectra_tuned.update(y, m)  # type: ignore[union-attr]
+
+
+def _collect(
+    rows: list[LayerMetrics],
+    acc: dict[int, _LayerAccumulators],
+    group: Sequence[int],
+    paired: bool,
+) -> None:
+    for i in group:
+        a = acc[i]
+        rows[i].entropy_base, rows[i].erank_base = a.spectra_base.compute()
+        if paired:
+            r = a.cka.compute()  # type: ignore[union-attr]
+            rows[i].cka_debiased, rows[i].cka_biased = r.debiased, r.biased
+            rows[i].cosine = a.cosine.compute()  # type: ignore[union-attr]
+            rows[i].entropy_tuned, rows[i].erank_tuned = a.spectra_tuned.compute()  # type: ignore[union-attr]
 
 
 def fill_weight_change(
@@ -315,6 +368,7 @@ def run_analysis(
     memory_budget_bytes: int | None = None,
     threshold: float = 0.5,
     title: str | None = None,
+    entropy_tokens: int = ENTROPY_TOKENS,
 ) -> AnalysisResult:
     """``fastmid analyze``: layer-wise comparison of a base and a tuned model, with band advice.
 
@@ -338,6 +392,8 @@ def run_analysis(
         memory_budget_bytes: per-group state limit (bytes); default half the free memory.
         threshold: tau of the band rule (:mod:`fastmid.analysis.advice`).
         title: first line of the PNG title.
+        entropy_tokens: tokens per prompt for matrix entropy and effective rank (each prompt's
+            first ones; default 128 as in the paper; 0 uses all).
 
     Returns:
         :class:`AnalysisResult` (also written to ``output_dir``).
@@ -356,6 +412,11 @@ def run_analysis(
     ):
         if value < 1:
             raise AnalysisError(f"{flag} must be a positive integer, got {value}")
+    if entropy_tokens < 0 or entropy_tokens == 1:
+        raise AnalysisError(
+            f"--entropy-tokens must be 0 (all tokens) or at least 2 (entropy needs two tokens), "
+            f"got {entropy_tokens}"
+        )
     t0 = time.perf_counter()
     base_model, tokenizer = load_model_and_tokenizer(base, dtype=dtype, device=device)
     tuned_model = None
@@ -385,7 +446,13 @@ def run_analysis(
             progress.update(task, completed=done, total=total)
 
         rows, n_tokens = measure_layers(
-            base_model, tuned_model, batches, mask_bos, memory_budget_bytes, on_batch=on_batch
+            base_model,
+            tuned_model,
+            batches,
+            mask_bos,
+            memory_budget_bytes,
+            on_batch=on_batch,
+            entropy_tokens=entropy_tokens,
         )
     t_stats = time.perf_counter()
     if tuned_model is not None:
@@ -413,6 +480,7 @@ def run_analysis(
             "max_seq_len": max_seq_len,
             "batch_size": batch_size,
             "mask_bos": mask_bos,
+            "entropy_tokens": entropy_tokens,
             "grad_norms": grad_norms,
             "device": str(next(base_model.parameters()).device),
             "dtype": str(next(base_model.parameters()).dtype),

@@ -28,8 +28,9 @@ al. centre explicitly), which is why subtracting a per-layer reference mean befo
 exact; it is done because LLM activations have outlier channels ~1e4x the typical size whose raw
 sums cancel catastrophically.
 
-Precision (design.md section 6): block statistics in float64 on CPU, in fp32 with IEEE dot products
-on CUDA (Triton, never TF32); the running sums are float64 on the input's device.
+Precision (design.md section 6): products in float64 on CPU (BLAS ``dsyrk`` adding into the
+running sums in place); in fp32 with IEEE dot products on CUDA (Triton, never TF32); the running
+sums are float64 on the input's device.
 """
 
 from __future__ import annotations
@@ -39,7 +40,17 @@ from dataclasses import dataclass
 
 import torch
 
-from fastmid.kernels.cka_stats import Backend, CKABlockStats, cka_block_stats
+from fastmid.kernels._dispatch import resolve_backend
+from fastmid.kernels.cka_stats import (
+    Backend,
+    CKABlockStats,
+    augmented_gram_triton,
+    augmented_rows,
+    augmented_width,
+    gram_to_stats,
+    new_running_gram,
+    syrk_accumulate,
+)
 
 
 class CKAError(ValueError):
@@ -122,40 +133,83 @@ def cka_from_stats(stats: CKABlockStats, name: str = "CKA") -> CKAResult:
     return CKAResult(debiased=debiased, biased=biased, n_tokens=int(n))
 
 
+@dataclass
+class PreparedBlock:
+    """One token block made ready for :meth:`StreamingCKA.accumulate` (masked, checked).
+
+    Attributes:
+        n: tokens in the block.
+        W: (n, d1 + d2 + 3) float64 augmented rows (the torch/BLAS paths), or None.
+        x: (n, d1) kept rows of ``x`` (the Triton path), or None.
+        y: (n, d2) kept rows of ``y`` (the Triton path), or None.
+    """
+
+    n: int
+    W: torch.Tensor | None = None
+    x: torch.Tensor | None = None
+    y: torch.Tensor | None = None
+
+
 class StreamingCKA:
     """Running sums for linear CKA of one layer pair, fed one token block at a time.
 
     ``update`` may be called with blocks of any (unequal) sizes; ``compute`` gives exactly the
     CKA of all tokens seen, as if computed in one shot.
 
+    The state is the running augmented Gram ``G = sum over blocks of W^T W`` with
+    ``W = [X | Y | 1 | a | b]`` (:mod:`fastmid.kernels.cka_stats`), float64 on the input's
+    device. Paths per block: on CPU, ``W`` in float64 and BLAS ``dsyrk`` adding its upper
+    triangle into ``G`` in place (:func:`~fastmid.kernels.cka_stats.syrk_accumulate`); on CUDA,
+    the Triton kernel (fp32, IEEE dot products) and a float64 add; ``backend="torch"`` on CUDA,
+    float64 ``W^T W`` in torch.
+
+    ``update`` is :meth:`prepare` (masking, checks, building ``W``: per-token work) followed by
+    :meth:`accumulate` (the (D, D) product). ``fastmid analyze`` runs ``prepare`` for many layers
+    on parallel threads and then ``accumulate`` one layer at a time, so BLAS gets every core.
+
     Args:
         name: label used in error messages, e.g. ``"layer 7"``.
-        backend: block-statistics path (see :func:`fastmid.kernels.cka_stats.cka_block_stats`):
-            ``auto`` = Triton on CUDA, float64 torch elsewhere.
+        backend: ``auto`` = Triton on CUDA, float64 torch/BLAS elsewhere; ``torch`` never uses
+            Triton; ``triton`` forces it (CPU tensors need ``TRITON_INTERPRET=1``).
 
-    Memory: float64 running sums of ``d1^2 + d1 d2 + d2^2 + 3 (d1 + d2) + 6`` numbers (bytes =
-    8x that) on the input's device.
+    Memory: ``8 (d1 + d2 + 3)^2`` bytes of running sums on the input's device, plus a prepared
+    block's float64 ``W`` (``8 n (d1 + d2 + 3)`` bytes) until it is accumulated.
     """
 
     def __init__(self, name: str = "CKA", backend: Backend = "auto") -> None:
         self.name = name
         self.backend: Backend = backend
-        self._stats: CKABlockStats | None = None
+        self._gram: torch.Tensor | None = None
+        self._widths: tuple[int, int] | None = None
+        self._n = 0
         self._ref_x: torch.Tensor | None = None
         self._ref_y: torch.Tensor | None = None
 
     @staticmethod
     def state_bytes(d1: int, d2: int) -> int:
         """Bytes of float64 running sums for widths ``d1`` and ``d2``."""
-        return 8 * (d1 * d1 + d1 * d2 + d2 * d2 + 3 * (d1 + d2) + 6)
+        return 8 * augmented_width(d1, d2) ** 2
+
+    @staticmethod
+    def block_bytes(n: int, d1: int, d2: int) -> int:
+        """Bytes of one prepared block of ``n`` tokens (its float64 ``W``)."""
+        return 8 * n * augmented_width(d1, d2)
 
     @property
     def n_tokens(self) -> int:
         """Tokens accumulated so far."""
-        return 0 if self._stats is None else int(self._stats.n)
+        return self._n
 
-    def update(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-        """Add a block of tokens.
+    def _non_finite(self, side: str) -> CKAError:
+        return CKAError(
+            f"{self.name}: {side} holds NaN or inf values; the model's activations "
+            "overflowed (try float32 instead of float16) or its weights are broken"
+        )
+
+    def prepare(
+        self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> PreparedBlock:
+        """Mask and check a block and build what :meth:`accumulate` needs; sums stay as they are.
 
         Args:
             x: (n, d1) outputs of model A (any float dtype); leading dims beyond one are
@@ -163,6 +217,9 @@ class StreamingCKA:
             y: (n, d2) outputs of model B on the same tokens (same leading shape as ``x``).
             mask: optional bool (n,) (or the leading shape); True keeps a token. Padding and,
                 optionally, the first position are masked by the caller this way.
+
+        Returns:
+            :class:`PreparedBlock` (``n == 0`` when the mask keeps nothing).
 
         Raises:
             CKAError: ``x``/``y`` leading shapes differ, a width differs from earlier updates, a
@@ -185,32 +242,66 @@ class StreamingCKA:
                 )
             keep = mask.reshape(-1).to(device=x2.device, dtype=torch.bool)
             x2, y2 = x2[keep], y2[keep]
-        if self._stats is not None:
-            d1, d2 = self._stats.sum_x.shape[0], self._stats.sum_y.shape[0]
-            if (x2.shape[1], y2.shape[1]) != (d1, d2):
-                raise CKAError(
-                    f"{self.name}: feature widths changed between updates: got "
-                    f"({x2.shape[1]}, {y2.shape[1]}), earlier ({d1}, {d2})"
-                )
-        if x2.shape[0] == 0:
-            return
-        for side, t in (("x (base)", x2), ("y (tuned)", y2)):
-            if not bool(torch.isfinite(t).all()):
-                raise CKAError(
-                    f"{self.name}: {side} holds NaN or inf values; the model's activations "
-                    "overflowed (try float32 instead of float16) or its weights are broken"
-                )
-        if self._stats is None:
-            # The first block's mean is the fixed reference: close to the true mean, so later
-            # sums stay small and do not cancel.
-            self._ref_x = x2.to(torch.float64).mean(0).to(x2.device)
-            self._ref_y = y2.to(torch.float64).mean(0).to(y2.device)
-            self._stats = CKABlockStats.zeros(
-                x2.shape[1], y2.shape[1], dtype=torch.float64, device=x2.device
+        d1, d2 = x2.shape[1], y2.shape[1]
+        if self._widths is not None and (d1, d2) != self._widths:
+            raise CKAError(
+                f"{self.name}: feature widths changed between updates: got ({d1}, {d2}), "
+                f"earlier {self._widths}"
             )
-        assert self._ref_x is not None and self._ref_y is not None
-        block = cka_block_stats(x2, y2, self._ref_x, self._ref_y, backend=self.backend)
-        self._stats.add_(block)
+        n = x2.shape[0]
+        if n == 0:
+            return PreparedBlock(0)
+        # The first block's mean is the fixed reference: close to the true mean, so later sums
+        # stay small and do not cancel. It is kept only once the block has passed the checks.
+        ref_x = self._ref_x if self._ref_x is not None else x2.to(torch.float64).mean(0)
+        ref_y = self._ref_y if self._ref_y is not None else y2.to(torch.float64).mean(0)
+        if resolve_backend(self.backend, x2, y2) == "triton":
+            for side, t in (("x (base)", x2), ("y (tuned)", y2)):
+                if not bool(torch.isfinite(t).all()):
+                    raise self._non_finite(side)
+            block = PreparedBlock(n, x=x2, y=y2)
+        else:
+            W = augmented_rows(x2, y2, ref_x, ref_y, torch.float64)
+            o = d1 + d2
+            if not bool(torch.isfinite(W[:, o + 1].sum())):
+                raise self._non_finite("x (base)")
+            if not bool(torch.isfinite(W[:, o + 2].sum())):
+                raise self._non_finite("y (tuned)")
+            block = PreparedBlock(n, W=W)
+        self._ref_x, self._ref_y, self._widths = ref_x, ref_y, (d1, d2)
+        return block
+
+    def accumulate(self, block: PreparedBlock) -> None:
+        """Add a block from :meth:`prepare` (of this accumulator) into the running sums."""
+        if block.n == 0:
+            return
+        assert self._widths is not None and self._ref_x is not None and self._ref_y is not None
+        if self._gram is None:
+            device = block.W.device if block.W is not None else block.x.device  # type: ignore[union-attr]
+            self._gram = new_running_gram(*self._widths, device=device)
+        if block.W is None:
+            assert block.x is not None and block.y is not None
+            self._gram.add_(augmented_gram_triton(block.x, block.y, self._ref_x, self._ref_y))
+        elif block.W.device.type == "cpu":
+            syrk_accumulate(block.W, self._gram)
+        else:
+            self._gram.add_(block.W.T @ block.W)
+        self._n += block.n
+
+    def update(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Add a block of tokens: :meth:`prepare` then :meth:`accumulate` (same arguments and
+        errors as :meth:`prepare`)."""
+        self.accumulate(self.prepare(x, y, mask))
+
+    def stats(self) -> CKABlockStats:
+        """The accumulated statistics (float64), unpacked from the running Gram.
+
+        Raises:
+            CKAError: nothing accumulated yet.
+        """
+        if self._gram is None or self._widths is None:
+            raise CKAError(f"{self.name}: CKA needs at least 4 tokens, got 0")
+        return gram_to_stats(self._gram, *self._widths)
 
     def compute(self) -> CKAResult:
         """Biased and debiased CKA over all tokens seen.
@@ -218,6 +309,4 @@ class StreamingCKA:
         Raises:
             CKAError: fewer than 4 tokens.
         """
-        if self._stats is None:
-            raise CKAError(f"{self.name}: CKA needs at least 4 tokens, got 0")
-        return cka_from_stats(self._stats, self.name)
+        return cka_from_stats(self.stats(), self.name)

@@ -195,3 +195,12 @@ def test_run_analysis_single_model_and_bad_flags(model_folders, data_api, tmp_pa
     assert result.advice.fallback and result.advice.metric is None
     with pytest.raises(AnalysisError, match="--max-tokens"):
         run_analysis(base, None, "builtin:arith", max_tokens=0, output_dir=None)
+
+
+def test_layer_parallel_workers_give_the_serial_results(models, exs):
+    base, tuned = models
+    serial, _ = measure_layers(base, tuned, batches(exs, 4), workers=1)
+    parallel, _ = measure_layers(base, tuned, batches(exs, 4), workers=2)
+    for a, b in zip(serial, parallel, strict=True):
+        for field in ("cka_debiased", "cka_biased", "cosine", "entropy_base", "erank_tuned"):
+            assert getattr(b, field) == pytest.approx(getattr(a, field), rel=1e-9, abs=1e-12)

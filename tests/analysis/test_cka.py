@@ -172,3 +172,33 @@ def test_triton_path_matches_float64_stream(xy):
     tri = stream(x.float(), y.float(), sizes, backend="triton")
     assert tri.debiased == pytest.approx(ref.debiased, rel=1e-5)
     assert tri.biased == pytest.approx(ref.biased, rel=1e-5)
+
+
+def test_rejected_block_leaves_the_sums_unchanged(xy):
+    x, y = xy
+    broken = y[40:60].clone()
+    broken[3, 2] = float("nan")
+    acc = StreamingCKA("layer 2")
+    with pytest.raises(CKAError, match="layer 2: y"):
+        acc.update(x[40:60], broken)  # a broken first block must not set the reference mean
+    acc.update(x[:40], y[:40])
+    with pytest.raises(CKAError, match="layer 2: y"):
+        acc.update(x[40:60], broken)
+    acc.update(x[40:], y[40:])
+    r, want = acc.compute(), stream(x, y)
+    assert r.n_tokens == 90
+    assert abs(r.debiased - want.debiased) < 1e-12 and abs(r.biased - want.biased) < 1e-12
+
+
+def test_prepare_then_accumulate_equals_update(xy):
+    x, y = xy
+    a, b = StreamingCKA(), StreamingCKA()
+    blocks = [a.prepare(x[i : i + 30], y[i : i + 30]) for i in (0, 30, 60)]
+    assert a.n_tokens == 0  # prepared blocks are not counted until accumulated
+    for blk in blocks:
+        a.accumulate(blk)
+    for i in (0, 30, 60):
+        b.update(x[i : i + 30], y[i : i + 30])
+    ra, rb = a.compute(), b.compute()
+    assert ra.n_tokens == rb.n_tokens == 90
+    assert ra.debiased == pytest.approx(rb.debiased, rel=1e-13)

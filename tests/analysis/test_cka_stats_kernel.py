@@ -9,9 +9,13 @@ import torch
 from fastmid.kernels import use_backend
 from fastmid.kernels.cka_stats import (
     CKAStatsError,
+    augmented_rows,
     cka_block_stats,
     cka_block_stats_reference,
     cka_block_stats_triton,
+    gram_to_stats,
+    new_running_gram,
+    syrk_accumulate,
 )
 
 
@@ -97,3 +101,32 @@ def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(CKAStatsError, match="TRITON_INTERPRET"):
         cka_block_stats_triton(torch.randn(5, 4), torch.randn(5, 4), torch.zeros(4), torch.zeros(4))
+
+
+@pytest.mark.parametrize(("d1", "d2"), [(48, 80), (17, 3)])
+def test_blas_running_gram_matches_float64_over_blocks(d1, d2):
+    # The production CPU path: float64 W per block, dsyrk into one running Gram, unpacked once.
+    g = torch.Generator().manual_seed(d1)
+    x = torch.randn(61, d1, generator=g) * 3 + 1
+    y = torch.randn(61, d2, generator=g)
+    rx, ry = torch.randn(d1, generator=g), torch.randn(d2, generator=g)
+    want = naive_stats(x, y, rx, ry)
+    gram = new_running_gram(d1, d2)
+    for lo, hi in ((0, 37), (37, 38), (38, 61)):  # odd, unequal blocks, one of a single token
+        syrk_accumulate(augmented_rows(x[lo:hi], y[lo:hi], rx, ry), gram)
+    got = gram_to_stats(gram, d1, d2)
+    for f in fields(got):
+        assert rel_err(getattr(got, f.name), want[f.name]) < 1e-12, f.name
+
+
+def test_augmented_rows_flag_non_finite_rows_and_syrk_checks_layouts():
+    x, y = torch.randn(5, 4), torch.randn(5, 3)
+    x[2, 1] = float("inf")
+    W = augmented_rows(x, y, torch.zeros(4), torch.zeros(3))
+    assert not torch.isfinite(W[:, 8].sum()) and torch.isfinite(W[:, 9].sum())
+    with pytest.raises(CKAStatsError, match="column-major"):
+        syrk_accumulate(W, torch.zeros(10, 10, dtype=torch.float64))
+    with pytest.raises(CKAStatsError, match="float64"):
+        syrk_accumulate(W.float(), new_running_gram(4, 3))
+    with pytest.raises(CKAStatsError, match=r"\(D, D\)"):
+        syrk_accumulate(W, new_running_gram(4, 4))

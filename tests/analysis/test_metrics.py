@@ -107,13 +107,54 @@ def test_spectral_means_match_svd_per_prompt_with_padding(width):
     for i, n in enumerate(lengths):
         mask[i, :n] = True
     h[~mask] = 1e3  # padding garbage
-    acc = SpectralMeans()
-    acc.update(h[:2], mask[:2])
-    acc.update(h[2:], mask[2:])
     refs = [svd_reference(h[i, :n]) for i, n in enumerate(lengths) if n >= 2]
+    for dtype, rel in ((torch.float64, 1e-9), (torch.float32, 1e-5)):
+        acc = SpectralMeans(dtype=dtype)
+        acc.update(h[:2], mask[:2])
+        acc.update(h[2:], mask[2:])
+        ent, er = acc.compute()
+        assert ent == pytest.approx(sum(r[0] for r in refs) / 3, rel=rel)
+        assert er == pytest.approx(sum(r[1] for r in refs) / 3, rel=rel)
+
+
+def test_spectra_use_each_prompts_first_tokens():
+    g = torch.Generator().manual_seed(4)
+    h = torch.randn(3, 9, 16, generator=g, dtype=torch.float64)
+    mask = torch.zeros(3, 9, dtype=torch.bool)
+    mask[0, 1:9] = True  # first position masked (--mask-bos): kept tokens 1..8
+    mask[1, 0:3] = True  # shorter than the cap: all 3 kept
+    mask[2, 1:6] = True
+    cap = 4
+    starts = [1, 0, 1]
+    refs = [svd_reference(h[i, s : s + min(cap, int(mask[i].sum()))]) for i, s in enumerate(starts)]
+    acc = SpectralMeans(max_tokens=cap, dtype=torch.float64)
+    acc.update(h, mask)
     ent, er = acc.compute()
     assert ent == pytest.approx(sum(r[0] for r in refs) / 3, rel=1e-9)
     assert er == pytest.approx(sum(r[1] for r in refs) / 3, rel=1e-9)
+    # No cap: every kept token of every prompt.
+    full = SpectralMeans(max_tokens=None, dtype=torch.float64)
+    full.update(h, mask)
+    refs = [svd_reference(h[i][mask[i]]) for i in range(3)]
+    assert full.compute()[0] == pytest.approx(sum(r[0] for r in refs) / 3, rel=1e-9)
+
+
+def test_float32_spectra_on_llm_like_activations():
+    # One channel ~1e3 times the rest and a position-0 "attention sink" row: the eigenvalue
+    # spread of real decoder outputs, where float32 rounding is most visible.
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(4, 100, 96, generator=g, dtype=torch.float64)
+    h[:, :, 7] += 300.0
+    h[:, 0] *= 50.0
+    mask = torch.ones(4, 100, dtype=torch.bool)
+    ref = SpectralMeans(max_tokens=None, dtype=torch.float64)
+    f32 = SpectralMeans(max_tokens=None, dtype=torch.float32)
+    ref.update(h, mask)
+    f32.update(h.float(), mask)
+    (e64, r64), (e32, r32) = ref.compute(), f32.compute()
+    # The tolerances documented in prompt_spectra (measured here: 3e-4 relative effective rank).
+    assert abs(e32 - e64) < 1e-5
+    assert r32 == pytest.approx(r64, rel=1e-3)
 
 
 def test_grad_norms_match_hf_loss_and_ignore_batching():
