@@ -257,9 +257,10 @@ def augmented_rows(
     n, d1, d2 = _check_inputs(x, y, ref_x, ref_y)
     o = d1 + d2
     W = torch.empty(n, augmented_width(d1, d2), dtype=dtype, device=x.device)
-    # One pass per side: the subtraction writes the promoted difference straight into W.
-    torch.sub(x, ref_x.to(device=x.device, dtype=dtype), out=W[:, :d1])
-    torch.sub(y, ref_y.to(device=x.device, dtype=dtype), out=W[:, d1:o])
+    # A widening copy, then an in-place subtraction: measured faster than one promoting
+    # torch.sub(..., out=) into the strided slice.
+    W[:, :d1].copy_(x).sub_(ref_x.to(device=x.device, dtype=dtype))
+    W[:, d1:o].copy_(y).sub_(ref_y.to(device=x.device, dtype=dtype))
     W[:, o] = 1.0
     W[:, o + 1] = torch.linalg.vector_norm(W[:, :d1], dim=1).square_()
     W[:, o + 2] = torch.linalg.vector_norm(W[:, d1:o], dim=1).square_()
@@ -305,7 +306,8 @@ def syrk_accumulate(W: torch.Tensor, gram: torch.Tensor) -> None:
         raise CKAStatsError("syrk_accumulate is the CPU path: W and gram must be float64 on CPU")
     if not W.is_contiguous() or not gram.T.is_contiguous():
         raise CKAStatsError(
-            "syrk_accumulate needs a C-contiguous W and a column-major gram (new_running_gram)"
+            "syrk_accumulate needs a C-contiguous W (augmented_rows) and a column-major gram "
+            "(new_running_gram)"
         )
     if W.shape[0] == 0:
         return

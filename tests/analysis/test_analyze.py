@@ -195,6 +195,8 @@ def test_run_analysis_single_model_and_bad_flags(model_folders, data_api, tmp_pa
     assert result.advice.fallback and result.advice.metric is None
     with pytest.raises(AnalysisError, match="--max-tokens"):
         run_analysis(base, None, "builtin:arith", max_tokens=0, output_dir=None)
+    with pytest.raises(AnalysisError, match="--entropy-tokens"):
+        run_analysis(base, None, "builtin:arith", entropy_tokens=1, output_dir=None)
 
 
 def test_layer_parallel_workers_give_the_serial_results(models, exs):

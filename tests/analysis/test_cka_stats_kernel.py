@@ -126,6 +126,8 @@ def test_augmented_rows_flag_non_finite_rows_and_syrk_checks_layouts():
     assert not torch.isfinite(W[:, 8].sum()) and torch.isfinite(W[:, 9].sum())
     with pytest.raises(CKAStatsError, match="column-major"):
         syrk_accumulate(W, torch.zeros(10, 10, dtype=torch.float64))
+    with pytest.raises(CKAStatsError, match="C-contiguous"):
+        syrk_accumulate(W.T.contiguous().T, new_running_gram(4, 3))
     with pytest.raises(CKAStatsError, match="float64"):
         syrk_accumulate(W.float(), new_running_gram(4, 3))
     with pytest.raises(CKAStatsError, match=r"\(D, D\)"):
