@@ -5,11 +5,13 @@ Flow: load both models (and one tokenizer) -> tokenize the data with the SFT pip
 group of decoder layers that fits the memory budget, for each batch: capture the group's outputs of
 both models (:mod:`fastmid.analysis.capture`), then feed the accumulators (streaming CKA, pooled
 cosine, matrix entropy and effective rank) with padding (and optionally the first position)
-masked -> weight change from the two state dicts -> optional gradient norms at the base model ->
+masked: on CPU the per-token work runs one layer per core (:mod:`fastmid.analysis.parallel`),
+then the CKA products one layer at a time on all cores (BLAS) -> weight change from the two state dicts -> optional gradient norms at the base model ->
 band advice -> ``analysis.json``/``.csv``/``.png`` and a console table.
 
 Everything per token is streamed, so memory does not grow with ``max_tokens``; the CKA running
-sums (float64, ``3 d^2`` numbers per layer) are what may force several layer groups on wide models.
+sums (float64, ``(2 d + 3)^2`` numbers per layer) are what may force several layer groups on wide
+models.
 """
 
 from __future__ import annotations
