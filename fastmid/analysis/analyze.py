@@ -30,6 +30,7 @@ from fastmid.analysis.capture import layer_outputs
 from fastmid.analysis.cka import PreparedBlock, StreamingCKA
 from fastmid.analysis.metrics import (
     ENTROPY_TOKENS,
+    MetricsError,
     PooledCosine,
     SpectralMeans,
     layer_grad_norms,
@@ -168,6 +169,15 @@ def layer_state_bytes(hidden_base: int, hidden_tuned: int, batch_tokens: int, pa
     return cka + acts
 
 
+def worker_temp_bytes(hidden_base: int, hidden_tuned: int, batch_tokens: int, paired: bool) -> int:
+    """Bytes of temporaries one statistics worker holds while it processes a layer: masked
+    float32 copies, float64 pooled sums and the float32 spectra input of each model, bounded by
+    ``40 * batch_tokens * (hidden_base + hidden_tuned)`` (measured on SmolLM2: about 63 MiB per
+    worker for 1,312 padded tokens, hidden 576 + 576). glibc keeps each thread's freed memory in
+    that thread's arena, so this counts once per worker, not once per layer."""
+    return 40 * batch_tokens * (hidden_base + (hidden_tuned if paired else 0))
+
+
 def plan_layer_groups(num_layers: int, bytes_per_layer: int, budget_bytes: int) -> list[list[int]]:
     """Split ``range(num_layers)`` into consecutive groups whose state fits ``budget_bytes``.
 
@@ -232,7 +242,8 @@ def measure_layers(
 
     Raises:
         AnalysisError: the models differ in depth.
-        CKAError: NaN/inf activations (names the layer), fewer than 4 tokens.
+        MetricsError: NaN/inf activations in an analysed token (names the layer and model).
+        CKAError: fewer than 4 tokens.
     """
     L = len(decoder_layers(base))
     if tuned is not None and len(decoder_layers(tuned)) != L:
@@ -245,13 +256,6 @@ def measure_layers(
     hidden_b = int(base.config.hidden_size)
     hidden_t = int(tuned.config.hidden_size) if tuned is not None else 0
     max_tokens = max((int(b["input_ids"].numel()) for b in batches), default=0)
-    budget = memory_budget_bytes or default_memory_budget(device)
-    groups = plan_layer_groups(
-        L, layer_state_bytes(hidden_b, hidden_t, max_tokens, tuned is not None), budget
-    )
-    rows = [LayerMetrics(index=i, depth_fraction=(i + 1) / L) for i in range(L)]
-    total_steps, done = len(groups) * len(batches), 0
-    n_tokens = sum(int(token_mask(b["attention_mask"], mask_bos).sum()) for b in batches)
     if (
         device.type != "cpu"
         or tuned_device.type != "cpu"
@@ -259,6 +263,18 @@ def measure_layers(
         or (tuned is not None and resolve_backend(backend, torch.empty(0)) == "triton")
     ):
         workers = 1
+    workers = max(1, int(workers or torch.get_num_threads()))
+    budget = memory_budget_bytes or default_memory_budget(device)
+    paired = tuned is not None
+    temporaries = workers * worker_temp_bytes(hidden_b, hidden_t, max_tokens, paired)
+    groups = plan_layer_groups(
+        L,
+        layer_state_bytes(hidden_b, hidden_t, max_tokens, paired),
+        max(budget - temporaries, 0),
+    )
+    rows = [LayerMetrics(index=i, depth_fraction=(i + 1) / L) for i in range(L)]
+    total_steps, done = len(groups) * len(batches), 0
+    n_tokens = sum(int(token_mask(b["attention_mask"], mask_bos).sum()) for b in batches)
     with LayerParallel(workers) as pool:
         for group in groups:
             acc = {
@@ -309,12 +325,26 @@ def _update_layer(
     # only prepared here and accumulated by the caller (see measure_layers).
     a = acc[i]
     m = mask.to(hb[i].device)
+    _check_finite(hb[i], m, i, "base model's" if a.cka is not None else "model's")
     a.spectra_base.update(hb[i], m)
     if a.cka is not None:
         y = ht[i].to(hb[i].device)
+        _check_finite(y, m, i, "tuned model's")
         blocks[i] = a.cka.prepare(hb[i], y, m)
         a.cosine.update(hb[i], y, m)  # type: ignore[union-attr]
         a.spectra_tuned.update(y, m)  # type: ignore[union-attr]
+
+
+def _check_finite(h: torch.Tensor, mask: torch.Tensor, layer: int, side: str) -> None:
+    # Non-finite values in padding are harmless (every metric masks them out); in an analysed
+    # token they would surface as an eigensolver failure that names nothing.
+    if bool(torch.isfinite(h).all()):
+        return
+    if bool(((~torch.isfinite(h)).any(-1) & mask).any()):
+        raise MetricsError(
+            f"layer {layer}: the {side} output holds NaN or inf values; its activations "
+            "overflowed (load it in float32 rather than float16/bfloat16) or its weights are broken"
+        )
 
 
 def _collect(
@@ -403,7 +433,8 @@ def run_analysis(
     Raises:
         AnalysisError: bad numeric flags, different tokenizers or depths, no data.
         ModelSourceError: an unloadable ``--base``/``--tuned``.
-        CKAError: NaN/inf activations (names the layer).
+        MetricsError: NaN/inf activations in an analysed token (names the layer and model).
+        CKAError: fewer than 4 analysed tokens.
     """
     from fastmid.models.loading import load_model_and_tokenizer
 

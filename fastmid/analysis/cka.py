@@ -142,12 +142,17 @@ class PreparedBlock:
         W: (n, d1 + d2 + 3) float64 augmented rows (the torch/BLAS paths), or None.
         x: (n, d1) kept rows of ``x`` (the Triton path), or None.
         y: (n, d2) kept rows of ``y`` (the Triton path), or None.
+        owner: ``id`` of the :class:`StreamingCKA` that prepared it (its reference mean is baked
+            into ``W``); another accumulator refuses it.
+        used: set once accumulated; a second accumulate is refused.
     """
 
     n: int
     W: torch.Tensor | None = None
     x: torch.Tensor | None = None
     y: torch.Tensor | None = None
+    owner: int = 0
+    used: bool = False
 
 
 class StreamingCKA:
@@ -250,7 +255,7 @@ class StreamingCKA:
             )
         n = x2.shape[0]
         if n == 0:
-            return PreparedBlock(0)
+            return PreparedBlock(0, owner=id(self))
         # The first block's mean is the fixed reference: close to the true mean, so later sums
         # stay small and do not cancel. It is kept only once the block has passed the checks.
         ref_x = self._ref_x if self._ref_x is not None else x2.to(torch.float64).mean(0)
@@ -259,7 +264,7 @@ class StreamingCKA:
             for side, t in (("x (base)", x2), ("y (tuned)", y2)):
                 if not bool(torch.isfinite(t).all()):
                     raise self._non_finite(side)
-            block = PreparedBlock(n, x=x2, y=y2)
+            block = PreparedBlock(n, x=x2, y=y2, owner=id(self))
         else:
             W = augmented_rows(x2, y2, ref_x, ref_y, torch.float64)
             o = d1 + d2
@@ -267,12 +272,21 @@ class StreamingCKA:
                 raise self._non_finite("x (base)")
             if not bool(torch.isfinite(W[:, o + 2].sum())):
                 raise self._non_finite("y (tuned)")
-            block = PreparedBlock(n, W=W)
+            block = PreparedBlock(n, W=W, owner=id(self))
         self._ref_x, self._ref_y, self._widths = ref_x, ref_y, (d1, d2)
         return block
 
     def accumulate(self, block: PreparedBlock) -> None:
-        """Add a block from :meth:`prepare` (of this accumulator) into the running sums."""
+        """Add a block from :meth:`prepare` (of this accumulator) into the running sums.
+
+        Raises:
+            CKAError: the block came from another accumulator or was already accumulated.
+        """
+        if block.owner != id(self):
+            raise CKAError(f"{self.name}: this block was prepared by another StreamingCKA")
+        if block.used:
+            raise CKAError(f"{self.name}: this block was already accumulated")
+        block.used = True
         if block.n == 0:
             return
         assert self._widths is not None and self._ref_x is not None and self._ref_y is not None

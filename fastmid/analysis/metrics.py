@@ -118,9 +118,10 @@ def weight_change(base: torch.nn.Module, tuned: torch.nn.Module) -> list[WeightC
 
 
 def _masked_mean(h: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    m = mask.to(device=h.device, dtype=torch.float64)
-    count = m.sum(1)
-    pooled = (h.to(torch.float64) * m[..., None]).sum(1) / count.clamp_min(1.0)[:, None]
+    m = mask.to(device=h.device, dtype=torch.bool)
+    count = m.sum(1).to(torch.float64)
+    kept = torch.where(m[..., None], h, 0.0)  # not a product: 0 * NaN in padding is NaN
+    pooled = kept.sum(1, dtype=torch.float64) / count.clamp_min(1.0)[:, None]
     return pooled, count > 0
 
 
@@ -214,7 +215,8 @@ def prompt_spectra(
         # prompt still uses, so the Gram matrices shrink to that many rows.
         used = int(torch.nonzero(keep.any(0)).max()) + 1 if bool(keep.any()) else 1
         h, keep = h[:, :used], keep[:, :used]
-    z = h.to(dtype) * keep.to(dtype)[..., None]
+    # where, not a product: 0 * NaN in a padded position would still be NaN.
+    z = torch.where(keep[..., None], h.to(dtype), 0.0)
     gram = z @ z.transpose(1, 2) if z.shape[1] <= z.shape[2] else z.transpose(1, 2) @ z
     eig = torch.linalg.eigvalsh(gram).to(torch.float64).clamp_min(0.0)
     return eig, keep.sum(1).to(torch.int64)

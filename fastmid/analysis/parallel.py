@@ -42,17 +42,13 @@ class LayerParallel:
 
     def __enter__(self) -> LayerParallel:
         if self.workers > 1:
-            self._pool = ThreadPoolExecutor(
-                self.workers,
-                thread_name_prefix="fastmid-layer",
-                initializer=torch.set_num_threads,
-                initargs=(1,),
-            )
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="fastmid-layer")
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
         if self._pool is not None:
-            self._pool.shutdown(wait=True)
+            # On an error (Ctrl-C included) queued tasks are dropped instead of run to the end.
+            self._pool.shutdown(wait=True, cancel_futures=exc_type is not None)
             self._pool = None
 
     def run(self, fn: Callable[[T], None], items: Iterable[T]) -> None:
@@ -68,12 +64,16 @@ class LayerParallel:
                 fn(item)
             return
         mine = torch.get_num_threads()
-        futures = [self._pool.submit(fn, item) for item in items]
-        errors = [f.exception() for f in futures]
-        # Builds whose thread count is process-wide (not OpenMP's per-thread one) drop the caller
-        # to the workers' one thread: put it back (the workers then share the cores).
-        if torch.get_num_threads() != mine:
+        try:
+            futures = [self._pool.submit(_one_thread, fn, item) for item in items]
+            errors = [f.exception() for f in futures]
+        finally:
             torch.set_num_threads(mine)
         for err in errors:
             if err is not None:
                 raise err
+
+
+def _one_thread(fn: Callable[[T], None], item: T) -> None:
+    torch.set_num_threads(1)
+    fn(item)

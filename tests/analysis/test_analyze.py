@@ -206,3 +206,49 @@ def test_layer_parallel_workers_give_the_serial_results(models, exs):
     for a, b in zip(serial, parallel, strict=True):
         for field in ("cka_debiased", "cka_biased", "cosine", "entropy_base", "erank_tuned"):
             assert getattr(b, field) == pytest.approx(getattr(a, field), rel=1e-9, abs=1e-12)
+
+
+def test_non_finite_activations_name_the_layer_and_model(models, exs):
+    from fastmid.analysis.metrics import MetricsError
+
+    base, tuned = models
+    broken = perturbed_from(base, first_layer=5)  # an exact copy, then one NaN weight
+    with torch.no_grad():
+        broken.model.layers[2].mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(MetricsError, match="layer 2: the base model's output holds NaN"):
+        measure_layers(broken, tuned, batches(exs, 4))
+    with pytest.raises(MetricsError, match="layer 2: the tuned model's output holds NaN"):
+        measure_layers(base, broken, batches(exs, 4))
+    with pytest.raises(MetricsError, match="layer 2: the model's output holds NaN"):
+        measure_layers(broken, None, batches(exs, 4))
+
+
+def test_memory_plan_counts_each_workers_temporaries(models, exs):
+    from fastmid.analysis.analyze import layer_state_bytes, worker_temp_bytes
+
+    base, tuned = models
+    bs = batches(exs, 4)
+    tokens = max(int(b["input_ids"].numel()) for b in bs)
+    h = int(base.config.hidden_size)
+    per_layer = layer_state_bytes(h, h, tokens, True)
+    budget = 2 * per_layer + 2 * worker_temp_bytes(h, h, tokens, True)
+    steps = []
+    measure_layers(
+        base,
+        tuned,
+        bs,
+        memory_budget_bytes=budget,
+        workers=2,
+        on_batch=lambda done, total: steps.append(total),
+    )
+    assert steps[-1] == 3 * len(bs)  # 5 layers in groups of 2: 3 groups
+    steps.clear()
+    measure_layers(
+        base,
+        tuned,
+        bs,
+        memory_budget_bytes=budget,
+        workers=1,
+        on_batch=lambda done, total: steps.append(total),
+    )
+    assert steps[-1] == 2 * len(bs)  # one worker's temporaries less: 3 layers fit per group

@@ -202,3 +202,15 @@ def test_prepare_then_accumulate_equals_update(xy):
     ra, rb = a.compute(), b.compute()
     assert ra.n_tokens == rb.n_tokens == 90
     assert ra.debiased == pytest.approx(rb.debiased, rel=1e-13)
+
+
+def test_prepared_blocks_belong_to_their_accumulator_and_are_used_once(xy):
+    x, y = xy
+    a, b = StreamingCKA("layer 4"), StreamingCKA("layer 5")
+    blk = a.prepare(x, y)
+    with pytest.raises(CKAError, match="layer 5: .*another StreamingCKA"):
+        b.accumulate(blk)
+    a.accumulate(blk)
+    with pytest.raises(CKAError, match="layer 4: .*already accumulated"):
+        a.accumulate(blk)
+    assert a.n_tokens == 90

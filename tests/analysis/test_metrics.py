@@ -187,3 +187,20 @@ def test_grad_norms_need_supervised_tokens():
     b["labels"].fill_(-100)
     with pytest.raises(MetricsError, match="supervised"):
         layer_grad_norms(model, [b])
+
+
+def test_nan_in_padding_does_not_reach_the_metrics():
+    g = torch.Generator().manual_seed(6)
+    h = torch.randn(2, 6, 8, generator=g)
+    t = h + 0.1 * torch.randn(2, 6, 8, generator=g)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 4:] = False
+    clean = (SpectralMeans(), PooledCosine())
+    clean[0].update(h, mask)
+    clean[1].update(h, t, mask)
+    h[1, 4:], t[1, 4:] = float("nan"), float("inf")  # padding positions only
+    dirty = (SpectralMeans(), PooledCosine())
+    dirty[0].update(h, mask)
+    dirty[1].update(h, t, mask)
+    assert dirty[0].compute() == pytest.approx(clean[0].compute(), rel=1e-12)
+    assert dirty[1].compute() == pytest.approx(clean[1].compute(), rel=1e-12)

@@ -53,3 +53,14 @@ def test_keep_freed_memory_applies_on_linux_glibc():
     is_glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     assert applied is is_glibc
     assert keep_freed_memory() is applied  # once per process, same answer
+
+
+def test_threads_created_later_keep_the_callers_thread_count():
+    main_threads = torch.get_num_threads()
+    with LayerParallel(workers=2) as pool:
+        pool.run(lambda i: None, range(4))
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert seen == [main_threads]
