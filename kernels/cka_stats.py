@@ -110,53 +110,6 @@ class CKABlockStats:
         """A copy with every field cast to ``dtype``."""
         return CKABlockStats(**{f.name: getattr(self, f.name).to(dtype) for f in fields(self)})
 
-    def add_(self, other: CKABlockStats) -> CKABlockStats:
-        """Add ``other``'s fields into this one in place (casting to this dtype); returns self.
-
-        Raises:
-            CKAStatsError: a field's shape differs (the widths changed between blocks).
-        """
-        for f in fields(self):
-            mine, theirs = getattr(self, f.name), getattr(other, f.name)
-            if mine.shape != theirs.shape:
-                raise CKAStatsError(
-                    f"cannot add CKA statistics: field {f.name} has shape {tuple(theirs.shape)}, "
-                    f"expected {tuple(mine.shape)}"
-                )
-            mine.add_(theirs.to(device=mine.device, dtype=mine.dtype))
-        return self
-
-    @classmethod
-    def zeros(
-        cls,
-        d1: int,
-        d2: int,
-        dtype: torch.dtype = torch.float64,
-        device: torch.device | str = "cpu",
-    ) -> CKABlockStats:
-        """All-zero statistics for widths ``d1``, ``d2`` (the start of a running sum)."""
-
-        def z(*shape: int) -> torch.Tensor:
-            return torch.zeros(shape, dtype=dtype, device=device)
-
-        return cls(
-            n=z(),
-            sum_x=z(d1),
-            sum_y=z(d2),
-            xtx=z(d1, d1),
-            xty=z(d1, d2),
-            yty=z(d2, d2),
-            sum_a=z(),
-            sum_b=z(),
-            sum_aa=z(),
-            sum_ab=z(),
-            sum_bb=z(),
-            xa=z(d1),
-            xb=z(d1),
-            ya=z(d2),
-            yb=z(d2),
-        )
-
 
 def _check_inputs(
     x: torch.Tensor, y: torch.Tensor, ref_x: torch.Tensor, ref_y: torch.Tensor

@@ -6,8 +6,8 @@ group of decoder layers that fits the memory budget, for each batch: capture the
 both models (:mod:`fastmid.analysis.capture`), then feed the accumulators (streaming CKA, pooled
 cosine, matrix entropy and effective rank) with padding (and optionally the first position)
 masked: on CPU the per-token work runs one layer per core (:mod:`fastmid.analysis.parallel`),
-then the CKA products one layer at a time on all cores (BLAS) -> weight change from the two state dicts -> optional gradient norms at the base model ->
-band advice -> ``analysis.json``/``.csv``/``.png`` and a console table.
+then the CKA products one layer at a time on all cores (BLAS) -> weight change from the two state
+dicts -> optional gradient norms at the base model -> band advice -> ``analysis.json``/``.csv``/``.png`` and a console table.
 
 Everything per token is streamed, so memory does not grow with ``max_tokens``; the CKA running
 sums (float64, ``(2 d + 3)^2`` numbers per layer) are what may force several layer groups on wide
