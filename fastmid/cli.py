@@ -27,48 +27,18 @@ app.add_typer(data_app, name="data")
 err_console = Console(stderr=True)
 
 
-def _known_errors() -> tuple[type[BaseException], ...]:
-    from fastmid.config import ConfigError
-    from fastmid.models.band import BandError
-    from fastmid.models.families import UnsupportedModelError
-    from fastmid.models.loading import ModelSourceError
-    from fastmid.train.checkpoint import CheckpointError
-    from fastmid.train.loop import RunFolderError
-    from fastmid.train.optim import OptimizerError
-
-    errors: list[type[BaseException]] = [
-        ConfigError,
-        BandError,
-        UnsupportedModelError,
-        ModelSourceError,
-        CheckpointError,
-        RunFolderError,
-        OptimizerError,
-    ]
-    from fastmid.analysis.analyze import AnalysisError
-    from fastmid.analysis.cka import CKAError
-    from fastmid.analysis.metrics import MetricsError
-    from fastmid.data import DataError
-    from fastmid.models.memory import MemoryPlanError
-
-    errors += [DataError, MemoryPlanError, AnalysisError, CKAError, MetricsError, FileExistsError]
-    return tuple(errors)
-
-
 def _run(fn: Callable[[], Any]) -> Any:
-    from fastmid.train.loop import NonFiniteLossError, TrainingInterrupted
+    """Call ``fn``; a :class:`~fastmid.errors.FastmidError` becomes one line and its exit code."""
+    from fastmid.errors import FastmidError
 
     try:
         return fn()
-    except TrainingInterrupted as exc:
-        err_console.print(f"[yellow]{exc}[/]")
-        raise typer.Exit(130) from None
-    except NonFiniteLossError as exc:
-        err_console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(1) from None
-    except _known_errors() as exc:
-        err_console.print(f"[red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(2) from None
+    except FastmidError as exc:
+        if exc.exit_code == 130:
+            err_console.print(f"[yellow]{exc}[/]", highlight=False)
+        else:
+            err_console.print(f"[red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(exc.exit_code) from None
 
 
 @app.command()

@@ -15,8 +15,10 @@ from typing import Any
 
 import yaml
 
+from fastmid.errors import FastmidError
 
-class ConfigError(ValueError):
+
+class ConfigError(FastmidError, ValueError):
     """Invalid configuration; the message names the key or flag and what to do."""
 
 

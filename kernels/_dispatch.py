@@ -25,6 +25,8 @@ from typing import Literal
 
 import torch
 
+from fastmid.errors import FastmidError
+
 Backend = Literal["auto", "triton", "torch"]
 _BACKENDS = ("auto", "triton", "torch")
 _OFF_VALUES = {"off", "0", "false", "no"}
@@ -32,7 +34,7 @@ _OFF_VALUES = {"off", "0", "false", "no"}
 _forced: contextvars.ContextVar[Backend] = contextvars.ContextVar("fastmid_kernels_backend")
 
 
-class KernelBackendError(RuntimeError):
+class KernelBackendError(FastmidError, RuntimeError):
     """The requested kernel backend cannot run here; the message says what to change."""
 
 

@@ -49,6 +49,8 @@ from dataclasses import dataclass, fields
 import torch
 from fastmid.kernels._dispatch import Backend, resolve_backend
 
+from fastmid.errors import FastmidError
+
 try:  # Triton is a Linux-only dependency; the reference path needs none of it.
     import triton
     import triton.language as tl
@@ -60,7 +62,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
     HAS_TRITON = False
 
 
-class CKAStatsError(ValueError):
+class CKAStatsError(FastmidError, ValueError):
     """Bad input to the CKA statistics op: wrong rank, mismatched token counts or widths."""
 
 

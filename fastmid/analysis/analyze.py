@@ -39,12 +39,13 @@ from fastmid.analysis.metrics import (
 from fastmid.analysis.parallel import LayerParallel
 from fastmid.analysis.report import print_table, write_report
 from fastmid.analysis.results import AnalysisResult, LayerMetrics
+from fastmid.errors import FastmidError
 from fastmid.kernels._dispatch import resolve_backend
 from fastmid.kernels.cka_stats import Backend
 from fastmid.models.families import decoder_layers
 
 
-class AnalysisError(ValueError):
+class AnalysisError(FastmidError, ValueError):
     """Inputs ``fastmid analyze`` cannot compare; the message names the flag and what to do."""
 
 

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fastmid.errors import FastmidError
 from fastmid.kernels._dispatch import resolve_backend
 from fastmid.kernels.cka_stats import (
     Backend,
@@ -53,7 +54,7 @@ from fastmid.kernels.cka_stats import (
 )
 
 
-class CKAError(ValueError):
+class CKAError(FastmidError, ValueError):
     """Invalid CKA input or state; the message names the layer (the accumulator's ``name``)."""
 
 

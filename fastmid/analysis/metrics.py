@@ -17,13 +17,14 @@ from dataclasses import dataclass
 
 import torch
 
+from fastmid.errors import FastmidError
 from fastmid.models.families import decoder_layers, family_of, layer_index_of, module_kind
 from fastmid.train.loss import causal_lm_loss_sum
 
 IGNORE_INDEX = -100
 
 
-class MetricsError(ValueError):
+class MetricsError(FastmidError, ValueError):
     """Models or inputs a metric cannot compare (architecture mismatch, bad shapes, no data)."""
 
 

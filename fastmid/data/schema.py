@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from fastmid.errors import FastmidError
+
 Role = Literal["system", "user", "assistant"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
 
@@ -31,7 +33,7 @@ BAD_ROW_KINDS: tuple[str, ...] = (
 )
 
 
-class DataError(ValueError):
+class DataError(FastmidError, ValueError):
     """Bad data or a bad data option; the message names the source/row/flag and what to do."""
 
 

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import torch
 
+from fastmid.errors import FastmidError
 from fastmid.models.families import (
     FamilySpec,
     family_of,
@@ -29,7 +30,7 @@ Placement = Literal["fractions", "indices", "first", "last", "middle", "random"]
 LayerRole = Literal["frozen-prefix", "band", "frozen-gap", "frozen-suffix"]
 
 
-class BandError(ValueError):
+class BandError(FastmidError, ValueError):
     """An invalid band: empty, fractions outside [0, 1] or reversed, bad or duplicate indices."""
 
 

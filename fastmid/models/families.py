@@ -18,11 +18,13 @@ from typing import Any, Literal
 
 import torch
 
+from fastmid.errors import FastmidError
+
 NormKind = Literal["rms", "rms_gemma", "layernorm"]
 ModuleKind = Literal["attention", "mlp", "norm", "other"]
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(FastmidError, ValueError):
     """The model's ``model_type`` is not in :data:`FAMILIES`; the message lists supported ones."""
 
 

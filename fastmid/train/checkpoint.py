@@ -26,12 +26,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from fastmid.errors import FastmidError
 from fastmid.train.export import make_readable
 
 _STEP_RE = re.compile(r"^step-(\d+)$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(FastmidError, ValueError):
     """A checkpoint that cannot be found or does not match the run (path and reason named)."""
 
 

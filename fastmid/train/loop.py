@@ -28,6 +28,7 @@ import torch
 from rich.console import Console
 
 from fastmid.config import ConfigError, TrainConfig, dump_yaml
+from fastmid.errors import FastmidError
 from fastmid.models.band import BandPlan, apply_band, count_parameters
 from fastmid.models.execution import install_execution_policy
 from fastmid.models.families import decoder_layers
@@ -47,16 +48,20 @@ from fastmid.train.loss import causal_lm_loss_sum, count_supervised
 from fastmid.train.optim import build_optimizer, build_scheduler
 
 
-class RunFolderError(RuntimeError):
+class RunFolderError(FastmidError, RuntimeError):
     """The output folder already holds a run (and neither --overwrite nor --resume was given)."""
 
 
-class NonFiniteLossError(RuntimeError):
-    """A NaN/inf loss or gradient norm; raised before the optimizer step of that step."""
+class NonFiniteLossError(FastmidError, RuntimeError):
+    """A NaN/inf loss or gradient norm; raised before the optimizer step of that step (exit 1)."""
+
+    exit_code = 1
 
 
-class TrainingInterrupted(RuntimeError):
-    """SIGINT: a checkpoint was saved; the message holds the resume command."""
+class TrainingInterrupted(FastmidError, RuntimeError):
+    """SIGINT: a checkpoint was saved; the message holds the resume command (exit 130)."""
+
+    exit_code = 130
 
 
 @dataclass
@@ -199,7 +204,7 @@ class Trainer:
         return enabled
 
     def _setup_data(self) -> None:
-        from fastmid.data import build_sft_examples, split_eval
+        from fastmid.data import DataError, build_sft_examples, split_eval
 
         cfg = self.cfg
         opts = dict(
@@ -228,7 +233,7 @@ class Trainer:
         else:
             self.train_examples, self.eval_examples = examples, []
         if not self.train_examples:
-            raise ValueError(
+            raise DataError(
                 f"--data {cfg.data}: no training example left after tokenization and truncation "
                 "(see `fastmid data inspect`)"
             )

@@ -20,10 +20,12 @@ from collections.abc import Iterable
 
 import torch
 
+from fastmid.errors import FastmidError
+
 MIN_8BIT_SIZE = 4096
 
 
-class OptimizerError(ValueError):
+class OptimizerError(FastmidError, ValueError):
     """An optimizer that cannot run here (named, with what to use instead)."""
 
 
