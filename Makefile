@@ -22,6 +22,7 @@ demo: install
 	HF_HUB_OFFLINE=1 fastmid train --overwrite
 
 test: install-dev
+	lint-imports
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q
 
 lint:

@@ -37,7 +37,7 @@ import torch
 from fastmid.models.band import BandPlan, apply_band
 from fastmid.models.execution import install_execution_policy
 from fastmid.models.loading import load_model_and_tokenizer
-from fastmid.train.loss import causal_lm_loss_sum
+from fastmid.models.loss import causal_lm_loss_sum
 from fastmid.train.optim import build_optimizer
 
 RESULTS = Path(__file__).parent / "results"

@@ -18,10 +18,9 @@ from dataclasses import dataclass
 import torch
 
 from fastmid.errors import FastmidError
+from fastmid.labels import IGNORE_INDEX
 from fastmid.models.families import decoder_layers, family_of, layer_index_of, module_kind
-from fastmid.train.loss import causal_lm_loss_sum
-
-IGNORE_INDEX = -100
+from fastmid.models.loss import causal_lm_loss_sum
 
 
 class MetricsError(FastmidError, ValueError):

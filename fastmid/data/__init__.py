@@ -30,8 +30,8 @@ from fastmid.data.schema import (
     TemplatePrefixError,
 )
 from fastmid.data.stats import DataStats
-from fastmid.data.tokenize import IGNORE_INDEX
 from fastmid.data.truncate import TRUNCATION_MODES
+from fastmid.labels import IGNORE_INDEX
 
 __all__ = [
     "FORMATS",

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import Sampler
 
 from fastmid.data.schema import DataError
-from fastmid.data.tokenize import IGNORE_INDEX
+from fastmid.labels import IGNORE_INDEX
 
 
 def collate_batch(

@@ -18,7 +18,7 @@ from rich.text import Text
 
 from fastmid.data.pipeline import build_sft_examples
 from fastmid.data.stats import DataStats, summarize
-from fastmid.data.tokenize import IGNORE_INDEX
+from fastmid.labels import IGNORE_INDEX
 
 TRAINED_STYLE = "bold black on green"
 PROMPT_STYLE = "dim"

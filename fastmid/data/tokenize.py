@@ -51,8 +51,7 @@ from fastmid.data.schema import (
     RowOrigin,
     TemplatePrefixError,
 )
-
-IGNORE_INDEX = -100
+from fastmid.labels import IGNORE_INDEX
 
 
 @dataclass

@@ -20,7 +20,8 @@ reaches the loss. ``labels[0]`` is reset to -100 after a cut (position 0 is neve
 from __future__ import annotations
 
 from fastmid.data.schema import DataError
-from fastmid.data.tokenize import IGNORE_INDEX, TokenizedExample
+from fastmid.data.tokenize import TokenizedExample
+from fastmid.labels import IGNORE_INDEX
 
 TRUNCATION_MODES: tuple[str, ...] = ("prompt-left", "drop")
 DROP_REASONS: tuple[str, ...] = ("too_long", "answer_too_long", "no_supervised_tokens")

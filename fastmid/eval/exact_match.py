@@ -190,7 +190,7 @@ def answer_loss(
     the first ``n`` examples of ``data`` (its ``test`` split unless ``data`` names one).
     """
     from fastmid.data import build_sft_examples, collate_batch
-    from fastmid.train.loss import causal_lm_loss_sum
+    from fastmid.models.loss import causal_lm_loss_sum
 
     examples, _ = build_sft_examples(data, tokenizer, split="test", max_examples=n)
     was_training = model.training

@@ -22,7 +22,6 @@ from fastmid.errors import FastmidError
 from fastmid.models.families import (
     FamilySpec,
     family_of,
-    get_submodule,
     layer_index_of,
 )
 
@@ -347,7 +346,7 @@ def count_parameters(
         BandError: the plan's ``num_hidden_layers`` differs from the model's.
     """
     spec = family_of(model)
-    L = len(get_submodule(model, spec.layers))
+    L = len(model.get_submodule(spec.layers))
     if plan.num_hidden_layers != L:
         raise BandError(f"the plan is for {plan.num_hidden_layers} layers but the model has {L}")
     per_layer = dict.fromkeys(range(L), 0)
@@ -373,8 +372,8 @@ def count_parameters(
 
 
 def _is_tied(model: torch.nn.Module, spec: FamilySpec) -> bool:
-    head = get_submodule(model, spec.lm_head)
-    emb = get_submodule(model, spec.embed_tokens)
+    head = model.get_submodule(spec.lm_head)
+    emb = model.get_submodule(spec.embed_tokens)
     return head.weight is emb.weight
 
 
@@ -404,7 +403,7 @@ def apply_band(
         BandError: layer-count mismatch.
     """
     spec = family_of(model)
-    L = len(get_submodule(model, spec.layers))
+    L = len(model.get_submodule(spec.layers))
     if plan.num_hidden_layers != L:
         raise BandError(f"the plan is for {plan.num_hidden_layers} layers but the model has {L}")
     tied = _is_tied(model, spec)

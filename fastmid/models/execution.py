@@ -24,7 +24,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from fastmid.models.band import BandPlan
-from fastmid.models.families import decoder_layers, family_of, get_submodule
+from fastmid.models.families import decoder_layers, family_of
 
 
 @dataclass
@@ -72,9 +72,9 @@ def _checkpointed_forward(
 def _below_band_trains(model: torch.nn.Module, plan: BandPlan) -> bool:
     spec = family_of(model)
     layers = decoder_layers(model)
-    params = list(get_submodule(model, spec.embed_tokens).parameters())
+    params = list(model.get_submodule(spec.embed_tokens).parameters())
     for path in spec.extra_embeddings:
-        params += list(get_submodule(model, path).parameters())
+        params += list(model.get_submodule(path).parameters())
     for i in range(plan.first):
         params += list(layers[i].parameters())
     return any(p.requires_grad for p in params)

@@ -7,6 +7,10 @@ it gives the norm flavour (``rms``: ``x * rstd * w``; ``rms_gemma``: ``x * rstd 
 in float32; ``layernorm``) and the names of the attention and MLP submodules inside one decoder
 layer (used to classify parameters as attention / MLP / norm and by kernel patching).
 
+The same entry says which of the family's transformers classes the kernels replace
+(:mod:`fastmid.models.patching`): the modeling module, its RMSNorm class with its epsilon attribute
+and output dtype rule, and its MLP class. Adding a family touches one entry here.
+
 Tests build every family from a tiny random config and check each path against the real module
 tree (``tests/models/test_families.py``).
 """
@@ -45,6 +49,14 @@ class FamilySpec:
         gated_mlp: the MLP is ``down(act(gate(x)) * up(x))`` (SwiGLU/GeGLU) with separate
             ``gate_proj``/``up_proj``/``down_proj`` linears.
         final_logit_softcapping_attr: config attribute holding the logit softcap, if any.
+        modeling_module: import path of the family's transformers ``modeling_*.py`` (where
+            ``apply_rotary_pos_emb`` lives), or None when no kernel replaces its modules.
+        norm_class: the RMSNorm class name in ``modeling_module`` (kernel target), or None.
+        norm_eps_attr: the attribute holding eps on ``norm_class``.
+        norm_out_dtype: ``promote`` (Llama: ``w * x_hat.to(input dtype)`` promotes to the
+            weight's dtype) or ``input`` (OLMo-2 and Gemma cast the result to the input dtype).
+        mlp_class: the MLP class name in ``modeling_module`` (kernel target when its activation
+            is SiLU), or None.
     """
 
     model_type: str
@@ -58,6 +70,21 @@ class FamilySpec:
     extra_embeddings: tuple[str, ...] = ()
     gated_mlp: bool = True
     final_logit_softcapping_attr: str | None = None
+    modeling_module: str | None = None
+    norm_class: str | None = None
+    norm_eps_attr: str = "variance_epsilon"
+    norm_out_dtype: Literal["promote", "input"] = "promote"
+    mlp_class: str | None = None
+
+
+def _kernel_targets(module: str, prefix: str) -> dict[str, str]:
+    """The kernel targets of a family whose transformers classes are ``<prefix>RMSNorm`` and
+    ``<prefix>MLP`` in ``transformers.models.<module>.modeling_<module>``."""
+    return {
+        "modeling_module": f"transformers.models.{module}.modeling_{module}",
+        "norm_class": f"{prefix}RMSNorm",
+        "mlp_class": f"{prefix}MLP",
+    }
 
 
 def _llama_like(model_type: str, norm_kind: NormKind = "rms", **kw: Any) -> FamilySpec:
@@ -77,21 +104,35 @@ def _llama_like(model_type: str, norm_kind: NormKind = "rms", **kw: Any) -> Fami
 FAMILIES: dict[str, FamilySpec] = {
     spec.model_type: spec
     for spec in (
-        _llama_like("llama"),
-        _llama_like("mistral"),
-        _llama_like("qwen2"),
-        _llama_like("qwen3"),
-        _llama_like("olmo2"),
-        # phi3 fuses gate and up into one `gate_up_proj` linear.
+        _llama_like("llama", **_kernel_targets("llama", "Llama")),
+        _llama_like("mistral", **_kernel_targets("mistral", "Mistral")),
+        _llama_like("qwen2", **_kernel_targets("qwen2", "Qwen2")),
+        _llama_like("qwen3", **_kernel_targets("qwen3", "Qwen3")),
+        _llama_like("olmo2", norm_out_dtype="input", **_kernel_targets("olmo2", "Olmo2")),
+        # phi3 fuses gate and up into one `gate_up_proj` linear; no kernel targets.
         _llama_like("phi3", gated_mlp=False),
-        _llama_like("gemma", norm_kind="rms_gemma"),
         _llama_like(
-            "gemma2", norm_kind="rms_gemma", final_logit_softcapping_attr="final_logit_softcapping"
+            "gemma",
+            norm_kind="rms_gemma",
+            norm_eps_attr="eps",
+            norm_out_dtype="input",
+            **_kernel_targets("gemma", "Gemma"),
+        ),
+        _llama_like(
+            "gemma2",
+            norm_kind="rms_gemma",
+            final_logit_softcapping_attr="final_logit_softcapping",
+            norm_eps_attr="eps",
+            norm_out_dtype="input",
+            **_kernel_targets("gemma2", "Gemma2"),
         ),
         _llama_like(
             "gemma3_text",
             norm_kind="rms_gemma",
             final_logit_softcapping_attr="final_logit_softcapping",
+            norm_eps_attr="eps",
+            norm_out_dtype="input",
+            **_kernel_targets("gemma3", "Gemma3"),
         ),
         FamilySpec(
             model_type="gpt_neox",
@@ -171,54 +212,35 @@ def family_of(model: torch.nn.Module) -> FamilySpec:
     return family_for_config(model.config)
 
 
-def get_submodule(model: torch.nn.Module, path: str) -> torch.nn.Module:
-    """Follow a dotted path from ``model``.
-
-    Raises:
-        AttributeError: a path component is missing (names the full path and the model class).
-    """
-    obj: Any = model
-    for part in path.split("."):
-        if not hasattr(obj, part):
-            raise AttributeError(f"{type(model).__name__} has no '{path}' (missing '{part}')")
-        obj = getattr(obj, part)
-    return obj
-
-
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     """The model's decoder layers, in order (length ``config.num_hidden_layers``)."""
-    return get_submodule(model, family_of(model).layers)  # type: ignore[return-value]
+    return model.get_submodule(family_of(model).layers)  # type: ignore[return-value]
 
 
 def backbone(model: torch.nn.Module) -> torch.nn.Module:
     """The decoder stack without the head: the parent of the layer list (``model.model`` for
     llama-like families, ``transformer`` for GPT-2). Its output is the final-norm hidden states."""
-    return get_submodule(model, family_of(model).layers.rsplit(".", 1)[0])
+    return model.get_submodule(family_of(model).layers.rsplit(".", 1)[0])
 
 
 def final_norm(model: torch.nn.Module) -> torch.nn.Module:
     """The norm applied after the last decoder layer."""
-    return get_submodule(model, family_of(model).final_norm)
+    return model.get_submodule(family_of(model).final_norm)
 
 
 def input_embeddings(model: torch.nn.Module) -> torch.nn.Embedding:
     """The token embedding table (vocab x hidden)."""
-    return get_submodule(model, family_of(model).embed_tokens)  # type: ignore[return-value]
+    return model.get_submodule(family_of(model).embed_tokens)  # type: ignore[return-value]
 
 
 def output_head(model: torch.nn.Module) -> torch.nn.Linear:
     """The output projection ``lm_head`` (vocab x hidden)."""
-    return get_submodule(model, family_of(model).lm_head)  # type: ignore[return-value]
+    return model.get_submodule(family_of(model).lm_head)  # type: ignore[return-value]
 
 
 def embeddings_tied(model: torch.nn.Module) -> bool:
     """True when ``lm_head.weight`` and the token embedding share one tensor."""
     return output_head(model).weight is input_embeddings(model).weight
-
-
-def layers_prefix(model: torch.nn.Module) -> str:
-    """State-dict prefix of the decoder layers, e.g. ``"model.layers."``."""
-    return family_of(model).layers + "."
 
 
 def layer_index_of(param_name: str, spec: FamilySpec) -> int | None:

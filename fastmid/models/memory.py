@@ -90,7 +90,7 @@ import torch
 
 from fastmid.errors import FastmidError
 from fastmid.models.band import BandPlan, apply_band
-from fastmid.models.families import FamilySpec, family_of, get_submodule
+from fastmid.models.families import FamilySpec, family_of
 
 GIB = 2**30
 BF16_BYTES = 2
@@ -356,7 +356,7 @@ def lora_adapter_numels(model: torch.nn.Module, rank: int) -> list[int]:
     from transformers.pytorch_utils import Conv1D
 
     numels: list[int] = []
-    for layer in get_submodule(model, family_of(model).layers):
+    for layer in model.get_submodule(family_of(model).layers):
         for module in layer.modules():
             if isinstance(module, torch.nn.Linear):
                 d_in, d_out = module.in_features, module.out_features
@@ -370,7 +370,7 @@ def lora_adapter_numels(model: torch.nn.Module, rank: int) -> list[int]:
 
 def _layer_params(model: torch.nn.Module, spec: FamilySpec) -> list[int]:
     return [
-        sum(p.numel() for p in layer.parameters()) for layer in get_submodule(model, spec.layers)
+        sum(p.numel() for p in layer.parameters()) for layer in model.get_submodule(spec.layers)
     ]
 
 
@@ -464,7 +464,7 @@ def estimate_full(model: torch.nn.Module, setup: TrainingSetup) -> MemoryEstimat
     params = list(model.parameters())
     n_total = sum(p.numel() for p in params)
     shape = BlockShape.from_config(model.config)
-    L = len(get_submodule(model, spec.layers))
+    L = len(model.get_submodule(spec.layers))
     per_layer = [shape.full_layer()] * L
     return MemoryEstimate(
         method="full",
@@ -500,7 +500,7 @@ def estimate_lora(model: torch.nn.Module, setup: TrainingSetup) -> MemoryEstimat
     adapters = lora_adapter_numels(model, setup.lora_rank)
     n_adapters = sum(adapters)
     shape = BlockShape.from_config(model.config)
-    L = len(get_submodule(model, spec.layers))
+    L = len(model.get_submodule(spec.layers))
     per_layer = [shape.lora_layer(setup.lora_rank, input_requires_grad=i > 0) for i in range(L)]
     max_layer = max(_layer_params(model, spec)) + n_adapters // L
     return MemoryEstimate(

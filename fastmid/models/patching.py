@@ -1,8 +1,9 @@
 """Swap a model's modules for kernel-backed ones, and the family-agnostic causal-LM loss.
 
-``patch_model(model, enabled)`` follows the family table (``fastmid.models.families``) plus the
-table below of where transformers defines each family's RMSNorm class, MLP class and
-``apply_rotary_pos_emb`` function. It swaps:
+``patch_model(model, enabled, rms_norm=..., swiglu=..., rope=..., fused_loss=...)`` follows the
+family table (:data:`fastmid.models.families.FAMILIES`: where transformers defines each family's
+RMSNorm class, MLP class and ``apply_rotary_pos_emb``), with one switch per op as Liger-Kernel's
+``apply_liger_kernel_to_*`` functions have. It swaps:
 
 * every RMSNorm instance (layer norms, final norm, q/k norms) for :class:`KernelRMSNorm`, which
   holds the *same* ``weight`` Parameter (optimizer state, ``requires_grad`` and state-dict keys are
@@ -18,11 +19,8 @@ table below of where transformers defines each family's RMSNorm class, MLP class
 The kernel modules dispatch per call (Triton on CUDA, torch reference elsewhere, see
 ``fastmid.kernels``), so a patched model stays correct on CPU.
 
-:func:`causal_lm_loss_sum` is the loss the training loop calls: it runs the base model, shifts the
-labels, looks up the family's final-logit softcap, and returns ``(loss_sum, n_supervised)``
-through :func:`fastmid.kernels.linear_cross_entropy` (``fused=True``) or an eager cross-entropy
-over the supervised positions only (``fused=False``). It is defined in
-:mod:`fastmid.train.loss` and re-exported here.
+:func:`fastmid.models.loss.causal_lm_loss_sum` runs the fused loss kernel when the report says
+``loss == "fused_linear_cross_entropy"``.
 """
 
 from __future__ import annotations
@@ -34,74 +32,14 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from fastmid.kernels import (
-    interpreter_enabled,
-    kernels_disabled_by_env,
-    rms_norm,
-    rope,
-    swiglu,
-    triton_available,
-)
-from fastmid.models.families import (
-    FamilySpec,
-    family_of,
-)
-
-# The loss lives with the training code (fastmid.train.loss); re-exported here because patching
-# decides whether it runs through the fused kernel (``fused=True``).
-from fastmid.train.loss import causal_lm_loss_sum as causal_lm_loss_sum
+from fastmid import kernels
+from fastmid.models.families import FamilySpec, family_of
 
 KernelsFlag = Literal["auto", "on", "off"]
 
 
-@dataclass(frozen=True)
-class _Targets:
-    """Where transformers defines one family's patchable pieces.
-
-    Attributes:
-        modeling_module: import path of the family's ``modeling_*.py``.
-        norm_class: its RMSNorm class name.
-        norm_eps_attr: the attribute holding eps on that class.
-        norm_out_dtype: ``promote`` (Llama: ``w * x_hat.to(input dtype)`` promotes to the weight's
-            dtype) or ``input`` (OLMo-2 and Gemma cast the result to the input dtype).
-        mlp_class: its MLP class name.
-    """
-
-    modeling_module: str
-    norm_class: str
-    norm_eps_attr: str
-    norm_out_dtype: Literal["promote", "input"]
-    mlp_class: str
-
-
-def _t(module: str, prefix: str, eps: str, out: Literal["promote", "input"]) -> _Targets:
-    return _Targets(
-        f"transformers.models.{module}.modeling_{module}",
-        f"{prefix}RMSNorm",
-        eps,
-        out,
-        f"{prefix}MLP",
-    )
-
-
-_TARGETS: dict[str, _Targets] = {
-    "llama": _t("llama", "Llama", "variance_epsilon", "promote"),
-    "mistral": _t("mistral", "Mistral", "variance_epsilon", "promote"),
-    "qwen2": _t("qwen2", "Qwen2", "variance_epsilon", "promote"),
-    "qwen3": _t("qwen3", "Qwen3", "variance_epsilon", "promote"),
-    "olmo2": _t("olmo2", "Olmo2", "variance_epsilon", "input"),
-    "gemma": _t("gemma", "Gemma", "eps", "input"),
-    "gemma2": _t("gemma2", "Gemma2", "eps", "input"),
-    "gemma3_text": _t("gemma3", "Gemma3", "eps", "input"),
-}
-
 # Original apply_rotary_pos_emb per modeling module, kept to undo the global swap.
 _ORIGINAL_ROPE: dict[str, Any] = {}
-
-
-def patchable_model_types() -> list[str]:
-    """Sorted ``model_type`` values that :func:`patch_model` knows how to patch."""
-    return sorted(_TARGETS)
 
 
 class KernelRMSNorm(nn.Module):
@@ -127,7 +65,7 @@ class KernelRMSNorm(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """RMSNorm of ``hidden_states`` (..., H) over H."""
-        y = rms_norm(hidden_states, self.weight, getattr(self, self.eps_attr), offset=self.offset)
+        y = kernels.rms_norm(hidden_states, self.weight, getattr(self, self.eps_attr), offset=self.offset)
         if self.out_dtype == "promote" and self.weight.dtype != hidden_states.dtype:
             y = y.to(torch.promote_types(hidden_states.dtype, self.weight.dtype))
         return y  # type: ignore[return-value]
@@ -154,7 +92,7 @@ class KernelSwiGLUMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The gated MLP on ``x`` (..., hidden_size)."""
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 def _kernel_apply_rotary_pos_emb(
@@ -165,7 +103,7 @@ def _kernel_apply_rotary_pos_emb(
     unsqueeze_dim: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Drop-in for transformers' ``apply_rotary_pos_emb`` backed by :func:`fastmid.kernels.rope`."""
-    return rope(q, k, cos, sin, unsqueeze_dim)
+    return kernels.rope(q, k, cos, sin, unsqueeze_dim)
 
 
 @dataclass
@@ -211,16 +149,29 @@ def _swap(model: nn.Module, cls: type, make: Any) -> int:
     return len(targets)
 
 
-def patch_model(model: nn.Module, enabled: bool) -> PatchReport:
+def patch_model(
+    model: nn.Module,
+    enabled: bool = True,
+    *,
+    rms_norm: bool = True,
+    swiglu: bool = True,
+    rope: bool = True,
+    fused_loss: bool = True,
+) -> PatchReport:
     """Swap the supported modules of ``model`` (a ``*ForCausalLM``) for kernel-backed ones.
 
     Args:
         model: a transformers causal LM of a family in ``fastmid.models.families``.
-        enabled: False leaves the model untouched and reports the eager loss path.
+        enabled: False leaves the model untouched and reports the eager loss path (the CLI's
+            ``--kernels off``); the per-op switches below apply when it is True.
+        rms_norm: swap the family's RMSNorm modules.
+        swiglu: swap the family's SiLU-gated MLPs.
+        rope: swap the modeling module's ``apply_rotary_pos_emb`` (global to that module).
+        fused_loss: report the fused linear cross-entropy as the loss path.
 
     Returns:
-        A :class:`PatchReport`. Families without kernel targets (gpt2, gpt_neox, phi3) are left
-        unpatched with a reason in ``skipped``; the fused loss still applies to them.
+        A :class:`PatchReport`. Families without kernel targets in the table (gpt2, gpt_neox,
+        phi3) are left unpatched with a reason in ``skipped``; the fused loss still applies.
 
     Raises:
         UnsupportedModelError: the model's ``model_type`` is not in the family table.
@@ -233,26 +184,29 @@ def patch_model(model: nn.Module, enabled: bool) -> PatchReport:
     )
     if not enabled:
         return report
-    report.loss = "fused_linear_cross_entropy"
-    targets = _TARGETS.get(spec.model_type)
-    if targets is None:
+    if fused_loss:
+        report.loss = "fused_linear_cross_entropy"
+    if spec.modeling_module is None:
         report.skipped.append(
             f"{spec.model_type}: no kernel targets (norm kind {spec.norm_kind}); "
             "only the loss is fused"
         )
         return report
-    modeling = importlib.import_module(targets.modeling_module)
-    offset = 1.0 if spec.norm_kind == "rms_gemma" else 0.0
-    report.norms = _swap(
-        model,
-        getattr(modeling, targets.norm_class),
-        lambda m: KernelRMSNorm(m, targets.norm_eps_attr, offset, targets.norm_out_dtype),
-    )
-    report.mlps = _patch_mlps(model, spec, getattr(modeling, targets.mlp_class), report)
-    if targets.modeling_module not in _ORIGINAL_ROPE:
-        _ORIGINAL_ROPE[targets.modeling_module] = modeling.apply_rotary_pos_emb
-        modeling.apply_rotary_pos_emb = _kernel_apply_rotary_pos_emb
-    report.rope = targets.modeling_module
+    modeling = importlib.import_module(spec.modeling_module)
+    if rms_norm and spec.norm_class is not None:
+        offset = 1.0 if spec.norm_kind == "rms_gemma" else 0.0
+        report.norms = _swap(
+            model,
+            getattr(modeling, spec.norm_class),
+            lambda m: KernelRMSNorm(m, spec.norm_eps_attr, offset, spec.norm_out_dtype),
+        )
+    if swiglu and spec.mlp_class is not None:
+        report.mlps = _patch_mlps(model, spec, getattr(modeling, spec.mlp_class), report)
+    if rope:
+        if spec.modeling_module not in _ORIGINAL_ROPE:
+            _ORIGINAL_ROPE[spec.modeling_module] = modeling.apply_rotary_pos_emb
+            modeling.apply_rotary_pos_emb = _kernel_apply_rotary_pos_emb
+        report.rope = spec.modeling_module
     return report
 
 
@@ -315,11 +269,11 @@ def resolve_kernels_flag(flag: KernelsFlag, device: torch.device | str) -> bool:
         raise ValueError(f"--kernels must be auto, on or off; got {flag!r}")
     if flag == "off":
         return False
-    usable = torch.device(device).type == "cuda" and triton_available()
+    usable = torch.device(device).type == "cuda" and kernels.triton_available()
     if flag == "on" and not usable:
-        hint = " (TRITON_INTERPRET=1 is for tests only)" if interpreter_enabled() else ""
+        hint = " (TRITON_INTERPRET=1 is for tests only)" if kernels.interpreter_enabled() else ""
         raise ValueError(
             f"--kernels on needs a CUDA device and triton; device is {device}, triton "
-            f"{'installed' if triton_available() else 'missing'}{hint}: use --kernels auto or off"
+            f"{'installed' if kernels.triton_available() else 'missing'}{hint}: use --kernels auto or off"
         )
-    return usable and (flag == "on" or not kernels_disabled_by_env())
+    return usable and (flag == "on" or not kernels.kernels_disabled_by_env())

@@ -33,6 +33,7 @@ from fastmid.models.band import BandPlan, apply_band, count_parameters
 from fastmid.models.execution import install_execution_policy
 from fastmid.models.families import decoder_layers
 from fastmid.models.loading import load_model_and_tokenizer
+from fastmid.models.loss import causal_lm_loss_sum, count_supervised
 from fastmid.train.checkpoint import (
     CheckpointError,
     TrainerState,
@@ -44,7 +45,6 @@ from fastmid.train.checkpoint import (
 )
 from fastmid.train.export import export_hf_folder, save_band_delta
 from fastmid.train.logging import MetricsWriter, make_progress, peak_memory_bytes, truncate_metrics
-from fastmid.train.loss import causal_lm_loss_sum, count_supervised
 from fastmid.train.optim import build_optimizer, build_scheduler
 
 

@@ -15,7 +15,13 @@ from rich.table import Table
 
 from fastmid.config import TrainConfig
 from fastmid.train.logging import peak_memory_bytes
-from fastmid.train.loop import Trainer, attention_implementation
+from fastmid.train.loop import (  # noqa: F401 (errors re-exported until the recipe owns them)
+    NonFiniteLossError,
+    RunFolderError,
+    Trainer,
+    TrainingInterrupted,
+    attention_implementation,
+)
 
 
 def _accuracy(trainer: Trainer, label: str) -> dict[str, Any] | None:

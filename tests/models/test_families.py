@@ -14,7 +14,6 @@ from fastmid.models.families import (
     family_for_model_type,
     family_of,
     final_norm,
-    get_submodule,
     input_embeddings,
     layer_index_of,
     module_kind,
@@ -83,7 +82,7 @@ def test_paths_match_module_tree(model_type: str) -> None:
     assert isinstance(emb, torch.nn.Embedding)
     assert tuple(emb.weight.shape) == (VOCAB, HIDDEN)
     for path in spec.extra_embeddings:
-        assert isinstance(get_submodule(model, path), torch.nn.Embedding)
+        assert isinstance(model.get_submodule(path), torch.nn.Embedding)
     head = output_head(model)
     assert tuple(head.weight.shape) == (VOCAB, HIDDEN)
     if spec.final_logit_softcapping_attr:

@@ -25,10 +25,10 @@ from transformers import (
 )
 
 from fastmid.models.families import decoder_layers, final_norm
+from fastmid.models.loss import causal_lm_loss_sum
 from fastmid.models.patching import (
     KernelRMSNorm,
     KernelSwiGLUMLP,
-    causal_lm_loss_sum,
     patch_model,
     resolve_kernels_flag,
     unpatch_model,

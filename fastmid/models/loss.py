@@ -1,7 +1,7 @@
 """Token-sum causal-LM loss, family-agnostic, with logits only where a label is.
 
-The loop normalizes by the number of supervised tokens in a whole accumulation window (design
-section 4), so this function returns the *sum* of token losses and the supervised-token count
+The training step normalizes by the number of supervised tokens in a whole accumulation window
+(design section 4), so this function returns the *sum* of token losses and the supervised-token count
 rather than a mean. Positions are shifted as in transformers: the logits at ``t`` predict
 ``labels[t + 1]``.
 
@@ -16,9 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastmid.labels import IGNORE_INDEX
 from fastmid.models.families import backbone, family_of, output_head
-
-IGNORE_INDEX = -100
 
 
 def shifted_labels(labels: torch.Tensor) -> torch.Tensor:
