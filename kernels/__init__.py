@@ -4,7 +4,11 @@ Every op takes a ``backend`` argument (``"auto"`` | ``"triton"`` | ``"torch"``).
 dispatches to Triton for CUDA tensors when Triton is importable and to the torch reference
 everywhere else; ``FASTMID_KERNELS=off`` forces the reference; :func:`use_backend` overrides
 ``"auto"`` inside a ``with`` block (tests use ``use_backend("triton")`` on CPU tensors under
-``TRITON_INTERPRET=1``, which must be set before this package is imported).
+``TRITON_INTERPRET=1``, Triton's CPU interpreter).
+
+Triton is imported guarded and every kernel compiles at its first launch
+(:mod:`fastmid.kernels._triton`), so this package imports where Triton is absent (macOS) and every
+op runs its torch reference there.
 
 Ops (one per module, each with its ``*_reference``):
 
@@ -13,6 +17,9 @@ Ops (one per module, each with its ``*_reference``):
 * :func:`rope` - rotary embedding of q and k (transformers' ``apply_rotary_pos_emb`` contract).
 * :func:`linear_cross_entropy` - chunked ``lm_head`` + cross-entropy returning
   ``(loss_sum, n_supervised)``.
+* :func:`cka_block_stats` - the sufficient statistics of linear CKA for one token block, and the
+  streaming accumulation into a running augmented Gram (:func:`prepare_cka_block`,
+  :func:`accumulate_cka_block`: Triton on CUDA, BLAS ``dsyrk`` on CPU).
 
 Ops know no model; patching transformers modules lives in ``fastmid.models.patching``.
 """
@@ -26,6 +33,24 @@ from ._dispatch import (
     triton_available,
     use_backend,
 )
+from .cka_stats import (
+    CKABlock,
+    CKABlockStats,
+    CKAPath,
+    CKAStatsError,
+    accumulate_cka_block,
+    augmented_gram_triton,
+    augmented_rows,
+    augmented_width,
+    cka_accumulation_path,
+    cka_block_stats,
+    cka_block_stats_reference,
+    cka_block_stats_triton,
+    gram_to_stats,
+    new_running_gram,
+    prepare_cka_block,
+    syrk_accumulate,
+)
 from .linear_cross_entropy import (
     default_chunk_size,
     linear_cross_entropy,
@@ -37,12 +62,27 @@ from .swiglu import swiglu, swiglu_reference
 
 __all__ = [
     "Backend",
+    "CKABlock",
+    "CKABlockStats",
+    "CKAPath",
+    "CKAStatsError",
     "KernelBackendError",
+    "accumulate_cka_block",
+    "augmented_gram_triton",
+    "augmented_rows",
+    "augmented_width",
+    "cka_accumulation_path",
+    "cka_block_stats",
+    "cka_block_stats_reference",
+    "cka_block_stats_triton",
     "default_chunk_size",
+    "gram_to_stats",
     "interpreter_enabled",
     "kernels_disabled_by_env",
     "linear_cross_entropy",
     "linear_cross_entropy_reference",
+    "new_running_gram",
+    "prepare_cka_block",
     "resolve_backend",
     "rms_norm",
     "rms_norm_reference",
@@ -50,6 +90,7 @@ __all__ = [
     "rope_reference",
     "swiglu",
     "swiglu_reference",
+    "syrk_accumulate",
     "triton_available",
     "use_backend",
 ]

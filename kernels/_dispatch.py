@@ -10,22 +10,22 @@ Rules, in order:
    reference; else Triton runs when it is importable and every tensor is on CUDA; else the torch
    reference runs.
 
-Choosing Triton for CPU tensors without ``TRITON_INTERPRET=1`` in the environment raises a clear
-error rather than failing deep inside Triton.
+Choosing Triton where Triton is not installed, or for CPU tensors without ``TRITON_INTERPRET=1``
+in the environment, raises :class:`KernelBackendError` with what to change rather than failing
+deep inside Triton.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import os
 from collections.abc import Iterator
 from typing import Literal
 
 import torch
 
-from fastmid.errors import FastmidError
+from ._triton import HAS_TRITON, KernelBackendError, interpreter_enabled
 
 Backend = Literal["auto", "triton", "torch"]
 _BACKENDS = ("auto", "triton", "torch")
@@ -34,23 +34,9 @@ _OFF_VALUES = {"off", "0", "false", "no"}
 _forced: contextvars.ContextVar[Backend] = contextvars.ContextVar("fastmid_kernels_backend")
 
 
-class KernelBackendError(FastmidError, RuntimeError):
-    """The requested kernel backend cannot run here; the message says what to change."""
-
-
-@functools.cache
 def triton_available() -> bool:
-    """True when ``import triton`` succeeds (cached for the process)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def interpreter_enabled() -> bool:
-    """True when ``TRITON_INTERPRET=1`` is set (Triton kernels then run on CPU tensors in numpy)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when Triton imported (the guarded import in :mod:`fastmid.kernels._triton`)."""
+    return HAS_TRITON
 
 
 def kernels_disabled_by_env() -> bool:
@@ -90,7 +76,7 @@ def resolve_backend(backend: Backend, *tensors: torch.Tensor) -> Literal["triton
     Raises:
         ValueError: unknown backend name.
         KernelBackendError: Triton requested but not importable, or requested for CPU tensors
-            without ``TRITON_INTERPRET=1`` set before the kernel modules were imported.
+            without ``TRITON_INTERPRET=1`` in the environment.
     """
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
@@ -105,10 +91,13 @@ def resolve_backend(backend: Backend, *tensors: torch.Tensor) -> Literal["triton
         return "triton"
     # Explicit "triton".
     if not triton_available():
-        raise KernelBackendError("backend='triton' requested but triton is not installed")
+        raise KernelBackendError(
+            "backend='triton' requested but triton is not installed (it is Linux-only); use "
+            "backend='torch' or 'auto', which run the torch reference"
+        )
     if not on_cuda and not interpreter_enabled():
         raise KernelBackendError(
-            "backend='triton' on CPU tensors needs TRITON_INTERPRET=1 in the environment before "
-            "fastmid.kernels is imported; use backend='torch' or move the tensors to CUDA"
+            "backend='triton' on CPU tensors needs TRITON_INTERPRET=1 in the environment (Triton's "
+            "CPU interpreter, for tests); use backend='torch' or move the tensors to CUDA"
         )
     return "triton"

@@ -9,15 +9,16 @@ small test shapes run as a handful of programs.
 from __future__ import annotations
 
 import torch
-import triton
+
+from ._triton import next_power_of_2
 
 
 def rows_per_program(block_cols: int, tensor: torch.Tensor, n_rows: int) -> int:
     """Power-of-two number of rows per program for a (rows, block_cols) tile on ``tensor``'s
     device, never more than ``n_rows`` rounded up to a power of two."""
     budget, cap = (4096, 32) if tensor.is_cuda else (32768, 256)
-    rows = max(1, min(cap, budget // max(block_cols, 1), triton.next_power_of_2(max(n_rows, 1))))
-    return triton.next_power_of_2(rows)
+    rows = max(1, min(cap, budget // max(block_cols, 1), next_power_of_2(max(n_rows, 1))))
+    return next_power_of_2(rows)
 
 
 def num_warps_for(tile_elements: int) -> int:

@@ -31,35 +31,33 @@ Paths (same signature, same result structure):
   the upper triangle of ``W^T W`` and adds it into the running Gram in place: ``n D^2 / 2``
   multiply-adds, 2/3 of the ``(d1^2 + d1 d2 + d2^2) n`` of three separate products, and no
   temporary (D, D) block.
-* :func:`cka_block_stats`: the dispatcher, with the package-wide rules of
-  :mod:`fastmid.kernels._dispatch`: Triton on CUDA tensors when Triton imports, the reference
-  elsewhere; ``FASTMID_KERNELS=off`` forces the reference; ``backend="triton"`` forces Triton (on
-  CPU tensors this needs ``TRITON_INTERPRET=1``, which is how the tests run it).
+* :func:`cka_block_stats`: the dispatcher for one block's statistics, with the package-wide rules
+  of :func:`fastmid.kernels.resolve_backend`: Triton on CUDA tensors when Triton imports, the
+  reference elsewhere; ``FASTMID_KERNELS=off`` forces the reference; ``backend="triton"`` forces
+  Triton (on CPU tensors this needs ``TRITON_INTERPRET=1``, which is how the tests run it).
 
-The Triton kernels are compiled lazily on first use (and per value of ``TRITON_INTERPRET``), so
-the interpreter switch only has to be set before the first call, not before this module is
-imported.
+Streaming accumulation (what ``fastmid.analysis.cka.StreamingCKA`` calls): :func:`prepare_cka_block`
+chooses the path for a block (:func:`cka_accumulation_path`: Triton where the rules above pick
+it, else BLAS ``dsyrk`` on CPU and a float64 torch product on CUDA) and does the per-token work;
+:func:`accumulate_cka_block` adds the block into a running Gram (:func:`new_running_gram`) on that
+path. The two halves are separate so that callers can prepare many blocks on parallel threads and
+then accumulate one at a time, leaving every core to BLAS.
+
+The Triton kernels follow the package convention (:mod:`fastmid.kernels._triton`): compiled at
+the first launch, so this module imports where Triton is absent.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, fields
+from typing import Literal
 
 import torch
-from fastmid.kernels._dispatch import Backend, resolve_backend
 
 from fastmid.errors import FastmidError
 
-try:  # Triton is a Linux-only dependency; the reference path needs none of it.
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - exercised only where triton is absent
-    triton = None  # type: ignore[assignment]
-    tl = None  # type: ignore[assignment]
-    HAS_TRITON = False
+from ._dispatch import Backend, resolve_backend
+from ._triton import HAS_TRITON, cdiv, interpreter_enabled, jit, tl
 
 
 class CKAStatsError(FastmidError, ValueError):
@@ -292,6 +290,7 @@ def gram_to_stats(gram: torch.Tensor, d1: int, d2: int) -> CKABlockStats:
 # ---- Triton path --------------------------------------------------------------------------------
 
 
+@jit
 def _row_sq_norms(
     x_ptr,
     y_ptr,
@@ -339,6 +338,7 @@ def _row_sq_norms(
     tl.store(b_ptr + rows, acc_b, mask=rmask)
 
 
+@jit
 def _load_w_tile(
     x_ptr,
     y_ptr,
@@ -380,6 +380,7 @@ def _load_w_tile(
     return w
 
 
+@jit
 def _augmented_gram(
     x_ptr,
     y_ptr,
@@ -422,37 +423,10 @@ def _augmented_gram(
         tl.store(g_ptr + offs, acc, mask=gmask)
 
 
-_COMPILED: dict[str, tuple[object, object]] = {}
-
-
-def _kernels() -> tuple[object, object]:
-    """The jitted kernels, compiled for the current ``TRITON_INTERPRET`` setting."""
-    mode = os.environ.get("TRITON_INTERPRET", "0")
-    if mode not in _COMPILED:
-        load_tile = triton.jit(_load_w_tile)
-        _COMPILED[mode] = (triton.jit(_row_sq_norms), _jit_gram(load_tile))
-    return _COMPILED[mode]
-
-
-def _jit_gram(load_tile: object) -> object:
-    # triton resolves callees through the function's globals, so the jitted gram kernel must see
-    # a jitted `_load_w_tile`; a private namespace keeps the plain Python function intact here.
-    import types
-
-    namespace = dict(globals())
-    namespace["_load_w_tile"] = load_tile
-    fn = types.FunctionType(_augmented_gram.__code__, namespace, "_augmented_gram")
-    fn.__module__ = __name__
-    fn.__qualname__ = "_augmented_gram"
-    return triton.jit(fn)
-
-
-def triton_available_for(t: torch.Tensor) -> bool:
+def _triton_can_run(t: torch.Tensor) -> bool:
     """True when the Triton path can run on ``t``: Triton imports, and ``t`` is on CUDA or the
     Triton interpreter is on (``TRITON_INTERPRET=1``)."""
-    if not HAS_TRITON:
-        return False
-    return t.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return HAS_TRITON and (t.is_cuda or interpreter_enabled())
 
 
 def cka_block_stats_triton(
@@ -501,14 +475,13 @@ def augmented_gram_triton(
             ``TRITON_INTERPRET=1``.
     """
     n, d1, d2 = _check_inputs(x, y, ref_x, ref_y)
-    if not triton_available_for(x):
+    if not _triton_can_run(x):
         raise CKAStatsError(
             "the Triton CKA kernel needs triton and a CUDA tensor (or TRITON_INTERPRET=1 for CPU "
             "tensors); use backend='torch' or set FASTMID_KERNELS=off"
         )
     if y.device != x.device:
         raise CKAStatsError(f"x is on {x.device} but y is on {y.device}")
-    row_norms, gram = _kernels()
     dev = x.device
     rx = ref_x.to(device=dev, dtype=torch.float32).contiguous()
     ry = ref_y.to(device=dev, dtype=torch.float32).contiguous()
@@ -517,7 +490,7 @@ def augmented_gram_triton(
     D = d1 + d2 + 3
     G = torch.zeros(D, D, dtype=torch.float32, device=dev)
     if n > 0:
-        row_norms[(triton.cdiv(n, block_n),)](  # type: ignore[index]
+        _row_sq_norms[(cdiv(n, block_n),)](
             x,
             y,
             rx,
@@ -532,8 +505,8 @@ def augmented_gram_triton(
             BLOCK_N=block_n,
             BLOCK_D=block_d,
         )
-        tiles = triton.cdiv(D, block_d)
-        gram[(tiles, tiles)](  # type: ignore[index]
+        tiles = cdiv(D, block_d)
+        _augmented_gram[(tiles, tiles)](
             x,
             y,
             rx,
@@ -585,7 +558,7 @@ def cka_block_stats(
 ) -> CKABlockStats:
     """Statistics of one token block for streaming CKA, on the best path for the device.
 
-    Dispatch follows :func:`fastmid.kernels._dispatch.resolve_backend` like every other op:
+    Dispatch follows :func:`fastmid.kernels.resolve_backend` like every other op:
     ``auto`` runs Triton on CUDA tensors (unless ``FASTMID_KERNELS=off`` or a
     ``use_backend("torch")`` block) and the float64 reference elsewhere; ``triton`` forces the
     kernel (CPU tensors need ``TRITON_INTERPRET=1``); ``torch`` forces the reference.
@@ -608,3 +581,143 @@ def cka_block_stats(
     if resolve_backend(backend, x, y) == "triton":
         return cka_block_stats_triton(x, y, ref_x, ref_y)
     return cka_block_stats_reference(x, y, ref_x, ref_y)
+
+
+# ---- streaming accumulation: one path per block ----------------------------------------------
+
+CKAPath = Literal["blas", "torch", "triton"]
+
+
+def cka_accumulation_path(backend: Backend, x: torch.Tensor, *others: torch.Tensor) -> CKAPath:
+    """The path on which :func:`prepare_cka_block` and :func:`accumulate_cka_block` treat a block.
+
+    * ``"triton"`` where :func:`fastmid.kernels.resolve_backend` picks Triton (``auto`` on CUDA
+      tensors, or ``triton`` forced): fp32 kernels with IEEE dot products
+      (:func:`augmented_gram_triton`), added into the float64 running Gram.
+    * ``"blas"`` otherwise, when ``x`` is on the CPU: float64 ``W`` (:func:`augmented_rows`) and
+      BLAS ``dsyrk`` into the running Gram in place (:func:`syrk_accumulate`).
+    * ``"torch"`` otherwise (``x`` on CUDA with the reference backend): float64 ``W`` and torch's
+      ``W^T W``.
+
+    Args:
+        backend: ``auto``, ``triton`` or ``torch``.
+        x: (n, d1) layer output of model A; its device decides between ``blas`` and ``torch``.
+        others: the block's other tensors (``y``), which join ``x`` in the backend choice.
+
+    Raises:
+        ValueError: an unknown ``backend``.
+        KernelBackendError: Triton forced where it cannot run (not installed, or CPU tensors
+            without ``TRITON_INTERPRET=1``).
+    """
+    if resolve_backend(backend, x, *others) == "triton":
+        return "triton"
+    return "blas" if x.device.type == "cpu" else "torch"
+
+
+@dataclass
+class CKABlock:
+    """One token block made ready by :func:`prepare_cka_block` for :func:`accumulate_cka_block`.
+
+    Attributes:
+        path: ``"blas"``, ``"torch"`` or ``"triton"`` (:func:`cka_accumulation_path`).
+        n: tokens in the block.
+        ref_x: (d1,) reference mean subtracted from ``x``.
+        ref_y: (d2,) reference mean subtracted from ``y``.
+        W: (n, d1 + d2 + 3) float64 augmented rows on ``x``'s device (``blas`` and ``torch``
+            paths; :func:`augmented_rows`), else None.
+        x: (n, d1) the block's rows of model A as given (``triton`` path), else None.
+        y: (n, d2) the block's rows of model B (``triton`` path), else None.
+    """
+
+    path: CKAPath
+    n: int
+    ref_x: torch.Tensor
+    ref_y: torch.Tensor
+    W: torch.Tensor | None = None
+    x: torch.Tensor | None = None
+    y: torch.Tensor | None = None
+
+    @property
+    def device(self) -> torch.device:
+        """The device the block's tensors (and its running Gram) live on."""
+        held = self.W if self.W is not None else self.x
+        assert held is not None  # prepare_cka_block sets W or x
+        return held.device
+
+    def finite(self) -> tuple[bool, bool]:
+        """``(x_finite, y_finite)``: whether every value of ``x``, of ``y``, is finite.
+
+        On the ``W`` paths one sum over the row-norm column checks a whole side (a NaN/inf in row
+        ``i`` makes ``a_i`` or ``b_i`` non-finite), so no second pass over the block is needed.
+        """
+        if self.W is None:
+            assert self.x is not None and self.y is not None
+            return bool(torch.isfinite(self.x).all()), bool(torch.isfinite(self.y).all())
+        o = self.W.shape[1] - 3
+        return bool(torch.isfinite(self.W[:, o + 1].sum())), bool(
+            torch.isfinite(self.W[:, o + 2].sum())
+        )
+
+
+def prepare_cka_block(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    ref_x: torch.Tensor,
+    ref_y: torch.Tensor,
+    backend: Backend = "auto",
+) -> CKABlock:
+    """Choose the accumulation path for one token block and do its per-token work.
+
+    Safe to call from several threads at once for different blocks on the ``blas`` and ``torch``
+    paths (only torch ops; no BLAS-threaded product). On the ``triton`` path nothing is computed
+    here: the kernels read ``x`` and ``y`` in :func:`accumulate_cka_block`.
+
+    Args:
+        x: (n, d1) layer output of model A, any float dtype (float32/bfloat16/float16 on the
+            Triton path); masked tokens already dropped.
+        y: (n, d2) layer output of model B on the same tokens.
+        ref_x: (d1,) reference mean, float64 in the analysis (any float dtype works).
+        ref_y: (d2,) reference mean.
+        backend: ``auto``, ``triton`` or ``torch`` (:func:`cka_accumulation_path`).
+
+    Returns:
+        :class:`CKABlock`; check :meth:`CKABlock.finite` before accumulating it.
+
+    Raises:
+        CKAStatsError: wrong ranks, different token counts, reference means of the wrong width.
+        ValueError: an unknown ``backend``.
+        KernelBackendError: Triton forced where it cannot run.
+    """
+    path = cka_accumulation_path(backend, x, y)
+    n, _, _ = _check_inputs(x, y, ref_x, ref_y)
+    if path == "triton":
+        return CKABlock(path, n, ref_x, ref_y, x=x, y=y)
+    return CKABlock(path, n, ref_x, ref_y, W=augmented_rows(x, y, ref_x, ref_y, torch.float64))
+
+
+def accumulate_cka_block(block: CKABlock, gram: torch.Tensor) -> None:
+    """Add ``W^T W`` of a prepared block into a running Gram, on the block's path.
+
+    ``blas``: :func:`syrk_accumulate` (upper triangle only, in place; BLAS uses every core, so
+    call it from one thread at a time). ``torch``: ``gram += W^T W`` in float64. ``triton``:
+    ``gram += G`` with the fp32 ``G`` of :func:`augmented_gram_triton`. Readers use only the upper
+    triangle (:func:`gram_to_stats`), which every path fills.
+
+    Args:
+        block: from :func:`prepare_cka_block`.
+        gram: (D, D) float64 running Gram, ``D = d1 + d2 + 3``, on ``block.device``; from
+            :func:`new_running_gram` (the ``blas`` path needs its column-major layout).
+
+    Raises:
+        CKAStatsError: a ``gram`` of the wrong shape, dtype or layout (``blas`` path), or Triton
+            that cannot run (``triton`` path).
+    """
+    if block.path == "triton":
+        assert block.x is not None and block.y is not None
+        gram.add_(augmented_gram_triton(block.x, block.y, block.ref_x, block.ref_y))
+        return
+    assert block.W is not None
+    if block.path == "blas":
+        syrk_accumulate(block.W, gram)
+    else:
+        gram.add_(block.W.T @ block.W)

@@ -28,23 +28,22 @@ import functools
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
 from ._dispatch import Backend, resolve_backend
 from ._launch import num_warps_for, rows_per_program
+from ._triton import cdiv, jit, next_power_of_2, tl
 
 _VOCAB_BLOCK = 4096
 
 
-@triton.jit
+@jit
 def _softcap(x, softcap):
     # tanh(t) = 2 * sigmoid(2t) - 1: Triton's interpreter has no tanh, and this form saturates
     # cleanly to +-1 for large |t|.
     return softcap * (2.0 * tl.sigmoid(2.0 * x / softcap) - 1.0)
 
 
-@triton.jit
+@jit
 def _cross_entropy_rows_kernel(
     LOGITS,
     stride_l,
@@ -129,8 +128,8 @@ def default_chunk_size(n_tokens: int, hidden_size: int, vocab_size: int) -> int:
     ``next_power_of_2(ceil(N / ceil(V / H)))`` (the rule Liger-Kernel uses): 16384 tokens of an
     8B Llama (H=4096, V=128256) give 512-token chunks (a 256 MiB float32 logits chunk).
     """
-    ratio = triton.cdiv(vocab_size, max(hidden_size, 1))
-    return triton.next_power_of_2(max(1, triton.cdiv(max(n_tokens, 1), ratio)))
+    ratio = cdiv(vocab_size, max(hidden_size, 1))
+    return next_power_of_2(max(1, cdiv(max(n_tokens, 1), ratio)))
 
 
 def _chunked_forward(
@@ -150,13 +149,13 @@ def _chunked_forward(
     loss_rows = torch.empty(n_tokens, dtype=torch.float32, device=h.device)
     grad_h = torch.empty_like(h) if need_dh else None
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_dw else None
-    block = min(_VOCAB_BLOCK, triton.next_power_of_2(n_vocab))
+    block = min(_VOCAB_BLOCK, next_power_of_2(n_vocab))
     block_r = rows_per_program(block, h, min(chunk_size, n_tokens))
     for start in range(0, n_tokens, chunk_size):
         end = min(start + chunk_size, n_tokens)
         h_chunk = h[start:end]
         logits = _logits_fp32(h_chunk, weight)
-        _cross_entropy_rows_kernel[(triton.cdiv(end - start, block_r),)](
+        _cross_entropy_rows_kernel[(cdiv(end - start, block_r),)](
             logits,
             logits.stride(0),
             labels[start:end],

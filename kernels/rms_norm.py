@@ -24,14 +24,13 @@ without storing ``rstd`` and nothing is saved for backward (the Mid-Block frozen
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from ._dispatch import Backend, resolve_backend
 from ._launch import num_warps_for, persistent_programs, rows_per_program
+from ._triton import cdiv, jit, next_power_of_2, tl
 
 
-@triton.jit
+@jit
 def _rms_norm_fwd_kernel(
     X,
     stride_x,
@@ -75,7 +74,7 @@ def _rms_norm_fwd_kernel(
         tl.store(RSTD + rows, rstd, mask=row_mask)
 
 
-@triton.jit
+@jit
 def _rms_norm_bwd_kernel(
     DY,
     stride_dy,
@@ -135,7 +134,7 @@ def _rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
 
 
 def _block(n_cols: int) -> int:
-    return triton.next_power_of_2(n_cols)
+    return next_power_of_2(n_cols)
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None) -> int:
@@ -171,7 +170,7 @@ def _triton_forward(
     if n_rows > 0:
         block = _block(n_cols)
         block_r = rows_per_program(block, x, n_rows)
-        _rms_norm_fwd_kernel[(triton.cdiv(n_rows, block_r),)](
+        _rms_norm_fwd_kernel[(cdiv(n_rows, block_r),)](
             x2,
             x2.stride(0),
             r2,
@@ -221,7 +220,7 @@ class _RMSNormFunction(torch.autograd.Function):
         dx = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
         block = _block(n_cols)
         block_r = rows_per_program(block, x2, n_rows)
-        n_prog = max(1, min(triton.cdiv(n_rows, block_r), persistent_programs(x2)))
+        n_prog = max(1, min(cdiv(n_rows, block_r), persistent_programs(x2)))
         dw_partial = (
             torch.empty((n_prog, n_cols), dtype=torch.float32, device=x2.device)
             if compute_dw

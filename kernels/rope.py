@@ -16,14 +16,13 @@ Math in float32, output in the input dtype. Gradients flow to ``q`` and ``k`` on
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from ._dispatch import Backend, resolve_backend
 from ._launch import num_warps_for, rows_per_program
+from ._triton import cdiv, jit, next_power_of_2, tl
 
 
-@triton.jit
+@jit
 def _rope_kernel(
     X,
     sx_b,
@@ -110,10 +109,10 @@ def _launch(
     if xv.numel() == 0:
         return
     half = head_dim // 2
-    block_d = triton.next_power_of_2(half)
+    block_d = next_power_of_2(half)
     n_rows = seq_len * n_heads
     block_r = rows_per_program(block_d, x, n_rows)
-    _rope_kernel[(batch, triton.cdiv(n_rows, block_r))](
+    _rope_kernel[(batch, cdiv(n_rows, block_r))](
         xv,
         xv.stride(0),
         xv.stride(1),

@@ -16,16 +16,15 @@ nothing is saved.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from ._dispatch import Backend, resolve_backend
 from ._launch import num_warps_for, rows_per_program
+from ._triton import cdiv, jit, next_power_of_2, tl
 
 _BLOCK = 1024
 
 
-@triton.jit
+@jit
 def _swiglu_fwd_kernel(
     G,
     stride_g,
@@ -49,7 +48,7 @@ def _swiglu_fwd_kernel(
     )
 
 
-@triton.jit
+@jit
 def _swiglu_bwd_kernel(
     DY,
     stride_dy,
@@ -87,9 +86,9 @@ def _rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
 
 def _geometry(n_rows: int, n_cols: int, t: torch.Tensor) -> tuple[tuple[int, int], int, int]:
     """(grid, rows per program, columns per program) for a (n_rows, n_cols) elementwise op."""
-    block = min(_BLOCK, triton.next_power_of_2(max(n_cols, 1)))
+    block = min(_BLOCK, next_power_of_2(max(n_cols, 1)))
     block_r = rows_per_program(block, t, n_rows)
-    return (triton.cdiv(n_rows, block_r), triton.cdiv(n_cols, block)), block_r, block
+    return (cdiv(n_rows, block_r), cdiv(n_cols, block)), block_r, block
 
 
 def _triton_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

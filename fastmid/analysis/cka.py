@@ -41,16 +41,15 @@ from dataclasses import dataclass
 import torch
 
 from fastmid.errors import FastmidError
-from fastmid.kernels._dispatch import resolve_backend
-from fastmid.kernels.cka_stats import (
+from fastmid.kernels import (
     Backend,
+    CKABlock,
     CKABlockStats,
-    augmented_gram_triton,
-    augmented_rows,
+    accumulate_cka_block,
     augmented_width,
     gram_to_stats,
     new_running_gram,
-    syrk_accumulate,
+    prepare_cka_block,
 )
 
 
@@ -140,18 +139,15 @@ class PreparedBlock:
 
     Attributes:
         n: tokens in the block.
-        W: (n, d1 + d2 + 3) float64 augmented rows (the torch/BLAS paths), or None.
-        x: (n, d1) kept rows of ``x`` (the Triton path), or None.
-        y: (n, d2) kept rows of ``y`` (the Triton path), or None.
+        rows: the kernel op's prepared block (:func:`fastmid.kernels.prepare_cka_block`: float64
+            augmented rows, or the kept rows for the Triton path), or None when ``n == 0``.
         owner: ``id`` of the :class:`StreamingCKA` that prepared it (its reference mean is baked
-            into ``W``); another accumulator refuses it.
+            into ``rows``); another accumulator refuses it.
         used: set once accumulated; a second accumulate is refused.
     """
 
     n: int
-    W: torch.Tensor | None = None
-    x: torch.Tensor | None = None
-    y: torch.Tensor | None = None
+    rows: CKABlock | None = None
     owner: int = 0
     used: bool = False
 
@@ -164,10 +160,10 @@ class StreamingCKA:
 
     The state is the running augmented Gram ``G = sum over blocks of W^T W`` with
     ``W = [X | Y | 1 | a | b]`` (:mod:`fastmid.kernels.cka_stats`), float64 on the input's
-    device. Paths per block: on CPU, ``W`` in float64 and BLAS ``dsyrk`` adding its upper
-    triangle into ``G`` in place (:func:`~fastmid.kernels.cka_stats.syrk_accumulate`); on CUDA,
-    the Triton kernel (fp32, IEEE dot products) and a float64 add; ``backend="torch"`` on CUDA,
-    float64 ``W^T W`` in torch.
+    device. The kernel op chooses the path per block (:func:`fastmid.kernels.prepare_cka_block`,
+    :func:`fastmid.kernels.accumulate_cka_block`): on CPU, float64 ``W`` and BLAS ``dsyrk`` adding
+    its upper triangle into ``G`` in place; on CUDA, the Triton kernel (fp32, IEEE dot products)
+    and a float64 add; ``backend="torch"`` on CUDA, float64 ``W^T W`` in torch.
 
     ``update`` is :meth:`prepare` (masking, checks, building ``W``: per-token work) followed by
     :meth:`accumulate` (the (D, D) product). ``fastmid analyze`` runs ``prepare`` for many layers
@@ -261,21 +257,14 @@ class StreamingCKA:
         # stay small and do not cancel. It is kept only once the block has passed the checks.
         ref_x = self._ref_x if self._ref_x is not None else x2.to(torch.float64).mean(0)
         ref_y = self._ref_y if self._ref_y is not None else y2.to(torch.float64).mean(0)
-        if resolve_backend(self.backend, x2, y2) == "triton":
-            for side, t in (("x (base)", x2), ("y (tuned)", y2)):
-                if not bool(torch.isfinite(t).all()):
-                    raise self._non_finite(side)
-            block = PreparedBlock(n, x=x2, y=y2, owner=id(self))
-        else:
-            W = augmented_rows(x2, y2, ref_x, ref_y, torch.float64)
-            o = d1 + d2
-            if not bool(torch.isfinite(W[:, o + 1].sum())):
-                raise self._non_finite("x (base)")
-            if not bool(torch.isfinite(W[:, o + 2].sum())):
-                raise self._non_finite("y (tuned)")
-            block = PreparedBlock(n, W=W, owner=id(self))
+        rows = prepare_cka_block(x2, y2, ref_x, ref_y, self.backend)
+        x_finite, y_finite = rows.finite()
+        if not x_finite:
+            raise self._non_finite("x (base)")
+        if not y_finite:
+            raise self._non_finite("y (tuned)")
         self._ref_x, self._ref_y, self._widths = ref_x, ref_y, (d1, d2)
-        return block
+        return PreparedBlock(n, rows, owner=id(self))
 
     def accumulate(self, block: PreparedBlock) -> None:
         """Add a block from :meth:`prepare` (of this accumulator) into the running sums.
@@ -288,19 +277,12 @@ class StreamingCKA:
         if block.used:
             raise CKAError(f"{self.name}: this block was already accumulated")
         block.used = True
-        if block.n == 0:
+        if block.rows is None:
             return
-        assert self._widths is not None and self._ref_x is not None and self._ref_y is not None
+        assert self._widths is not None
         if self._gram is None:
-            device = block.W.device if block.W is not None else block.x.device  # type: ignore[union-attr]
-            self._gram = new_running_gram(*self._widths, device=device)
-        if block.W is None:
-            assert block.x is not None and block.y is not None
-            self._gram.add_(augmented_gram_triton(block.x, block.y, self._ref_x, self._ref_y))
-        elif block.W.device.type == "cpu":
-            syrk_accumulate(block.W, self._gram)
-        else:
-            self._gram.add_(block.W.T @ block.W)
+            self._gram = new_running_gram(*self._widths, device=block.rows.device)
+        accumulate_cka_block(block.rows, self._gram)
         self._n += block.n
 
     def update(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None) -> None:

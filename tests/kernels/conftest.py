@@ -1,20 +1,14 @@
 """Kernel tests run the Triton kernels on CPU tensors through Triton's interpreter.
 
-``TRITON_INTERPRET=1`` must be set before ``@triton.jit`` runs; :func:`enable_interpreter` sets it
-and rebuilds the kernels if another test module imported ``fastmid.kernels`` first.
+``TRITON_INTERPRET=1`` is set once, in the root ``tests/conftest.py`` (pytest loads it before any
+test module); the kernels compile at their first launch, so they are built for the interpreter.
+``test_dispatch.py`` checks that they are.
 """
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
 import torch
-from fastmid.kernels._interpret import enable_interpreter
-
-enable_interpreter()
 
 # Design section 5: relative error against a float64 reference.
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}

@@ -6,16 +6,20 @@ from dataclasses import fields
 
 import pytest
 import torch
-from fastmid.kernels import use_backend
-from fastmid.kernels.cka_stats import (
+from fastmid.kernels import (
     CKAStatsError,
+    KernelBackendError,
+    accumulate_cka_block,
     augmented_rows,
+    cka_accumulation_path,
     cka_block_stats,
     cka_block_stats_reference,
     cka_block_stats_triton,
     gram_to_stats,
     new_running_gram,
+    prepare_cka_block,
     syrk_accumulate,
+    use_backend,
 )
 
 
@@ -132,3 +136,54 @@ def test_augmented_rows_flag_non_finite_rows_and_syrk_checks_layouts():
         syrk_accumulate(W.float(), new_running_gram(4, 3))
     with pytest.raises(CKAStatsError, match=r"\(D, D\)"):
         syrk_accumulate(W, new_running_gram(4, 4))
+
+
+def test_accumulation_path_follows_the_backend_rules(monkeypatch):
+    x, y = torch.randn(5, 4), torch.randn(5, 3)
+    assert cka_accumulation_path("auto", x, y) == "blas"  # CPU tensors: float64 rows + dsyrk
+    assert cka_accumulation_path("torch", x, y) == "blas"
+    assert cka_accumulation_path("triton", x, y) == "triton"  # the interpreter is on in tests
+    with use_backend("triton"):
+        assert cka_accumulation_path("auto", x, y) == "triton"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        cka_accumulation_path("cuda", x, y)  # type: ignore[arg-type]
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(KernelBackendError, match="TRITON_INTERPRET=1"):
+        cka_accumulation_path("triton", x, y)
+
+
+@pytest.mark.parametrize(
+    ("backend", "path", "tol"), [("torch", "blas", 1e-12), ("triton", "triton", 1e-5)]
+)
+def test_prepared_blocks_accumulate_to_the_statistics_of_all_tokens(backend, path, tol):
+    # The op StreamingCKA calls: prepare each block (the path is chosen here), then add it into
+    # one running Gram; unequal blocks, one of a single token.
+    g = torch.Generator().manual_seed(5)
+    d1, d2 = 33, 17
+    x = torch.randn(61, d1, generator=g) * 3 + 1
+    y = torch.randn(61, d2, generator=g)
+    rx, ry = x[:20].double().mean(0), y[:20].double().mean(0)
+    want = naive_stats(x, y, rx, ry)
+    gram = new_running_gram(d1, d2)
+    for lo, hi in ((0, 37), (37, 38), (38, 61)):
+        block = prepare_cka_block(x[lo:hi], y[lo:hi], rx, ry, backend=backend)
+        assert block.path == path and block.n == hi - lo and block.finite() == (True, True)
+        assert block.device == x.device
+        accumulate_cka_block(block, gram)
+    got = gram_to_stats(gram, d1, d2)
+    assert got.xtx.dtype == torch.float64
+    for f in fields(got):
+        assert rel_err(getattr(got, f.name), want[f.name]) < tol, f.name
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_prepared_block_reports_each_non_finite_side(backend):
+    x, y = torch.randn(6, 4), torch.randn(6, 3)
+    rx, ry = torch.zeros(4), torch.zeros(3)
+    x[1, 2] = float("nan")
+    assert prepare_cka_block(x, y, rx, ry, backend).finite() == (False, True)
+    y[4, 0] = float("-inf")
+    x[1, 2] = 0.0
+    assert prepare_cka_block(x, y, rx, ry, backend).finite() == (True, False)
+    with pytest.raises(CKAStatsError, match="same tokens"):
+        prepare_cka_block(x, y[:5], rx, ry, backend)
