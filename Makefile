@@ -6,7 +6,7 @@ PIP = $(PYTHON) -m pip
 #   make demo TORCH='torch>=2.6'
 TORCH ?= torch==2.13.0
 
-.PHONY: install install-dev demo test lint
+.PHONY: install install-dev demo test test-fast lint
 
 install:
 	$(PIP) install -q "$(TORCH)"
@@ -24,6 +24,11 @@ demo: install
 test: install-dev
 	lint-imports
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q
+
+# The suite without the tests that load the real SmolLM2-135M model (marker `realmodel`).
+test-fast: install-dev
+	lint-imports
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q -m "not realmodel"
 
 lint:
 	ruff check . && ruff format --check .

@@ -1,29 +1,26 @@
-"""Tiny random llama models and hand-made batches for the analysis tests (no download)."""
+"""Tiny random llama models (from tests/tiny.py) and hand-made batches for the analysis tests."""
 
 from __future__ import annotations
 
 import copy
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny import tiny_model
+from transformers import LlamaForCausalLM
 
 VOCAB = 64
 
 
 def tiny_llama(num_layers: int = 5, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
+    """The factory's tiny Llama (tests/tiny.py), tied, in eval mode."""
+    return tiny_model(
+        "llama",
+        seed=seed,
         vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=48,
         num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=64,
         tie_word_embeddings=True,
-    )
-    model = LlamaForCausalLM(config).eval()
-    return model
+    ).eval()
 
 
 def perturbed_from(model: LlamaForCausalLM, first_layer: int, scale: float = 0.3, seed: int = 1):

@@ -1,12 +1,11 @@
-"""Analysis tests run the Triton CKA kernel on CPU through the Triton interpreter."""
+"""Analysis tests: the tiny-model helpers (analysis_tiny.py) sit next to the tests.
 
-import os
-
-# Must precede the first Triton kernel compilation (fastmid.kernels.cka_stats compiles lazily).
-os.environ.setdefault("TRITON_INTERPRET", "1")
+The Triton CKA kernel runs on CPU through Triton's interpreter: ``TRITON_INTERPRET=1`` is set in
+the root ``tests/conftest.py``.
+"""
 
 import sys
 from pathlib import Path
 
-# The tiny-model helpers (analysis_tiny.py) sit next to the tests; tests/ is not a package.
+# tests/ is not a package; make analysis_tiny importable.
 sys.path.insert(0, str(Path(__file__).parent))

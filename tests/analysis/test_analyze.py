@@ -17,6 +17,7 @@ from analysis_tiny import (
     tiny_llama,
 )
 from rich.console import Console
+from tiny import save_tiny
 
 import fastmid.data
 from fastmid.analysis.analyze import (
@@ -115,22 +116,15 @@ def test_token_budget_is_exact_and_truncates_the_last_example():
 
 
 @pytest.fixture(scope="module")
-def model_folders(tmp_path_factory):
+def model_folders(tmp_path_factory, smol_tokenizer):
     """Tiny llama models with the SmolLM2 tokenizer, saved as HF folders (base, tuned)."""
-    from fastmid.models.loading import load_tokenizer
-
-    tok = load_tokenizer("default")
+    tok = smol_tokenizer
     root = tmp_path_factory.mktemp("models")
     base = tiny_llama(4)
     base.config.vocab_size = len(tok)
     base.resize_token_embeddings(len(tok))
     tuned = perturbed_from(base, first_layer=2)
-    paths = []
-    for name, m in (("base", base), ("tuned", tuned)):
-        m.save_pretrained(root / name)
-        tok.save_pretrained(root / name)
-        paths.append(str(root / name))
-    return paths
+    return [str(save_tiny(root / name, m, tok)) for name, m in (("base", base), ("tuned", tuned))]
 
 
 @pytest.fixture
@@ -143,7 +137,6 @@ def data_api(monkeypatch):
         monkeypatch.setattr(fastmid.data, "collate_batch", shim_collate_batch, raising=False)
 
 
-@pytest.mark.realmodel
 def test_run_analysis_writes_report(model_folders, data_api, tmp_path):
     base, tuned = model_folders
     console = Console(record=True, width=160)
@@ -177,7 +170,6 @@ def test_run_analysis_writes_report(model_folders, data_api, tmp_path):
     assert "recommended band" in text and "CKA deb" in text
 
 
-@pytest.mark.realmodel
 def test_run_analysis_single_model_and_bad_flags(model_folders, data_api, tmp_path):
     base, _ = model_folders
     result = run_analysis(

@@ -165,7 +165,7 @@ def test_errors_name_the_layer():
 
 
 def test_triton_path_matches_float64_stream(xy):
-    # Under TRITON_INTERPRET=1 (tests/analysis/conftest.py) the kernel runs on CPU tensors.
+    # Under TRITON_INTERPRET=1 (the root tests/conftest.py) the kernel runs on CPU tensors.
     x, y = xy
     sizes = [37, 20, 33]
     ref = stream(x, y, sizes, backend="torch")

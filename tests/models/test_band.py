@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny import tiny_model
+from transformers import LlamaForCausalLM
 
 from fastmid.models.band import (
     BandError,
@@ -17,17 +17,9 @@ from fastmid.models.band import (
 
 
 def tiny_llama(tied: bool, layers: int = 10) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=48,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_hidden_layers=layers,
-        vocab_size=101,
-        tie_word_embeddings=tied,
+    return tiny_model(
+        "llama", seed=0, num_hidden_layers=layers, vocab_size=101, tie_word_embeddings=tied
     )
-    return LlamaForCausalLM(config)
 
 
 @pytest.mark.parametrize(

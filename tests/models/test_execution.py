@@ -6,7 +6,8 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny import tiny_model
+from transformers import LlamaForCausalLM
 
 from fastmid.models.band import BandPlan, apply_band
 from fastmid.models.execution import install_execution_policy
@@ -16,18 +17,14 @@ LAYERS = 6
 
 @pytest.fixture(scope="module")
 def base() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=48,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+    return tiny_model(
+        "llama",
+        seed=0,
         num_hidden_layers=LAYERS,
         vocab_size=97,
         tie_word_embeddings=True,
         attn_implementation="sdpa",
-    )
-    return LlamaForCausalLM(config).float()
+    ).float()
 
 
 def batch() -> dict[str, torch.Tensor]:

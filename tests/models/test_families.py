@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
+from tiny import BASE, CONFIGS, tiny_model
 
 from fastmid.models.families import (
     FAMILIES,
@@ -21,42 +21,14 @@ from fastmid.models.families import (
     supported_model_types,
 )
 
-HIDDEN, VOCAB, LAYERS = 32, 64, 2
-COMMON = dict(
-    hidden_size=HIDDEN,
-    intermediate_size=48,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    num_hidden_layers=LAYERS,
-    vocab_size=VOCAB,
-)
-
-CONFIGS = {
-    "llama": ("LlamaConfig", COMMON),
-    "mistral": ("MistralConfig", COMMON),
-    "qwen2": ("Qwen2Config", COMMON),
-    "qwen3": ("Qwen3Config", {**COMMON, "head_dim": 8}),
-    "olmo2": ("Olmo2Config", COMMON),
-    "gemma": ("GemmaConfig", {**COMMON, "head_dim": 8}),
-    "gemma2": ("Gemma2Config", {**COMMON, "head_dim": 8}),
-    "gemma3_text": ("Gemma3TextConfig", {**COMMON, "head_dim": 8}),
-    "phi3": ("Phi3Config", {**COMMON, "pad_token_id": 0}),  # default 32000 > tiny vocab
-    "gpt_neox": ("GPTNeoXConfig", {**COMMON, "num_key_value_heads": None}),
-    "gpt2": (
-        "GPT2Config",
-        dict(n_embd=HIDDEN, n_layer=LAYERS, n_head=4, vocab_size=VOCAB, n_positions=64),
-    ),
-}
+# The tiny factory's shape (tests/tiny.py): hidden 32, vocabulary 64, 2 layers.
+HIDDEN, VOCAB, LAYERS = BASE["hidden_size"], BASE["vocab_size"], BASE["num_hidden_layers"]
 
 
 def build(model_type: str, tied: bool | None = None) -> torch.nn.Module:
-    cls_name, kwargs = CONFIGS[model_type]
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    if tied is not None:
-        kwargs["tie_word_embeddings"] = tied
-    config = getattr(transformers, cls_name)(**kwargs)
-    torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(config)
+    if tied is None:
+        return tiny_model(model_type, seed=0)
+    return tiny_model(model_type, seed=0, tie_word_embeddings=tied)
 
 
 def test_table_covers_the_tested_families() -> None:

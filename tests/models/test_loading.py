@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny import save_tiny, tiny_model
 
 from fastmid.models import loading
 from fastmid.models.loading import (
@@ -23,13 +23,9 @@ CONFIGS = Path(__file__).resolve().parents[2] / "bench" / "configs"
 
 
 @pytest.fixture(scope="module")
-def default_model():
-    """SmolLM2-135M-Instruct, loaded once for the module (~9 s with the conversion cached)."""
-    try:
-        loading.default_gguf_path()
-    except ModelSourceError as exc:
-        pytest.skip(str(exc))
-    return load_model_and_tokenizer("default", device="cpu")
+def default_model(smol_model_and_tokenizer):
+    """SmolLM2-135M-Instruct, loaded once per session (tests/conftest.py); read-only here."""
+    return smol_model_and_tokenizer
 
 
 # ---- errors --------------------------------------------------------------------------------
@@ -144,21 +140,10 @@ def test_default_model_loads(default_model) -> None:
     assert "<|im_start|>user\nhi<|im_end|>\n" in text
 
 
-@pytest.mark.realmodel
-def test_saved_tiny_folder_loads(default_model, tmp_path: Path) -> None:
-    _, tokenizer = default_model
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=48,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_hidden_layers=2,
-        vocab_size=len(tokenizer),
-    )
-    tiny = LlamaForCausalLM(config)
-    tiny.save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
+def test_saved_tiny_folder_loads(smol_tokenizer, tmp_path: Path) -> None:
+    tokenizer = smol_tokenizer  # what load_model_and_tokenizer("default") returns with the model
+    tiny = tiny_model("llama", seed=0, vocab_size=len(tokenizer))
+    save_tiny(tmp_path, tiny, tokenizer)
     model, tok = load_model_and_tokenizer(tmp_path, device="cpu")
     assert resolve_source(tmp_path).kind == "hf_folder"
     assert len(model.model.layers) == 2

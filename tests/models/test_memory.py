@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import tiny_config, tiny_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fastmid.models.band import BandPlan
@@ -33,7 +34,7 @@ H, NH, NKV, D, I, L, V = 64, 4, 2, 16, 160, 10, 300  # noqa: E741
 Q, KV = NH * D, NKV * D
 
 
-def tiny_config(**kw) -> LlamaConfig:
+def small_config(**kw) -> LlamaConfig:
     args = dict(
         hidden_size=H,
         intermediate_size=I,
@@ -46,7 +47,7 @@ def tiny_config(**kw) -> LlamaConfig:
         attn_implementation="sdpa",
     )
     args.update(kw)
-    return LlamaConfig(**args)
+    return tiny_config("llama", **args)
 
 
 # ---- hand formulas (written from the module tree of a Llama layer, not from the estimator) ----
@@ -73,13 +74,13 @@ def bnb_bytes(n: int) -> int:
 
 
 def test_tiny_parameter_count_matches_module_tree() -> None:
-    model = build_meta_model(tiny_config())
+    model = build_meta_model(small_config())
     assert sum(p.numel() for p in model.parameters()) == P_TOTAL
     assert all(p.is_meta for p in model.parameters())
 
 
 def test_mid_block_estimate_by_hand() -> None:
-    model = build_meta_model(tiny_config())
+    model = build_meta_model(small_config())
     plan = BandPlan.from_fractions(L, 0.2, 0.8)  # layers 2..7
     assert plan.indices == tuple(range(2, 8))
     tokens = 3 * 50
@@ -112,7 +113,7 @@ def test_mid_block_estimate_by_hand() -> None:
 
 
 def test_fsdp_shards_states_not_activations() -> None:
-    model = build_meta_model(tiny_config())
+    model = build_meta_model(small_config())
     plan = BandPlan.from_fractions(L, 0.2, 0.8)
     one = estimate_mid_block(model, plan, TrainingSetup(seq_len=64, gpus=1))
     four = estimate_mid_block(model, plan, TrainingSetup(seq_len=64, gpus=4))
@@ -127,7 +128,7 @@ def test_fsdp_shards_states_not_activations() -> None:
 
 
 def test_full_and_lora_by_hand() -> None:
-    model = build_meta_model(tiny_config())
+    model = build_meta_model(small_config())
     tokens = 40
     setup = TrainingSetup(seq_len=tokens, optim="adamw", checkpointing=False, lora_rank=4)
     full = estimate_full(model, setup)
@@ -207,8 +208,7 @@ def _saved_bytes_per_token(model, layers, layer: int, seq: int = 24) -> float:
 
 @pytest.fixture(scope="module")
 def base_model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    return LlamaForCausalLM(tiny_config(num_hidden_layers=3)).eval()
+    return tiny_model(config=small_config(num_hidden_layers=3), seed=0).eval()
 
 
 def _mixed_precision(model: torch.nn.Module, trained_layers: set[int]) -> torch.nn.Module:
@@ -298,7 +298,7 @@ def test_bad_settings_name_the_flag(tmp_path) -> None:
 
 
 def test_fits_flag_follows_gpu_memory() -> None:
-    model = build_meta_model(tiny_config())
+    model = build_meta_model(small_config())
     plan = BandPlan.from_fractions(L, 0.2, 0.8)
     big = estimate_all(model, plan, TrainingSetup(seq_len=32, gpu_memory_gib=1.0))
     assert all(e.fits for e in big.values())

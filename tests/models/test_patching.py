@@ -1,28 +1,19 @@
 """Kernel patching of tiny random Llama and Gemma 2 models, and the family-agnostic loss.
 
-The Triton kernels run on CPU through Triton's interpreter (set before the kernels are built).
+The Triton kernels run on CPU through Triton's interpreter (``TRITON_INTERPRET=1`` is set in the
+root ``tests/conftest.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
 from fastmid.kernels import use_backend
-from fastmid.kernels._interpret import enable_interpreter
-from transformers import (
-    Gemma2Config,
-    Gemma2ForCausalLM,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-)
+from tiny import tiny_model
+from transformers import Gemma2ForCausalLM, LlamaForCausalLM
 
 from fastmid.models.families import decoder_layers, final_norm
 from fastmid.models.loss import causal_lm_loss_sum
@@ -34,45 +25,35 @@ from fastmid.models.patching import (
     unpatch_model,
 )
 
-enable_interpreter()
-
 VOCAB, HIDDEN, SEQ, BATCH = 257, 64, 13, 2
 
 
+# The factory's 2-layer, 4-head, 2-kv-head shape, wider (hidden 64, intermediate 96).
+SHAPE = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=96, max_position_embeddings=64)
+
+
 def _tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
+    return tiny_model(
+        "llama",
+        seed=0,
+        **SHAPE,
         rms_norm_eps=1e-5,
         tie_word_embeddings=True,  # like SmolLM2: lm_head is the (frozen) embedding
         attn_implementation="eager",
-    )
-    return LlamaForCausalLM(config).eval()
+    ).eval()
 
 
 def _tiny_gemma2() -> Gemma2ForCausalLM:
-    torch.manual_seed(0)
-    config = Gemma2Config(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+    model = tiny_model(
+        "gemma2",
+        seed=0,
+        **SHAPE,
         head_dim=16,
         query_pre_attn_scalar=16,
         sliding_window=8,
-        max_position_embeddings=64,
         final_logit_softcapping=3.0,
         attn_implementation="eager",
-    )
-    model = Gemma2ForCausalLM(config).eval()
+    ).eval()
     with torch.no_grad():  # Gemma norms start at w = 0 (scale 1 + w); make the offset matter
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -146,8 +127,8 @@ def test_disabled_patch_changes_nothing(models):
 
 
 def test_family_without_kernel_targets_is_reported():
-    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2, n_positions=32)
-    report = patch_model(GPT2LMHeadModel(config), enabled=True)
+    gpt2 = tiny_model("gpt2", seed=None, vocab_size=VOCAB, n_layer=1, n_head=2, n_positions=32)
+    report = patch_model(gpt2, enabled=True)
     assert report.norms == 0 and "gpt2" in report.skipped[0]
 
 

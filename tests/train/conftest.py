@@ -1,8 +1,6 @@
-"""Fixtures for the training tests: a tiny random Llama with SmolLM2's real tokenizer.
-
-The tiny model (5 layers, hidden 32, SmolLM2's 49,152-token vocabulary, tied embeddings) is saved
-as an ordinary Hugging Face folder once per session, so every training test exercises the real
-loading, tokenization, band and export code in seconds.
+"""Fixtures for the training tests: fast TrainConfigs on ``tiny_llama_dir`` (tests/conftest.py),
+a tiny random Llama saved once per session with SmolLM2's real tokenizer, so every training test
+exercises the real loading, tokenization, band and export code in seconds.
 """
 
 from __future__ import annotations
@@ -10,39 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
-
-
-@pytest.fixture(scope="session")
-def smol_tokenizer():
-    from fastmid.models.loading import load_tokenizer
-
-    return load_tokenizer("default")
-
-
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, smol_tokenizer) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(1234)
-    config = LlamaConfig(
-        vocab_size=len(smol_tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=5,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        bos_token_id=smol_tokenizer.bos_token_id,
-        eos_token_id=smol_tokenizer.eos_token_id,
-        pad_token_id=smol_tokenizer.pad_token_id,
-    )
-    model = LlamaForCausalLM(config)
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(folder)
-    smol_tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture

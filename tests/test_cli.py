@@ -1,0 +1,188 @@
+"""The ``fastmid`` command line in-process (typer's CliRunner): the exit codes its docstring
+promises (0 success, 1 non-finite loss, 2 known error on one line, 130 interrupted after saving)
+and ``--help`` of every command.
+
+``fastmid train`` runs no training here: ``fastmid.train.recipe.run_train``, which the command
+imports when it runs, is replaced by a stand-in.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from tiny import tiny_config
+from typer.testing import CliRunner
+
+from fastmid.cli import app
+from fastmid.train.recipe import NonFiniteLossError, TrainingInterrupted
+
+COMMANDS = [[], ["train"], ["plan"], ["eval"], ["analyze"], ["data"], ["data", "inspect"]]
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+def assert_one_line_error(result, exit_code: int = 2) -> str:
+    """The CLI's known-error contract: the exit code, one ``error: ...`` line on stderr, nothing
+    on stdout, no traceback."""
+    assert result.exit_code == exit_code, (result.exit_code, result.output)
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output
+    message = result.stderr.strip()
+    assert message.startswith("error: ") and "\n" not in message, result.stderr
+    assert result.stdout.strip() == ""
+    return message
+
+
+@pytest.fixture
+def tiny_config_json(tmp_path: Path) -> Path:
+    """A bare config.json of a tiny 10-layer Llama (``fastmid plan`` needs no weights)."""
+    path = tmp_path / "config.json"
+    tiny_config("llama", num_hidden_layers=10).to_json_file(path)
+    return path
+
+
+# ---- --help ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args", COMMANDS, ids=lambda a: " ".join(a) or "fastmid")
+def test_help_of_every_command_exits_0(args: list[str]) -> None:
+    result = invoke(*args, "--help")
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.stdout and "Traceback" not in result.output
+
+
+def test_top_level_help_lists_every_command() -> None:
+    text = invoke("--help").stdout
+    for command in ("train", "plan", "eval", "analyze", "data"):
+        assert command in text, command
+
+
+def test_train_help_shows_the_config_flags() -> None:
+    text = invoke("train", "--help").stdout
+    for flag in ("--max-seq-len", "--lr", "--band", "--model", "--data", "--output"):
+        assert flag in text, flag
+
+
+# ---- exit 0 ------------------------------------------------------------------------------------
+
+
+def test_plan_of_a_config_json_exits_0(tiny_config_json: Path) -> None:
+    result = invoke("plan", "--model", str(tiny_config_json), "--seq-len", "64", "--json")
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    assert plan["band"]["indices"] == list(range(2, 8))  # 10 layers, 0.2:0.8 -> [2, 8)
+    assert plan["model"]["num_hidden_layers"] == 10
+
+    table = invoke("plan", "--model", str(tiny_config_json), "--seq-len", "64")
+    assert table.exit_code == 0, table.output
+    assert "2..7" in table.stdout
+
+
+def test_train_passes_its_flags_to_the_recipe_and_exits_0(monkeypatch, tmp_path: Path) -> None:
+    seen = []
+
+    def fake_run_train(cfg, *args, **kwargs):
+        seen.append(cfg)
+        return {"steps": 0}
+
+    monkeypatch.setattr("fastmid.train.recipe.run_train", fake_run_train)
+    out = tmp_path / "run"
+    result = invoke("train", "--max-seq-len", "64", "--lr", "0.0003", "--output", str(out))
+    assert result.exit_code == 0, result.output
+    (cfg,) = seen
+    assert cfg.max_seq_len == 64 and cfg.lr == pytest.approx(3e-4)
+    assert Path(cfg.output) == out
+
+
+def test_eval_of_a_tiny_model_exits_0(tiny_llama_dir: Path) -> None:
+    result = invoke(
+        "eval", "--model", str(tiny_llama_dir), "--n", "2", "--max-new-tokens", "2", "--json"
+    )
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["n"] == 2 and 0 <= doc["correct"] <= 2 and len(doc["ci95"]) == 2
+
+
+def test_data_inspect_exits_0(tiny_llama_dir: Path) -> None:
+    result = invoke(
+        "data", "inspect", "--data", "builtin:arith", "--model", str(tiny_llama_dir), "--n", "1"
+    )
+    assert result.exit_code == 0, result.output
+    assert "####" in result.stdout
+
+
+# ---- exit 2: known errors, one line --------------------------------------------------------
+
+
+def test_bad_train_value_is_one_line(tmp_path: Path) -> None:
+    message = assert_one_line_error(
+        invoke("train", "--max-seq-len", "0", "--output", str(tmp_path / "run"))
+    )
+    assert "--max-seq-len" in message
+
+
+def test_unparsable_flag_value_exits_2_without_traceback() -> None:
+    result = invoke("train", "--lr", "abc")
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit)
+    assert "--lr" in result.stderr and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["plan", "--seq-len", "0"], "--seq-len"),
+        (["plan", "--band", "0.8:0.2"], "0.8:0.2"),
+        (["eval", "--model", "/no/such/model"], "/no/such/model"),
+        (["analyze", "--base", "/no/such/model"], "/no/such/model"),
+    ],
+    ids=["plan-seq-len", "plan-band", "eval-model", "analyze-base"],
+)
+def test_known_errors_are_one_line(args: list[str], needle: str, tiny_config_json: Path) -> None:
+    if args[0] == "plan":
+        args = [*args, "--model", str(tiny_config_json)]
+    assert needle in assert_one_line_error(invoke(*args))
+
+
+def test_long_error_stays_on_one_line(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-data-file.jsonl"
+    result = invoke("data", "inspect", "--data", str(missing), "--model", str(tiny_llama_dir))
+    assert str(missing) in assert_one_line_error(result)
+
+
+# ---- exit 1 and 130 from the run ----------------------------------------------------------------
+
+
+def _train_raising(monkeypatch, tmp_path: Path, exc: BaseException):
+    def fake_run_train(cfg, *args, **kwargs):
+        raise exc
+
+    monkeypatch.setattr("fastmid.train.recipe.run_train", fake_run_train)
+    return invoke("train", "--output", str(tmp_path / "run"))
+
+
+def test_non_finite_loss_exits_1_on_one_line(monkeypatch, tmp_path: Path) -> None:
+    exc = NonFiniteLossError("non-finite loss at step 3, micro-batch 2")
+    result = _train_raising(monkeypatch, tmp_path, exc)
+    assert "step 3, micro-batch 2" in assert_one_line_error(result, exit_code=1)
+
+
+def test_interrupt_exits_130_with_the_resume_command(monkeypatch, tmp_path: Path) -> None:
+    exc = TrainingInterrupted("interrupted at step 2; saved; resume: fastmid train --resume latest")
+    result = _train_raising(monkeypatch, tmp_path, exc)
+    assert result.exit_code == 130, result.output
+    assert isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    message = result.stderr.strip()
+    assert "--resume latest" in message and "\n" not in message
+    assert not message.startswith("error:")  # an interrupt is not an error
+
+
+def test_unexpected_exception_keeps_its_traceback(monkeypatch, tmp_path: Path) -> None:
+    """Only FastmidError becomes one line; anything else is a bug and must stay visible."""
+    result = _train_raising(monkeypatch, tmp_path, RuntimeError("a bug"))
+    assert result.exit_code == 1
+    assert isinstance(result.exception, RuntimeError) and str(result.exception) == "a bug"
