@@ -1,24 +1,58 @@
-"""Atomic checkpoints and exact resume.
+"""Atomic, durable checkpoints that load without pickle, and exact resume.
 
-A checkpoint ``<output>/checkpoints/step-<N>/`` holds:
+A checkpoint ``<output>/checkpoints/step-<N>/`` (format 2) holds:
 
-* ``band.safetensors``: the trainable tensors only (the band; frozen weights come from the base
-  model, which is why a checkpoint of a 32B model with an 18-layer band is a fraction of its size);
-* ``optimizer.pt``, ``scheduler.pt``: their ``state_dict()`` (8-bit states included);
-* ``trainer_state.json``: step, data position, tokens seen, RNG states (python, torch CPU, CUDA),
-  the band plan and the resolved config.
+* ``band.safetensors``: the trainable tensors only, by state-dict name (the band; frozen weights
+  come from the base model, which is why a checkpoint of a 32B model with an 18-layer band is a
+  fraction of its size). Each keeps its training dtype (fp32 master weights on CUDA).
+* ``optimizer.safetensors``: every tensor of ``optimizer.state_dict()``, flattened to a dotted
+  key: ``state.<param_index>.<key>`` (``state.0.exp_avg``, ``state.0.step`` for torch AdamW;
+  ``state.3.__bnb_optimizer_quant_state__.state1`` for bitsandbytes, whose ``state1/state2`` are
+  uint8 codes of the parameter's shape, ``absmax1/absmax2`` float32 ``[ceil(numel / 256)]`` block
+  scales and ``qmap1/qmap2`` float32 ``[256]`` code books; tensors under 4096 elements keep float32
+  ``state1/state2`` of the parameter's shape and no absmax/qmap). A tensor stored twice in the state (bitsandbytes shares one ``qmap`` across
+  parameters) is written once and shared again on load.
+* ``optimizer.json``: the rest of the state dict as JSON (``param_groups`` with ``lr``, ``betas``,
+  ``weight_decay`` ..., non-tensor scalars such as bitsandbytes' int ``step``), each tensor
+  replaced by ``{"__fastmid_tensor__": "<key in optimizer.safetensors>"}``, tuples by
+  ``{"__fastmid_tuple__": [...]}``, dicts with non-string keys (``state`` is keyed by int) by
+  ``{"__fastmid_dict__": [[key, value], ...]}``; plus the format number and the optimizer class.
+  Python floats round-trip exactly through JSON (``repr``), so resume stays bit-exact.
+* ``scheduler.json``: ``scheduler.state_dict()`` the same way (``scheduler.safetensors`` only if
+  a scheduler state ever holds tensors; ``LambdaLR``'s does not, its lambdas are stored as null).
+* ``trainer_state.json``: step, data position, tokens seen, RNG states as JSON lists (python,
+  torch CPU, CUDA), the band plan and the resolved config.
 
-It is written to ``step-<N>.tmp-*`` and renamed when complete, so a crash mid-write never leaves a
-folder that looks valid; only the last ``keep_last`` complete checkpoints are kept.
+Loading reads safetensors and JSON only, so a checkpoint from someone else cannot run code. A
+format-1 checkpoint (``optimizer.pt``/``scheduler.pt``, written by fastmid before format 2) is read
+with ``torch.load(weights_only=True)``: PyTorch's restricted unpickler, which builds only tensors,
+containers and scalars and refuses any other global; a file it refuses (e.g. a pickle whose
+``__reduce__`` would call ``os.system``) is a :class:`CheckpointError`, and nothing in it runs.
+
+Tensor subclasses (the coming torchao ``AdamW8bit``/``AdamW4bit`` states, ``DTensor``): a subclass
+maps to flat tensors through its own ``__tensor_flatten__()``, which returns the names of its
+plain inner tensors (torchao's ``OptimState8bit``: ``codes`` uint8, ``scale`` float32 per block,
+``qmap`` float32 ``[256]``) and a small context (``signed``, the outer shape). The plan: store
+each inner tensor under ``<key>.<inner name>`` in ``optimizer.safetensors`` and, in the JSON,
+``{"__fastmid_subclass__": "<qualified class name>", "inner": {...tensor refs...}, "ctx": [...],
+"shape": [...], "stride": [...]}``; load through ``cls.__tensor_unflatten__(inner, ctx, shape,
+stride)`` with ``cls`` looked up in a fixed allow-list in this module, never imported by a name
+read from the file. Until that is written, saving a subclass raises :class:`CheckpointError`.
+
+Writes go through :func:`fastmid.train.atomic.atomic_folder`: ``step-<N>.tmp-*``, fsync of every
+file and the folder, rename, fsync of ``checkpoints/``, so a crash never leaves a folder that looks
+valid; :func:`clean_partial_checkpoints` removes what a ``kill -9`` left. Only the last
+``keep_last`` complete checkpoints are kept (the one just written always is).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import re
-import shutil
-import tempfile
+import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,13 +61,21 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fastmid.errors import FastmidError
-from fastmid.train.export import make_readable
+from fastmid.train.atomic import atomic_folder, clean_partial, pause_point, remove_folder
 
+FORMAT = 2
 _STEP_RE = re.compile(r"^step-(\d+)$")
+_TENSOR, _TUPLE, _DICT = "__fastmid_tensor__", "__fastmid_tuple__", "__fastmid_dict__"
+_RESERVED = "__fastmid_"
+# Format 1 (before 2): the optimizer and scheduler state as torch.save pickles.
+_FORMAT1_STATE_FILES = ("optimizer.pt", "scheduler.pt")
+# A safetensors header above this is not one fastmid wrote (the format itself caps it at 100 MB).
+_MAX_HEADER = 100_000_000
 
 
 class CheckpointError(FastmidError, ValueError):
-    """A checkpoint that cannot be found or does not match the run (path and reason named)."""
+    """A checkpoint that cannot be found, written, or loaded, or does not match the run (path and
+    reason named, and which checkpoint to use instead when one exists)."""
 
 
 @dataclass
@@ -45,6 +87,8 @@ class TrainerState:
         micro_batches: micro-batches consumed since the start (data position).
         tokens: non-padding tokens seen; supervised_tokens: tokens with a label.
         elapsed_s: training wall time so far, in seconds.
+        rng: :func:`capture_rng`'s JSON-ready RNG states.
+        plan: the band plan (``BandPlan.to_dict()``); config: the resolved config.
     """
 
     step: int
@@ -57,8 +101,12 @@ class TrainerState:
     config: dict[str, Any]
 
 
+# ---- RNG ------------------------------------------------------------------------------------
+
+
 def capture_rng() -> dict[str, Any]:
-    """RNG states (python, torch CPU, CUDA when present) as JSON-ready lists."""
+    """RNG states as JSON-ready lists (no pickle): ``python`` ``[version, [625 ints], gauss]``,
+    ``torch`` the CPU generator's uint8 state as ints, ``cuda`` one such list per device."""
     state: dict[str, Any] = {
         "python": _jsonable(random.getstate()),
         "torch": torch.get_rng_state().tolist(),
@@ -83,6 +131,151 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
+def _rng_problem(rng: Any) -> str | None:
+    """Why ``rng`` cannot be restored by :func:`restore_rng`, or None (checked without applying)."""
+    if not isinstance(rng, dict) or "python" not in rng or "torch" not in rng:
+        return "'rng' must hold 'python' and 'torch' states"
+    py = rng["python"]
+    try:
+        random.Random().setstate((py[0], tuple(py[1]), py[2]))
+        torch_state = torch.tensor(rng["torch"], dtype=torch.uint8)
+    except (TypeError, ValueError, IndexError, OverflowError, RuntimeError) as exc:
+        return f"'rng' is not a valid RNG state ({_first_line(exc)})"
+    if torch_state.shape != torch.get_rng_state().shape:
+        return f"'rng.torch' has {torch_state.numel()} bytes, torch's state has {torch.get_rng_state().numel()}"
+    return None
+
+
+# ---- the state codec: nested state dicts <-> (JSON tree, flat tensors) ----------------------
+
+
+class _Encoder:
+    """Turns a state dict into a JSON-ready tree plus ``{dotted key: CPU tensor}``."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.tensors: dict[str, torch.Tensor] = {}
+        self._views: dict[tuple, str] = {}  # the same tensor stored twice is written once
+        self._storages: set[int] = set()
+
+    def encode(self, obj: Any, key: str) -> Any:
+        if isinstance(obj, torch.Tensor):
+            return {_TENSOR: self._add(obj, key)}
+        if obj is None or isinstance(obj, (bool, int, float, str)):
+            return obj
+        if isinstance(obj, tuple):  # betas are a tuple; torch.Size is one too
+            return {_TUPLE: [self.encode(v, f"{key}.{i}") for i, v in enumerate(obj)]}
+        if isinstance(obj, list):
+            return [self.encode(v, f"{key}.{i}") for i, v in enumerate(obj)]
+        if isinstance(obj, dict):
+            if all(isinstance(k, str) and not k.startswith(_RESERVED) for k in obj):
+                return {k: self.encode(v, _join(key, k)) for k, v in obj.items()}
+            for k in obj:
+                if k is not None and not isinstance(k, (bool, int, float, str)):
+                    raise CheckpointError(
+                        f"cannot store the {self.what} state: key {k!r} at '{key}' is a "
+                        f"{type(k).__name__}, not a JSON scalar"
+                    )
+            return {_DICT: [[k, self.encode(v, _join(key, str(k)))] for k, v in obj.items()]}
+        raise CheckpointError(
+            f"cannot store the {self.what} state without pickle: '{key}' is a "
+            f"{type(obj).__module__}.{type(obj).__qualname__}"
+        )
+
+    def _add(self, t: torch.Tensor, key: str) -> str:
+        if type(t) not in (torch.Tensor, torch.nn.Parameter):
+            raise CheckpointError(
+                f"cannot store the {self.what} state: '{key}' is a tensor subclass "
+                f"({type(t).__qualname__}) with no checkpoint mapping yet (see "
+                "fastmid.train.checkpoint's docstring)"
+            )
+        t = t.detach()
+        view = (str(t.device), t.untyped_storage().data_ptr(), t.storage_offset(),
+                tuple(t.shape), t.stride(), t.dtype)  # fmt: skip
+        if view in self._views:
+            return self._views[view]
+        cpu = t.to("cpu").contiguous()
+        ptr = cpu.untyped_storage().data_ptr()
+        if ptr and ptr in self._storages:  # another view of a stored tensor: safetensors refuses
+            cpu = cpu.clone()
+        self._storages.add(cpu.untyped_storage().data_ptr())
+        name, n = key, 1
+        while name in self.tensors:  # keys that contain dots could collide
+            name, n = f"{key}#{n}", n + 1
+        self.tensors[name] = cpu
+        self._views[view] = name
+        return name
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _decode(obj: Any, tensors: dict[str, torch.Tensor], file: Path, where: str = "") -> Any:
+    """Inverse of :meth:`_Encoder.encode`; raises CheckpointError naming ``file`` and the key."""
+    if isinstance(obj, list):
+        return [_decode(v, tensors, file, f"{where}.{i}") for i, v in enumerate(obj)]
+    if not isinstance(obj, dict):
+        return obj
+    if len(obj) == 1:
+        ((k, v),) = obj.items()
+        if k == _TENSOR:
+            if not isinstance(v, str) or v not in tensors:
+                raise _Damaged(file, f"'{where}' refers to tensor {v!r}, which is not stored")
+            return tensors[v]
+        if k == _TUPLE:
+            if not isinstance(v, list):
+                raise _Damaged(file, f"'{where}' is not a list")
+            return tuple(_decode(x, tensors, file, f"{where}.{i}") for i, x in enumerate(v))
+        if k == _DICT:
+            if not isinstance(v, list) or not all(
+                isinstance(p, list) and len(p) == 2 and not isinstance(p[0], (list, dict))
+                for p in v
+            ):
+                raise _Damaged(file, f"'{where}' is not a list of [key, value] pairs")
+            return {p[0]: _decode(p[1], tensors, file, _join(where, str(p[0]))) for p in v}
+    if any(k.startswith(_RESERVED) for k in obj):
+        raise _Damaged(file, f"'{where}' holds an unknown marker {sorted(obj)[:3]}")
+    return {k: _decode(v, tensors, file, _join(where, k)) for k, v in obj.items()}
+
+
+class _Damaged(Exception):
+    """Internal: ``file`` is unreadable for ``reason``; becomes a CheckpointError with advice."""
+
+    def __init__(self, file: Path, reason: str) -> None:
+        super().__init__(f"{file}: {reason}")
+        self.file, self.reason = file, reason
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _class_name(obj: Any) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+# ---- writing --------------------------------------------------------------------------------
+
+
+def _save_safetensors(
+    tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
+) -> None:
+    """Write one safetensors file (the one place a checkpoint writes tensors; tests wrap it)."""
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def _save_json(obj: Any, path: Path) -> None:
+    """Write one JSON file (the one place a checkpoint writes JSON; tests wrap it)."""
+    with open(path, "w") as f:
+        f.write(json.dumps(obj, indent=1) + "\n")
+
+
+def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 def save_checkpoint(
     checkpoints_dir: Path,
     model: torch.nn.Module,
@@ -92,40 +285,87 @@ def save_checkpoint(
     state: TrainerState,
     keep_last: int,
 ) -> Path:
-    """Write ``step-<N>`` atomically and prune older checkpoints beyond ``keep_last``.
+    """Write ``step-<N>`` atomically and durably; prune older checkpoints beyond ``keep_last``.
 
     Args:
-        checkpoints_dir: ``<output>/checkpoints``.
+        checkpoints_dir: ``<output>/checkpoints`` (created if missing).
         model: the model; only ``trainable_names`` tensors are written.
         trainable_names: state-dict names of the trainable tensors.
+        optimizer: a torch optimizer (torch AdamW, bitsandbytes AdamW8bit ...) over those tensors.
+        scheduler: an ``LRScheduler`` (anything with a JSON-able ``state_dict()``).
+        state: the loop position (``state.step`` names the folder).
+        keep_last: complete checkpoints to keep (>= 1); the one just written is always kept.
 
     Returns:
-        The checkpoint folder.
+        The checkpoint folder ``checkpoints_dir / f"step-{state.step}"``.
+
+    Raises:
+        CheckpointError: the disk or quota filled up (one line: the folder, the bytes needed and
+            free; the previous checkpoints are untouched and no partial folder is left); a state
+            that cannot be stored without pickle (names the key and type).
     """
-    checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    checkpoints_dir = Path(checkpoints_dir)
     final = checkpoints_dir / f"step-{state.step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f"step-{state.step}.tmp-", dir=checkpoints_dir))
-    try:
-        params = dict(model.named_parameters())
-        tensors = {n: params[n].detach().contiguous().cpu() for n in trainable_names}
-        save_file(tensors, str(tmp / "band.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps(state.__dict__, indent=1) + "\n")
-        make_readable(tmp)
-        if final.exists():  # a re-save of the same step (e.g. SIGINT right after a save)
-            shutil.rmtree(final)
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for old in list_checkpoints(checkpoints_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    params = dict(model.named_parameters())
+    band = {n: params[n].detach().contiguous().cpu() for n in trainable_names}
+    opt_enc, sched_enc = _Encoder("optimizer"), _Encoder("scheduler")
+    opt_json = {
+        "format": FORMAT,
+        "class": _class_name(optimizer),
+        "state_dict": opt_enc.encode(optimizer.state_dict(), ""),
+    }
+    sched_json = {
+        "format": FORMAT,
+        "class": _class_name(scheduler),
+        "state_dict": sched_enc.encode(scheduler.state_dict(), ""),
+    }
+    texts = {
+        "optimizer.json": opt_json,
+        "scheduler.json": sched_json,
+        "trainer_state.json": dataclasses.asdict(state),
+    }
+    needed = _nbytes(band) + _nbytes(opt_enc.tensors) + _nbytes(sched_enc.tensors)
+    needed += sum(len(json.dumps(v, indent=1)) for v in texts.values())
+    previous = [p for p in list_checkpoints(checkpoints_dir) if p != final]
+    kept = f"; {previous[-1].name} is intact" if previous else ""
+    meta = {"fastmid_checkpoint_format": str(FORMAT)}
+    with atomic_folder(
+        final, what="checkpoint", bytes_needed=needed, error=CheckpointError, keep_note=kept
+    ) as tmp:
+        _save_safetensors(band, tmp / "band.safetensors", meta)
+        pause_point("band.safetensors")
+        _save_safetensors(opt_enc.tensors, tmp / "optimizer.safetensors", meta)
+        pause_point("optimizer.safetensors")
+        if sched_enc.tensors:
+            _save_safetensors(sched_enc.tensors, tmp / "scheduler.safetensors", meta)
+            pause_point("scheduler.safetensors")
+        for name, obj in texts.items():  # trainer_state.json last: it marks a checkpoint
+            _save_json(obj, tmp / name)
+            pause_point(name)
+    others = [p for p in list_checkpoints(checkpoints_dir) if p != final]
+    for old in others[: max(0, len(others) - (keep_last - 1))]:
+        remove_folder(old)
     return final
 
 
+def clean_partial_checkpoints(checkpoints_dir: Path) -> list[Path]:
+    """Remove what a killed save left in ``checkpoints_dir`` (``step-<N>.tmp-*`` and the like).
+
+    Call it at the start of a run or a resume, while holding the run lock (another live run's
+    temp folder looks the same), and print what it returns.
+
+    Returns:
+        The partial folders removed (an ``step-<N>.old-*`` folder renamed back to a missing
+        ``step-<N>`` counts as removed too: see :func:`fastmid.train.atomic.clean_partial`).
+    """
+    return clean_partial(Path(checkpoints_dir), r"step-\d+")
+
+
 def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
-    """Complete checkpoints in ``checkpoints_dir``, oldest first (temporary folders ignored)."""
+    """Checkpoints in ``checkpoints_dir`` (folders ``step-<N>`` holding ``trainer_state.json``),
+    oldest first; temporary and partial folders are ignored. Their files are not checked here:
+    :func:`verify_checkpoint` does that."""
+    checkpoints_dir = Path(checkpoints_dir)
     if not checkpoints_dir.is_dir():
         return []
     found = []
@@ -136,28 +376,243 @@ def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+# ---- checking -------------------------------------------------------------------------------
+
+
+def _read_json(file: Path) -> Any:
+    try:
+        return json.loads(file.read_text())
+    except FileNotFoundError:
+        raise _Damaged(file, "missing") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise _Damaged(file, f"not valid JSON ({_first_line(exc)})") from None
+
+
+def _check_safetensors(file: Path) -> set[str]:
+    """Check a safetensors file's header and length without reading its tensors; return the
+    tensor names.
+
+    Layout: 8-byte little-endian header length ``n``, ``n`` bytes of JSON mapping each name to
+    ``{"dtype", "shape", "data_offsets": [begin, end]}``, then the data; a truncated file is
+    shorter than ``8 + n + max(end)``.
+    """
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise _Damaged(file, f"truncated ({size} bytes, not even a header)")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(_MAX_HEADER, size - 8):
+                raise _Damaged(file, f"not a safetensors file or truncated (header of {n} bytes)")
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise _Damaged(file, "missing") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise _Damaged(file, f"not a safetensors file ({_first_line(exc)})") from None
+    try:
+        end = max(
+            (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+            default=0,
+        )
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError):
+        raise _Damaged(file, "its header is not a safetensors header") from None
+    if size != 8 + n + end:
+        raise _Damaged(
+            file, f"truncated or extended: {size:,} bytes, its header says {8 + n + end:,}"
+        )
+    return {k for k in header if k != "__metadata__"}
+
+
+def _tensor_refs(tree: Any, where: str = "") -> Iterator[tuple[str, Any]]:
+    """``(where, referenced key)`` of every tensor reference in an encoded JSON tree."""
+    if isinstance(tree, list):
+        for i, v in enumerate(tree):
+            yield from _tensor_refs(v, f"{where}.{i}")
+    elif isinstance(tree, dict):
+        if set(tree) == {_TENSOR}:
+            yield where, tree[_TENSOR]
+            return
+        for k, v in tree.items():
+            yield from _tensor_refs(v, _join(where, str(k)))
+
+
+def _check_trainer_state(data: Any, file: Path) -> None:
+    if not isinstance(data, dict):
+        raise _Damaged(file, "not a JSON object")
+    fields = dataclasses.fields(TrainerState)
+    required = {f.name for f in fields if f.default is dataclasses.MISSING}
+    required -= {f.name for f in fields if f.default_factory is not dataclasses.MISSING}
+    missing = sorted(required - set(data))
+    unknown = sorted(set(data) - {f.name for f in fields})
+    if missing:
+        raise _Damaged(file, f"missing keys {missing}")
+    if unknown:
+        raise _Damaged(file, f"unknown keys {unknown} (written by a newer fastmid?)")
+    for key in ("step", "micro_batches", "tokens", "supervised_tokens"):
+        if not isinstance(data[key], int) or isinstance(data[key], bool) or data[key] < 0:
+            raise _Damaged(file, f"'{key}' must be a non-negative integer, not {data[key]!r}")
+    if not isinstance(data["elapsed_s"], (int, float)):
+        raise _Damaged(file, f"'elapsed_s' must be a number, not {data['elapsed_s']!r}")
+    for key in ("plan", "config"):
+        if not isinstance(data[key], dict):
+            raise _Damaged(file, f"'{key}' must be a JSON object")
+    problem = _rng_problem(data["rng"])
+    if problem:
+        raise _Damaged(file, problem)
+
+
+def _check_state_json(data: Any, file: Path) -> None:
+    if not isinstance(data, dict) or not {"format", "class", "state_dict"} <= set(data):
+        raise _Damaged(file, "missing keys (needs 'format', 'class', 'state_dict')")
+    if data["format"] != FORMAT:
+        raise _Damaged(file, f"checkpoint format {data['format']!r}; this fastmid reads {FORMAT}")
+
+
+def _find_problem(path: Path) -> _Damaged | None:
+    """The first thing wrong with checkpoint ``path`` (cheap: headers and JSON, not tensor data)."""
+    try:
+        if not path.is_dir():
+            raise _Damaged(path, "not a folder")
+        _check_trainer_state(_read_json(path / "trainer_state.json"), path / "trainer_state.json")
+        _check_safetensors(path / "band.safetensors")
+        if not (path / "optimizer.json").exists() and (path / "optimizer.pt").exists():
+            for name in _FORMAT1_STATE_FILES:  # their contents are checked when loading
+                if not (path / name).is_file():
+                    raise _Damaged(path / name, "missing")
+            return None
+        for stem in ("optimizer", "scheduler"):
+            file, tensor_file = path / f"{stem}.json", path / f"{stem}.safetensors"
+            data = _read_json(file)
+            _check_state_json(data, file)
+            stored = set()
+            if stem == "optimizer" or tensor_file.exists():
+                stored = _check_safetensors(tensor_file)
+            for where, key in _tensor_refs(data["state_dict"]):
+                if key not in stored:
+                    raise _Damaged(file, f"'{where}' refers to tensor {key!r}, which is not stored")
+    except _Damaged as damaged:
+        return damaged
+    return None
+
+
+def _step_of(path: Path) -> int | None:
+    match = _STEP_RE.match(path.name)
+    return int(match.group(1)) if match else None
+
+
+def _older_complete(path: Path) -> Path | None:
+    """The newest checkpoint beside ``path`` with a smaller step that passes the checks."""
+    step = _step_of(path)
+    if step is None:
+        return None
+    for other in reversed(list_checkpoints(path.parent)):
+        other_step = _step_of(other)
+        if other_step is not None and other_step < step and _find_problem(other) is None:
+            return other
+    return None
+
+
+def _damaged_error(path: Path, damaged: _Damaged) -> CheckpointError:
+    """One line: the file and what is wrong, then which checkpoint to resume from instead."""
+    older = _older_complete(path)
+    advice = (
+        f"resume from the previous complete checkpoint with `--resume {older}`"
+        if older is not None
+        else f"no older complete checkpoint in {path.parent}; start again without --resume"
+    )
+    return CheckpointError(f"{damaged}; checkpoint {path} is damaged; {advice}")
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Check that ``path`` is a complete, readable checkpoint, without loading its tensors.
+
+    Checks each file exists; the JSON files parse and hold their keys (``trainer_state.json``:
+    every :class:`TrainerState` field with the right types and a restorable RNG state); each
+    safetensors file's header parses and its length matches the header (catches truncation).
+
+    Raises:
+        CheckpointError: naming the file and the problem, and ``--resume <older checkpoint>`` when
+            an older complete one exists beside it.
+    """
+    damaged = _find_problem(Path(path))
+    if damaged is not None:
+        raise _damaged_error(Path(path), damaged)
+
+
 def resolve_resume(resume: str, output_dir: Path) -> Path:
-    """Turn ``--resume`` (a checkpoint folder, or ``latest``) into a checkpoint folder.
+    """Turn ``--resume`` (a checkpoint folder, or ``latest``) into a verified checkpoint folder.
+
+    ``latest`` is the highest ``step-<N>`` under ``<output>/checkpoints``; a damaged one is not
+    skipped silently but named, with the older complete checkpoint to pass instead.
 
     Raises:
         CheckpointError: no checkpoint under ``<output>/checkpoints`` for ``latest``; a path that is
-            not a complete checkpoint.
+            not a checkpoint; a damaged checkpoint (see :func:`verify_checkpoint`).
     """
     if resume == "latest":
-        found = list_checkpoints(output_dir / "checkpoints")
+        found = list_checkpoints(Path(output_dir) / "checkpoints")
         if not found:
             raise CheckpointError(
-                f"--resume latest: no checkpoint in {output_dir / 'checkpoints'}; "
+                f"--resume latest: no checkpoint in {Path(output_dir) / 'checkpoints'}; "
                 "start without --resume"
             )
-        return found[-1]
-    path = Path(resume)
-    if not (path / "trainer_state.json").is_file():
-        raise CheckpointError(
-            f"--resume {path}: not a fastmid checkpoint (no trainer_state.json); pass a "
-            "checkpoints/step-<N> folder or 'latest'"
-        )
+        path = found[-1]
+    else:
+        path = Path(resume)
+        if not (path / "trainer_state.json").is_file():
+            raise CheckpointError(
+                f"--resume {path}: not a fastmid checkpoint (no trainer_state.json); pass a "
+                "checkpoints/step-<N> folder or 'latest'"
+            )
+    verify_checkpoint(path)
     return path
+
+
+# ---- loading --------------------------------------------------------------------------------
+
+
+def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(file))
+    except FileNotFoundError:
+        raise _Damaged(file, "missing") from None
+    except Exception as exc:  # safetensors' Rust errors share no base class worth naming
+        raise _Damaged(file, f"unreadable ({_first_line(exc)})") from None
+
+
+def _load_state_format2(path: Path, stem: str, live: Any) -> dict[str, Any]:
+    file = path / f"{stem}.json"
+    data = _read_json(file)
+    _check_state_json(data, file)
+    if data["class"] != _class_name(live):
+        raise CheckpointError(
+            f"{file}: saved by {data['class']}, this run uses {_class_name(live)}; resume with "
+            "the run's own --optim (or start without --resume)"
+        )
+    tensor_file = path / f"{stem}.safetensors"
+    tensors = _load_safetensors(tensor_file) if tensor_file.exists() else {}
+    state = _decode(data["state_dict"], tensors, file)
+    if not isinstance(state, dict):
+        raise _Damaged(file, "'state_dict' is not an object")
+    return state
+
+
+def _load_state_format1(file: Path) -> dict[str, Any]:
+    """A format-1 ``.pt`` pickle, through PyTorch's restricted (allow-list) unpickler only."""
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise _Damaged(file, "missing") from None
+    except Exception as exc:  # UnpicklingError for a refused global; anything else: damaged
+        raise CheckpointError(
+            f"{file}: refused: not a plain tensor/number pickle ({_first_line(exc)}); fastmid "
+            "loads no code from a checkpoint; use a checkpoint fastmid wrote, or start without "
+            "--resume"
+        ) from None
+    if not isinstance(state, dict):
+        raise _Damaged(file, f"holds a {type(state).__name__}, not a state dict")
+    return state
 
 
 def load_checkpoint(
@@ -169,11 +624,38 @@ def load_checkpoint(
 ) -> TrainerState:
     """Load band weights, optimizer and scheduler state into the live objects; return the state.
 
+    Every file is read and checked before anything live changes; a state whose layout does not
+    fit the live optimizer or scheduler is found when it is applied (the run then stops anyway).
+    No file is unpickled (format-1 ``.pt`` files only through ``torch.load(weights_only=True)``).
+
+    Args:
+        path: a ``step-<N>`` folder.
+        model: the run's model; ``trainable_names`` tensors are overwritten in place (cast to each
+            parameter's device and dtype).
+        optimizer, scheduler: built exactly as for the saved run (same class, same param groups).
+
+    Returns:
+        The saved :class:`TrainerState` (call :func:`restore_rng` on its ``rng``).
+
     Raises:
-        CheckpointError: the checkpoint's tensors do not match the run's trainable parameters
-            (a different band or model).
+        CheckpointError: a damaged checkpoint (missing or truncated file, invalid JSON, missing
+            keys: names the file and the older checkpoint to resume from); tensors that do not
+            match the run's band; an optimizer or scheduler of another class or layout; a format-1
+            pickle that holds anything but tensors, containers and numbers.
     """
-    tensors = load_file(str(path / "band.safetensors"))
+    path = Path(path)
+    verify_checkpoint(path)
+    try:
+        data = _read_json(path / "trainer_state.json")
+        tensors = _load_safetensors(path / "band.safetensors")
+        if (path / "optimizer.json").exists() or not (path / "optimizer.pt").exists():
+            opt_state = _load_state_format2(path, "optimizer", optimizer)
+            sched_state = _load_state_format2(path, "scheduler", scheduler)
+        else:
+            opt_state = _load_state_format1(path / "optimizer.pt")
+            sched_state = _load_state_format1(path / "scheduler.pt")
+    except _Damaged as damaged:
+        raise _damaged_error(path, damaged) from None
     if sorted(tensors) != sorted(trainable_names):
         missing = sorted(set(trainable_names) - set(tensors))[:3]
         extra = sorted(set(tensors) - set(trainable_names))[:3]
@@ -182,15 +664,28 @@ def load_checkpoint(
             f"unexpected {extra}); resume with the same --model and --band/--layers"
         )
     params = dict(model.named_parameters())
+    for name, value in tensors.items():
+        if params[name].shape != value.shape:
+            raise CheckpointError(
+                f"{path}: tensor {name} has shape {tuple(value.shape)}, "
+                f"the model's is {tuple(params[name].shape)}"
+            )
+    opt_file = path / ("optimizer.json" if (path / "optimizer.json").exists() else "optimizer.pt")
+    try:
+        optimizer.load_state_dict(opt_state)
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"{opt_file}: the optimizer state does not fit this run's optimizer "
+            f"({_first_line(exc)}); resume with the run's own --optim, --model and band"
+        ) from None
+    try:
+        scheduler.load_state_dict(sched_state)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(
+            f"{opt_file.with_name('scheduler' + opt_file.suffix)}: the scheduler state does not "
+            f"fit ({_first_line(exc)})"
+        ) from None
     with torch.no_grad():
         for name, value in tensors.items():
-            if params[name].shape != value.shape:
-                raise CheckpointError(
-                    f"{path}: tensor {name} has shape {tuple(value.shape)}, "
-                    f"the model's is {tuple(params[name].shape)}"
-                )
             params[name].copy_(value.to(params[name].device, params[name].dtype))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    data = json.loads((path / "trainer_state.json").read_text())
     return TrainerState(**data)

@@ -6,13 +6,16 @@ a GGUF file carries transformers' GGUF quantizer tag, which makes ``save_pretrai
 the tag is removed first (the tensors are already plain floats). The band alone is also written as
 ``band_delta.safetensors`` beside ``final/``: the trained tensors, enough to rebuild the tuned
 model from the base one.
+
+Both are written atomically and durably with :mod:`fastmid.train.atomic` (temp folder or file
+beside the target, fsync, rename, fsync of the parent): a crash leaves the previous export or the
+new one, and :func:`clean_partial_exports` removes the leftovers; a full disk is an
+:class:`ExportError` naming the folder and the bytes needed.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,28 +23,28 @@ import torch
 from safetensors.torch import save_file
 
 from fastmid.data.chat_template import end_of_turn_ids
+from fastmid.errors import FastmidError
 from fastmid.models.loading import strip_gguf_quantization
+from fastmid.train.atomic import atomic_file, atomic_folder, clean_partial
 
 
-def make_readable(path: Path) -> None:
-    """Give a written folder (or file) the usual permissions (dirs 755, files 644).
+class ExportError(FastmidError, OSError):
+    """The model export could not be written (a full disk: the folder and bytes needed named)."""
 
-    ``tempfile.mkdtemp`` creates folders readable by the owner only and safetensors may write
-    owner-only files; a model folder is meant to be shared, like the rest of the run folder.
-    """
-    path = Path(path)
-    if path.is_file():
-        path.chmod(0o644)
-        return
-    path.chmod(0o755)
-    for child in path.rglob("*"):
-        child.chmod(0o755 if child.is_dir() else 0o644)
+
+def _state_bytes(state_dict: dict[str, torch.Tensor]) -> int:
+    """Bytes of the distinct tensors in ``state_dict`` (tied weights are saved once)."""
+    seen: dict[tuple, int] = {}
+    for t in state_dict.values():
+        key = (str(t.device), t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        seen[key] = t.numel() * t.element_size()
+    return sum(seen.values())
 
 
 def export_hf_folder(
     model: torch.nn.Module, tokenizer: Any, out_dir: Path, dtype: torch.dtype | None = None
 ) -> Path:
-    """Save ``model`` and ``tokenizer`` to ``out_dir`` atomically (temp folder, then rename).
+    """Save ``model`` and ``tokenizer`` to ``out_dir`` atomically and durably.
 
     Args:
         model: a ``*ForCausalLM``; execution-policy wrappers do not change its state dict.
@@ -52,29 +55,38 @@ def export_hf_folder(
 
     Returns:
         ``out_dir``.
+
+    Raises:
+        ExportError: the disk or quota filled up (one line: the folder, the bytes needed and free);
+            no partial folder is left and an existing ``out_dir`` stays as it was.
     """
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
-    try:
-        strip_gguf_quantization(model)
-        state_dict = None
-        if dtype is not None:
-            state_dict = {
-                k: (v.to(dtype) if v.is_floating_point() else v)
-                for k, v in model.state_dict().items()
-            }
+    strip_gguf_quantization(model)
+    state_dict = None
+    if dtype is not None:
+        state_dict = {
+            k: (v.to(dtype) if v.is_floating_point() else v) for k, v in model.state_dict().items()
+        }
+    needed = _state_bytes(state_dict if state_dict is not None else model.state_dict())
+    kept = f"; the previous {out_dir.name} is intact" if out_dir.exists() else ""
+    with atomic_folder(
+        out_dir, what="model export", bytes_needed=needed, error=ExportError, keep_note=kept
+    ) as tmp:
         model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         _fix_generation_eos(tmp, tokenizer)
-        make_readable(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
+
+
+def clean_partial_exports(run_dir: Path) -> list[Path]:
+    """Remove what a killed export left in ``run_dir`` (``final.tmp-*``, ``final.old-*``,
+    ``band_delta.safetensors.tmp-*``); call it with :func:`clean_partial_checkpoints
+    <fastmid.train.checkpoint.clean_partial_checkpoints>`, holding the run lock.
+
+    Returns:
+        The partial folders and files removed.
+    """
+    return clean_partial(Path(run_dir), r"final|band_delta\.safetensors")
 
 
 def _fix_generation_eos(folder: Path, tokenizer: Any) -> None:
@@ -94,9 +106,16 @@ def _fix_generation_eos(folder: Path, tokenizer: Any) -> None:
 def save_band_delta(
     model: torch.nn.Module, trainable_names: list[str], path: Path, plan: dict[str, Any]
 ) -> Path:
-    """Write the trained tensors only (``safetensors``) with the plan in the file's metadata."""
+    """Write the trained tensors only (``safetensors``) with the plan in the file's metadata.
+
+    Atomic and durable (temp file, fsync, rename, fsync of the folder).
+
+    Raises:
+        ExportError: the disk or quota filled up (the file and the bytes needed named).
+    """
     params = dict(model.named_parameters())
     tensors = {n: params[n].detach().contiguous().cpu() for n in trainable_names}
-    save_file(tensors, str(path), metadata={"fastmid_plan": json.dumps(plan)})
-    make_readable(path)
-    return path
+    needed = sum(t.numel() * t.element_size() for t in tensors.values())
+    with atomic_file(path, what="band delta", bytes_needed=needed, error=ExportError) as tmp:
+        save_file(tensors, str(tmp), metadata={"fastmid_plan": json.dumps(plan)})
+    return Path(path)
