@@ -18,7 +18,7 @@ from fastmid.data.answers import (
 )
 from fastmid.data.builtin import arith_problems
 from fastmid.data.chat_template import ChatTemplateFallbackWarning
-from fastmid.data.collate import LengthGroupedSampler, collate_batch
+from fastmid.data.collate import LengthGroupedSampler, collate_batch, pad_token_id
 from fastmid.data.formats import FORMATS, detect_format
 from fastmid.data.inspect import inspect_data
 from fastmid.data.pipeline import build_sft_examples, load_conversations, split_eval
@@ -55,5 +55,6 @@ __all__ = [
     "load_conversations",
     "load_eval_problems",
     "normalize_number",
+    "pad_token_id",
     "split_eval",
 ]

@@ -9,12 +9,31 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import Sampler
 
 from fastmid.data.schema import DataError
 from fastmid.labels import IGNORE_INDEX
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id to pad with: the tokenizer's pad token, else its EOS token.
+
+    Padding is told apart by ``attention_mask`` and ``labels``, never by id, so reusing EOS is
+    safe (the usual choice for Llama-style tokenizers that ship no pad token).
+
+    Raises:
+        DataError: the tokenizer has neither a pad nor an EOS token.
+    """
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise DataError(
+            f"tokenizer {type(tokenizer).__name__} has neither a pad nor an eos token; "
+            "set tokenizer.pad_token in the model folder"
+        )
+    return int(pad)
 
 
 def collate_batch(

@@ -39,6 +39,33 @@ from fastmid.data.sharegpt import sharegpt_to_messages
 
 FORMATS: tuple[str, ...] = ("messages", "sharegpt", "alpaca", "prompt-completion", "gsm8k", "text")
 
+#: The columns each format reads; ``messages`` reads ``messages``, or ``conversations`` when a
+#: row has no ``messages``. Every other column of a row is ignored (and counted, see
+#: :func:`ignored_fields`).
+FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
+    "messages": ("messages", "conversations", "system"),
+    "sharegpt": ("conversations", "system"),
+    "alpaca": ("instruction", "input", "output", "system"),
+    "prompt-completion": ("prompt", "completion", "system"),
+    "gsm8k": ("question", "answer", "system"),
+    "text": ("text",),
+}
+# the columns a source must have for a forced --format to read any row: all of one group
+_REQUIRED_COLUMNS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "messages": (("messages",), ("conversations",)),
+    "sharegpt": (("conversations",),),
+    "alpaca": (("instruction", "output"),),
+    "prompt-completion": (("prompt", "completion"),),
+    "gsm8k": (("question", "answer"),),
+    "text": (("text",),),
+}
+# keys of the message dicts inside list columns; other keys are ignored (and counted)
+_MESSAGE_KEYS: dict[str, dict[str, tuple[str, ...]]] = {
+    "messages": {"messages": ("role", "content"), "conversations": ("role", "content")},
+    "sharegpt": {"conversations": ("from", "value")},
+    "prompt-completion": {"prompt": ("role", "content"), "completion": ("role", "content")},
+}
+
 
 def _first_turn(rows: Sequence[dict[str, Any]], column: str) -> dict[str, Any] | None:
     for row in rows[:1000]:
@@ -86,6 +113,96 @@ def detect_format(columns: Sequence[str], rows: Sequence[dict[str, Any]], source
     )
 
 
+def check_format_columns(fmt: str, columns: Sequence[str], source: str) -> None:
+    """Check that a source has the columns a forced ``--format`` reads.
+
+    Args:
+        fmt: one of :data:`FORMATS`.
+        columns: the source's column names.
+        source: the source name, for the error.
+
+    Raises:
+        DataError: none of the format's column sets is present (every row would be a
+            ``missing_column`` bad row); the message names the source, its columns and the
+            format detected from them.
+    """
+    cols = set(columns)
+    groups = _REQUIRED_COLUMNS.get(fmt, ())
+    if not groups or any(set(group) <= cols for group in groups):
+        return
+    need = " or ".join("+".join(group) for group in groups)
+    try:
+        detected = f"the columns look like --format {detect_format(columns, [], source)}"
+    except DataError:
+        detected = "no format matches them"
+    raise DataError(
+        f"{source}: --format {fmt} reads the columns {need}, but this source has "
+        f"{sorted(map(str, cols))} ({detected}); drop --format to detect the format, or pass "
+        "the one that matches"
+    )
+
+
+def ignored_fields(row: dict[str, Any], fmt: str) -> list[str]:
+    """The fields of a row that ``fmt`` does not read (they are ignored, not trained on).
+
+    Args:
+        row: column name -> value.
+        fmt: one of :data:`FORMATS`.
+
+    Returns:
+        The names of the row's non-null columns outside :data:`FORMAT_COLUMNS` (for
+        ``messages``: ``conversations`` when ``messages`` is read), then ``column[].key`` for
+        each extra key of the message dicts in a list column (``messages[].tool_calls``,
+        ``conversations[].weight``), each once.
+    """
+    used = set(FORMAT_COLUMNS.get(fmt, ()))
+    nested = dict(_MESSAGE_KEYS.get(fmt, {}))
+    if fmt == "messages":
+        read = "messages" if "messages" in row else "conversations"
+        used.discard("conversations" if read == "messages" else "messages")
+        nested = {read: nested[read]}
+    names = [str(key) for key, value in row.items() if key not in used and value is not None]
+    for column, keys in nested.items():
+        items = row.get(column)
+        if not isinstance(items, list):
+            continue
+        extra = {
+            str(key)
+            for item in items
+            if isinstance(item, dict)
+            for key, value in item.items()
+            if key not in keys and value is not None
+        }
+        names.extend(f"{column}[].{key}" for key in sorted(extra))
+    return names
+
+
+def has_empty_answer(conversation: Conversation) -> bool:
+    """True when a chat conversation has an assistant message with no text.
+
+    Contents are stripped when rows are converted, so whitespace-only answers count. Such a
+    conversation is dropped (``empty_answer``) before tokenization: its only trained tokens
+    would be the turn's closing token, teaching the model to answer nothing.
+    """
+    return not conversation.is_text and any(
+        m["role"] == "assistant" and not m["content"] for m in conversation.messages
+    )
+
+
+def _valid_text(value: str, what: str, origin: RowOrigin) -> str:
+    """``value`` when it can be encoded as UTF-8 (tokenizers need that)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise BadRowError(
+            "invalid_utf8",
+            origin,
+            f"{what} holds the lone surrogate {value[err.start]!r} at character {err.start} (a "
+            "\\uD800-\\uDFFF escape without its pair), which is not text a tokenizer can read",
+        ) from None
+    return value
+
+
 def _required(row: dict[str, Any], column: str, origin: RowOrigin) -> Any:
     value = row.get(column)
     if value is None:
@@ -98,7 +215,7 @@ def _string(value: Any, what: str, origin: RowOrigin) -> str:
         raise BadRowError(
             "wrong_type", origin, f"{what} must be a string, got {type(value).__name__}"
         )
-    return value.strip()
+    return _valid_text(value, what, origin).strip()
 
 
 def _message_list(value: Any, column: str, origin: RowOrigin) -> list[dict[str, str]]:
@@ -215,7 +332,7 @@ def row_to_conversation(
             )
         if not text.strip():
             raise BadRowError("empty_conversation", origin, "the 'text' column is empty")
-        return Conversation(origin=origin, text=text)
+        return Conversation(origin=origin, text=_valid_text(text, "'text'", origin))
     if fmt == "messages":
         column = "messages" if "messages" in row else "conversations"
         messages = _message_list(_required(row, column, origin), column, origin)
@@ -235,11 +352,12 @@ def row_to_conversation(
         prompt = _required(row, "prompt", origin)
         completion = _required(row, "completion", origin)
         if isinstance(prompt, str):
-            messages = [{"role": "user", "content": prompt.strip()}]
+            messages = [{"role": "user", "content": _string(prompt, "'prompt'", origin)}]
         else:
             messages = _message_list(prompt, "prompt", origin)
         if isinstance(completion, str):
-            messages.append({"role": "assistant", "content": completion.strip()})
+            content = _string(completion, "'completion'", origin)
+            messages.append({"role": "assistant", "content": content})
         else:
             answer = _message_list(completion, "completion", origin)
             if any(m["role"] != "assistant" for m in answer):

@@ -1,9 +1,10 @@
 """``fastmid data inspect``: counts, token statistics and label masks, printed with rich.
 
 The report shows what a training run would see before any GPU time is spent: the detected format,
-rows read and bad rows skipped (per kind), the ShareGPT cleanup counts, kept / truncated / dropped
-examples, token and trained-token statistics (mean, p50, p95, max), and ``n`` examples decoded with
-the trained tokens highlighted.
+rows read and bad rows skipped (per kind), the fields the format ignores (per field: rows), the
+ShareGPT cleanup counts, kept / truncated / dropped examples (per reason, ``empty_answer``
+included), token and trained-token statistics (mean, p50, p95, max), and ``n`` examples decoded
+with the trained tokens highlighted.
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ from typing import Any
 
 from rich.console import Console
 from rich.panel import Panel
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
 from fastmid.data.pipeline import build_sft_examples
 from fastmid.data.stats import DataStats, summarize
 from fastmid.labels import IGNORE_INDEX
+from fastmid.progress import make_progress
 
 TRAINED_STYLE = "bold black on green"
 PROMPT_STYLE = "dim"
@@ -81,7 +82,8 @@ def _fmt(value: float | int | None) -> str:
 
 
 def stats_tables(stats: DataStats) -> list[Table]:
-    """The report's tables: counts, token statistics, bad rows, ShareGPT cleanup."""
+    """The report's tables: counts, token statistics, bad rows, ignored fields, ShareGPT
+    cleanup."""
     counts = Table(title="Data", show_header=False, title_justify="left")
     counts.add_column("what", no_wrap=True)
     counts.add_column("value", justify="right", overflow="fold")
@@ -113,6 +115,15 @@ def stats_tables(stats: DataStats) -> list[Table]:
         for kind, count in sorted(stats.bad_rows.items()):
             bad.add_row(kind, _fmt(count))
         tables.append(bad)
+    if stats.ignored_fields:
+        ignored = Table(
+            title="Fields ignored (the format does not read them)", title_justify="left"
+        )
+        ignored.add_column("field")
+        ignored.add_column("rows", justify="right")
+        for name, count in sorted(stats.ignored_fields.items()):
+            ignored.add_row(name, _fmt(count))
+        tables.append(ignored)
     if any(fmt == "sharegpt" for fmt in stats.formats.values()):
         cleanup = Table(title="ShareGPT cleanup", title_justify="left")
         cleanup.add_column("rule")
@@ -126,7 +137,7 @@ def stats_tables(stats: DataStats) -> list[Table]:
 def inspect_data(
     data: str,
     tokenizer: Any,
-    max_seq_len: int = 2048,
+    max_seq_len: int = 512,
     n: int = 2,
     *,
     split: str = "train",
@@ -135,7 +146,7 @@ def inspect_data(
     truncation: str = "prompt-left",
     train_on_prompt: bool = False,
     last_turn_only: bool = False,
-    max_examples: int | None = None,
+    max_examples: int | None = 2000,
     console: Console | None = None,
 ) -> DataStats:
     """Build the examples of ``data`` and print the inspection report.
@@ -143,7 +154,7 @@ def inspect_data(
     Args:
         data: a data string (see :func:`fastmid.data.build_sft_examples`).
         tokenizer: the model's tokenizer.
-        max_seq_len: tokens per example, as in training.
+        max_seq_len: tokens per example, as in training (the defaults are ``TrainConfig``'s).
         n: examples to print with their label mask (the first ``n`` kept); 0 prints none.
         split, format, skip_bad_rows, truncation, train_on_prompt, last_turn_only,
             max_examples: as in :func:`fastmid.data.build_sft_examples`.
@@ -157,14 +168,7 @@ def inspect_data(
             not raised).
     """
     console = console or Console()
-    with Progress(
-        TextColumn("tokenizing"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    ) as bar:
+    with make_progress(console, label="tokenizing", transient=True) as bar:
         task = bar.add_task("tokenize", total=None)
         examples, stats = build_sft_examples(
             data,

@@ -10,8 +10,15 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from fastmid.data.formats import FORMATS, detect_format, row_to_conversation
-from fastmid.data.schema import BadRowError, Conversation, DataError, RowOrigin
+from fastmid.data.formats import (
+    FORMATS,
+    check_format_columns,
+    detect_format,
+    has_empty_answer,
+    ignored_fields,
+    row_to_conversation,
+)
+from fastmid.data.schema import BadRowError, Conversation, DataError
 from fastmid.data.sources import load_source, split_data_spec
 from fastmid.data.stats import DataStats
 from fastmid.data.tokenize import ExampleTokenizer
@@ -41,14 +48,16 @@ def load_conversations(
         shuffle_seed: shuffle the conversations of all sources together with
             ``random.Random(shuffle_seed)``; None keeps source order.
         stats: a :class:`DataStats` to fill (sources, formats, rows read, bad rows, ShareGPT
-            cleanup counts, conversations); a fresh one is used when None.
+            cleanup counts, ignored fields, conversations); a fresh one is used when None.
 
     Returns:
         The conversations, in source order (or shuffled).
 
     Raises:
-        DataError: an unreadable source or unknown format; without ``skip_bad_rows``, a
-            :class:`fastmid.data.schema.BadRowError` naming the first malformed row.
+        DataError: an unreadable or empty source, an unknown format, a forced ``format`` whose
+            columns a source lacks; without ``skip_bad_rows``, a
+            :class:`fastmid.data.schema.BadRowError` naming the first malformed row (1-based
+            line of a JSON-lines/CSV file, else 1-based row).
     """
     if format is not None and format not in FORMATS:
         raise DataError(f"--format {format!r} is not a format; choose one of {', '.join(FORMATS)}")
@@ -57,6 +66,8 @@ def load_conversations(
     for source in split_data_spec(data):
         rows = load_source(source, split=split, skip_bad_rows=skip_bad_rows)
         stats.sources.append(rows.name)
+        if format is not None:
+            check_format_columns(format, rows.columns, rows.name)
         fmt = format or detect_format(rows.columns, rows.rows, rows.name)
         stats.formats[rows.name] = fmt
         stats.rows_read += len(rows.rows)
@@ -64,14 +75,13 @@ def load_conversations(
             stats.bad_rows[kind] = stats.bad_rows.get(kind, 0) + count
         for index, row in enumerate(rows.rows):
             try:
-                conversation = row_to_conversation(
-                    row, fmt, RowOrigin(rows.name, index), stats.sharegpt
-                )
+                conversation = row_to_conversation(row, fmt, rows.origin(index), stats.sharegpt)
             except BadRowError as err:
                 if not skip_bad_rows:
                     raise
                 stats.count_bad_row(err.kind)
                 continue
+            stats.count_ignored(ignored_fields(row, fmt))
             if conversation is not None:
                 conversations.append(conversation)
     if shuffle_seed is not None:
@@ -119,7 +129,9 @@ def build_sft_examples(
     Returns:
         ``(examples, stats)``: each example is ``{"input_ids": list[int], "labels": list[int]}``
         of equal length <= ``max_seq_len``, labels -100 where not trained and at position 0,
-        with at least one trained token; ``stats`` is the :class:`DataStats`.
+        with at least one trained token; ``stats`` is the :class:`DataStats`. A conversation
+        with an empty (or whitespace-only) assistant message is never an example: it is
+        counted in ``stats.dropped["empty_answer"]``.
 
     Raises:
         DataError: bad options (naming the flag), unreadable data, a malformed row (without
@@ -147,6 +159,12 @@ def build_sft_examples(
         shuffle_seed=shuffle_seed,
         stats=stats,
     )
+    # dropped here, not in load_conversations: evaluation reads the same rows and must report
+    # an empty reference answer (no_reference_answer) rather than lose the problem silently
+    answered = [c for c in conversations if not has_empty_answer(c)]
+    for _ in range(len(conversations) - len(answered)):
+        stats.count_dropped("empty_answer")
+    conversations = answered
     examples: list[dict[str, list[int]]] = []
     for begin in range(0, len(conversations), TOKENIZE_CHUNK):
         if max_examples is not None and len(examples) >= max_examples:

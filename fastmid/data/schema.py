@@ -27,6 +27,8 @@ BAD_ROW_KINDS: tuple[str, ...] = (
     "no_assistant_turn",  # nothing to train on: the conversation has no assistant message
     "leading_assistant",  # the conversation opens with the assistant (nothing to answer)
     "invalid_json",  # a JSONL line or JSON record that does not parse
+    "invalid_utf8",  # a line or record whose bytes are not UTF-8, or text with a lone surrogate
+    "invalid_csv",  # a CSV line with more fields than the header names
     "truncated_file",  # a JSON array cut off in the middle of a record
     "template_rejected",  # the chat template raised on this conversation
     "no_reference_answer",  # an evaluation reference without a final number
@@ -34,24 +36,44 @@ BAD_ROW_KINDS: tuple[str, ...] = (
 
 
 class DataError(FastmidError, ValueError):
-    """Bad data or a bad data option; the message names the source/row/flag and what to do."""
+    """Bad data or a bad data option; the message names the source/row/flag and what to do.
+
+    The CLI prints the message as one line, so line breaks in it (from a library's exception
+    text or a template error quoted in it) are joined with spaces.
+    """
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(" ".join(str(message).split("\n")).replace("\r", " "))
 
 
 @dataclass(frozen=True)
 class RowOrigin:
-    """Where a row came from.
+    """Where a row came from, written 1-based in every message.
+
+    A row of a line-oriented file (JSON lines, CSV) is named by the physical line it starts on
+    (``"data.jsonl, line 7"``: what an editor or ``sed -n 7p`` shows); a record of a JSON array,
+    a Parquet file, a dataset folder or a built-in set by its 1-based position
+    (``"data.json, row 3"``).
 
     Attributes:
         source: the file, folder or builtin name as the user wrote it (plus ``[split]`` for
             folders holding several splits).
-        index: 0-based row index inside that source (for JSONL: the 0-based non-empty line).
+        index: 0-based position of the row among the source's rows (for code; messages add 1).
+        line: 1-based line of the file on which the row starts, or None when the source has no
+            lines to point at.
     """
 
     source: str
     index: int
+    line: int | None = None
+
+    @property
+    def where(self) -> str:
+        """``"line N"`` or ``"row N"``, 1-based (see the class docstring)."""
+        return f"line {self.line}" if self.line is not None else f"row {self.index + 1}"
 
     def __str__(self) -> str:
-        return f"{self.source}, row {self.index}"
+        return f"{self.source}, {self.where}"
 
 
 class TemplatePrefixError(DataError):

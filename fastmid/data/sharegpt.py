@@ -104,6 +104,16 @@ def sharegpt_to_messages(
             raise BadRowError(
                 "misplaced_system", origin, f"turn {position} is a system turn; only turn 0 may be"
             )
+        try:
+            value.encode("utf-8")  # tokenizers cannot read lone surrogates
+        except UnicodeEncodeError as err:
+            raise BadRowError(
+                "invalid_utf8",
+                origin,
+                f"turn {position} holds the lone surrogate {value[err.start]!r} at character "
+                f"{err.start} (a \\uD800-\\uDFFF escape without its pair), which is not text a "
+                "tokenizer can read",
+            ) from None
         content = value.strip()
         if not content:
             counts["empty_turns_dropped"] += 1

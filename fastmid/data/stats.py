@@ -9,7 +9,11 @@ from typing import Any
 import numpy as np
 
 from fastmid.data.sharegpt import CLEANUP_COUNTERS
-from fastmid.data.truncate import DROP_REASONS
+from fastmid.data.truncate import DROP_REASONS as TRUNCATION_DROP_REASONS
+
+#: Why an example was dropped: ``empty_answer`` (an assistant message with no text, dropped
+#: before tokenization) and the outcomes of :func:`fastmid.data.truncate.truncate_example`.
+DROP_REASONS: tuple[str, ...] = ("empty_answer", *TRUNCATION_DROP_REASONS)
 
 
 def summarize(values: Sequence[int]) -> dict[str, float | int | None]:
@@ -49,13 +53,16 @@ class DataStats:
         bad_rows: bad-row kind -> rows skipped with ``skip_bad_rows`` (see
             :data:`fastmid.data.schema.BAD_ROW_KINDS`).
         sharegpt: ShareGPT cleanup counters (see :mod:`fastmid.data.sharegpt`).
+        ignored_fields: field -> rows in which it was present (not null) and ignored because
+            the format does not read it (see :func:`fastmid.data.formats.ignored_fields`;
+            ``messages[].name`` for a key of the message dicts).
         conversations: valid conversations after format conversion and cleanup.
         tokenized: conversations tokenized (fewer than ``conversations`` when ``max_examples``
             stopped the build early).
         kept: examples returned (including truncated ones).
         truncated: kept examples that were truncated.
-        dropped: drop reason -> count (``too_long``, ``answer_too_long``,
-            ``no_supervised_tokens``).
+        dropped: drop reason -> count (:data:`DROP_REASONS`: ``empty_answer``, ``too_long``,
+            ``answer_too_long``, ``no_supervised_tokens``); none of them reaches training.
         tokens: tokens per kept example.
         supervised_tokens: trained tokens (labels != -100) per kept example.
         chat_template: ``"tokenizer"`` or ``"chatml-fallback"``.
@@ -66,6 +73,7 @@ class DataStats:
     rows_read: int = 0
     bad_rows: dict[str, int] = field(default_factory=dict)
     sharegpt: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CLEANUP_COUNTERS, 0))
+    ignored_fields: dict[str, int] = field(default_factory=dict)
     conversations: int = 0
     tokenized: int = 0
     kept: int = 0
@@ -97,6 +105,15 @@ class DataStats:
         """Count one skipped malformed row of ``kind``."""
         self.bad_rows[kind] = self.bad_rows.get(kind, 0) + 1
 
+    def count_ignored(self, names: Sequence[str]) -> None:
+        """Count one row's ignored fields (each name once per row)."""
+        for name in names:
+            self.ignored_fields[name] = self.ignored_fields.get(name, 0) + 1
+
+    def count_dropped(self, reason: str) -> None:
+        """Count one conversation dropped before tokenization (e.g. ``empty_answer``)."""
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+
     def record(self, outcome: str, example: dict[str, list[int]] | None) -> None:
         """Record the outcome of :func:`fastmid.data.truncate.truncate_example`.
 
@@ -124,6 +141,7 @@ class DataStats:
             "bad_rows_skipped": self.bad_rows_skipped,
             "bad_rows": dict(self.bad_rows),
             "sharegpt_cleanup": dict(self.sharegpt),
+            "ignored_fields": dict(self.ignored_fields),
             "conversations": self.conversations,
             "tokenized": self.tokenized,
             "kept": self.kept,

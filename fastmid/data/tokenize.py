@@ -250,26 +250,23 @@ class ExampleTokenizer:
         straddles = boundary < len(offsets) and offsets[boundary][0] < spans[-1][0]
         if straddles or not self._prompt_is_prefix(last_prompt, ids, offsets, boundary):
             ids, token_spans = self._two_piece(last_prompt, text, spans)
-        # with last_turn_only, token_spans holds the last turn only
-        trained = set(range(len(token_spans)))
+        # Every span in token_spans is trained (with last_turn_only it holds the last turn only).
         prompt_labels = list(ids) if self.train_on_prompt else [IGNORE_INDEX] * len(ids)
         out_ids: list[int] = []
         out_labels: list[int] = []
         turns: list[tuple[int, int]] = []
         cursor = 0
-        for number, (start, end) in enumerate(token_spans):
+        for start, end in token_spans:
             out_ids.extend(ids[cursor:start])
             out_labels.extend(prompt_labels[cursor:start])
             turn_start = len(out_ids)
-            train_turn = number in trained or self.train_on_prompt
             out_ids.extend(ids[start:end])
-            out_labels.extend(ids[start:end] if train_turn else [IGNORE_INDEX] * (end - start))
+            out_labels.extend(ids[start:end])
             if not (end > start and ids[end - 1] in self.special_ids):
                 # the template closed this turn with no special token: EOS teaches the stop
                 out_ids.append(self.eos_id)
-                out_labels.append(self.eos_id if train_turn else IGNORE_INDEX)
-            if number in trained:
-                turns.append((turn_start, len(out_ids)))
+                out_labels.append(self.eos_id)
+            turns.append((turn_start, len(out_ids)))
             cursor = end
         bos = 0
         if self.bos_id is not None:

@@ -46,7 +46,7 @@ def test_gsm8k_jsonl_eval_problems(write_rows):
             {"question": "Q2", "answer": "no number"},
         ],
     )
-    with pytest.raises(DataError, match=r"gsm8k.jsonl, row 1: .*no_reference_answer"):
+    with pytest.raises(DataError, match=r"gsm8k.jsonl, line 2: .*no_reference_answer"):
         load_eval_problems(str(path))
     problems = load_eval_problems(str(path), skip_bad_rows=True)
     assert problems == [([{"role": "user", "content": "Q1"}], "6")]

@@ -123,7 +123,7 @@ def test_malformed_rows_raise_with_kind_and_row(row, fmt, kind):
     assert info.value.kind == kind
     assert info.value.origin == ORIGIN
     message = str(info.value)
-    assert "file.jsonl, row 7" in message and "--skip-bad-rows" in message
+    assert "file.jsonl, row 8" in message and "--skip-bad-rows" in message
 
 
 def test_unknown_format_name_is_a_clear_error():

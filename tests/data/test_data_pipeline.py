@@ -34,7 +34,7 @@ def test_each_malformed_row_kind_names_file_and_row(index, write_rows, toy_token
     with pytest.raises(BadRowError) as info:
         build_sft_examples(str(path), toy_tokenizer(), format="messages")
     assert info.value.kind == BAD_ROWS[index][1]
-    assert f"{path}, row 1" in str(info.value)
+    assert f"{path}, row 2" in str(info.value)
 
 
 def test_skip_bad_rows_counts_each_kind(write_rows, toy_tokenizer):

@@ -94,11 +94,11 @@ def test_json_array_reader_offsets(tmp_path):
     result = read_json_array(path)
     second = text.encode().index(b'{"a": 2}')  # byte offset, with the 2-byte 'é' before it
     assert result.truncated and result.records == good[:1]
-    assert f"record 1 starts at byte {second}" in result.error
+    assert f"row 2 starts at byte {second}" in result.error
     assert f"end of the file at byte {len(cut)}" in result.error
     path.write_text('[{"a": 1} {"a": 2}]')
     result = read_json_array(path)
-    assert not result.truncated and "expected ',' or ']' after record 0 at byte 10" in result.error
+    assert not result.truncated and "expected ',' or ']' after row 1 at byte 10" in result.error
 
 
 def test_bad_json_lines_error_or_skip(tmp_path):

@@ -200,7 +200,7 @@ def test_history_rewriting_template_is_a_clear_error(toy_tokenizer):
         {"role": "user", "content": "how"},
         {"role": "assistant", "content": "are"},
     ]
-    with pytest.raises(TemplatePrefixError, match=r"mem, row 3: .*assistant turn 1"):
+    with pytest.raises(TemplatePrefixError, match=r"mem, row 4: .*assistant turn 1"):
         ExampleTokenizer(tokenizer)(conv(messages, index=3))
     # only the last turn is rendered as a continuation: works with last_turn_only
     example = ExampleTokenizer(tokenizer, last_turn_only=True)(conv(messages))
