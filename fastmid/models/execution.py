@@ -44,15 +44,21 @@ class ExecutionPolicy:
     grad_checkpointing: bool
     no_grad_prefix: bool
     roles: list[str]
-    _originals: list[tuple[torch.nn.Module, Callable[..., Any]]] = field(default_factory=list)
+    _originals: list[tuple[torch.nn.Module, Callable[..., Any]]] = field(
+        default_factory=list, repr=False
+    )
+    _model: torch.nn.Module | None = field(default=None, repr=False, compare=False)
 
     def remove(self) -> None:
-        """Restore every wrapped layer's original ``forward``."""
-        for layer, original in self._originals:
+        """Restore every wrapped layer's original ``forward`` and detach from the model, so a
+        new policy can be installed."""
+        for layer, _original in self._originals:
             if layer.__dict__.get("forward") is not None:
                 del layer.forward
-            del original
         self._originals.clear()
+        if self._model is not None:
+            self._model._fastmid_execution_policy = None
+            self._model = None
 
 
 def _no_grad_forward(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -101,7 +107,7 @@ def install_execution_policy(
         raise RuntimeError("an execution policy is already installed; call .remove() first")
     layers = decoder_layers(model)
     no_grad_prefix = not _below_band_trains(model, plan)
-    policy = ExecutionPolicy(plan, grad_checkpointing, no_grad_prefix, [])
+    policy = ExecutionPolicy(plan, grad_checkpointing, no_grad_prefix, [], _model=model)
     for i, layer in enumerate(layers):
         role = plan.role(i)
         policy.roles.append(role)
@@ -116,15 +122,4 @@ def install_execution_policy(
             continue
         policy._originals.append((layer, original))
     model._fastmid_execution_policy = policy
-    _chain_remove(model, policy)
     return policy
-
-
-def _chain_remove(model: torch.nn.Module, policy: ExecutionPolicy) -> None:
-    remove = policy.remove
-
-    def remove_and_forget() -> None:
-        remove()
-        model._fastmid_execution_policy = None
-
-    policy.remove = remove_and_forget  # type: ignore[method-assign]

@@ -13,6 +13,8 @@ result equals the full-logits cross-entropy exactly.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -115,3 +117,36 @@ def causal_lm_loss_sum(
     if cap is not None:
         logits = cap * torch.tanh(logits / cap)
     return F.cross_entropy(logits, target[keep], reduction="sum"), n
+
+
+def batch_loss_sum(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], fused: bool = False
+) -> tuple[torch.Tensor, int]:
+    """:func:`causal_lm_loss_sum` of a collated batch, under bf16 autocast on CUDA.
+
+    Args:
+        model: as :func:`causal_lm_loss_sum`.
+        batch: ``input_ids``, ``attention_mask``, ``labels`` (B, T) on the model's device, and
+            optionally ``position_ids``.
+        fused: use the fused linear cross-entropy kernel.
+
+    Returns:
+        ``(loss_sum, n)``: float32 scalar tensor (nats) and the supervised-token count.
+    """
+    device = batch["input_ids"].device
+    # bf16 compute with fp32 master weights on CUDA (design section 4); fp32 on CPU.
+    ctx = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.type == "cuda"
+        else contextlib.nullcontext()
+    )
+    with ctx:
+        loss_sum, n = causal_lm_loss_sum(
+            model,
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["labels"],
+            position_ids=batch.get("position_ids"),
+            fused=fused,
+        )
+    return loss_sum, int(n)

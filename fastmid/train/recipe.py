@@ -1,116 +1,776 @@
-"""``fastmid train`` end to end: setup, accuracy before, train, export, accuracy after, summary.
+"""``fastmid train``: the whole Mid-Block SFT run as one class, read top to bottom.
 
-Writes the run folder of design section 7: ``config.yaml``, ``plan.json``, ``metrics.jsonl``,
-``checkpoints/step-<N>/``, ``final/``, ``band_delta.safetensors``, ``summary.json``.
+The shape is torchtune's single-device recipe (``recipes/full_finetune_single_device.py``):
+:meth:`MidBlockRecipe.setup` builds everything, :meth:`~MidBlockRecipe.train` runs the steps,
+:meth:`~MidBlockRecipe.save_checkpoint` and :meth:`~MidBlockRecipe.export` write, and
+:meth:`~MidBlockRecipe.summary` reports. One optimizer step is :func:`train_step`, a function of
+plain inputs (model, micro-batches, optimizer, scheduler, clip) that returns its record; the
+recipe knows no model family and the band knows no data (design section 2).
+
+The loss of a step is ``sum of token losses over the window / supervised tokens in the window``
+(design section 4), so a micro-batch of 2 equals 2 accumulated micro-batches of 1 exactly.
+Gradients are clipped by global L2 norm over the band, then the optimizer and the schedule step.
+
+Nothing is lost: checkpoints are atomic; SIGINT finishes the step in flight, saves and prints the
+resume command; a NaN/inf loss or gradient norm stops the run before the optimizer step, and
+non-finite band weights after a step stop it before anything is saved or exported; the last good
+checkpoint stays and the message says how to resume.
+
+Run folder (design section 7): ``config.yaml``, ``plan.json``, ``metrics.jsonl``,
+``checkpoints/step-<N>/``, ``final/``, ``band_delta.safetensors``, ``eval_before.json``,
+``summary.json``.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import random
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 from rich.table import Table
 
-from fastmid.config import TrainConfig
-from fastmid.train.logging import peak_memory_bytes
-from fastmid.train.loop import (  # noqa: F401 (errors re-exported until the recipe owns them)
-    NonFiniteLossError,
-    RunFolderError,
-    Trainer,
-    TrainingInterrupted,
-    attention_implementation,
+from fastmid.config import TrainConfig, dump_yaml, resume_keys
+from fastmid.data import (
+    DataError,
+    LengthGroupedSampler,
+    build_sft_examples,
+    collate_batch,
+    pad_token_id,
+    split_eval,
 )
+from fastmid.errors import FastmidError
+from fastmid.eval.exact_match import evaluate_accuracy
+from fastmid.eval.loss import token_mean_loss
+from fastmid.models.band import BandPlan, ParameterCounts, apply_band, count_parameters
+from fastmid.models.execution import ExecutionPolicy, install_execution_policy
+from fastmid.models.families import decoder_layers
+from fastmid.models.loading import load_model_and_tokenizer
+from fastmid.models.loss import batch_loss_sum, count_supervised
+from fastmid.models.patching import PatchReport, patch_model, resolve_kernels_flag
+from fastmid.progress import make_progress
+from fastmid.train.checkpoint import (
+    CheckpointError,
+    TrainerState,
+    capture_rng,
+    clean_partial_checkpoints,
+    load_checkpoint,
+    resolve_resume,
+    restore_rng,
+    save_checkpoint,
+)
+from fastmid.train.export import clean_partial_exports, export_hf_folder, save_band_delta
+from fastmid.train.logging import MetricsWriter, peak_memory_bytes, truncate_metrics
+from fastmid.train.optim import build_optimizer, build_scheduler
+from fastmid.train.runlock import LOCK_NAME, acquire_run_lock, clear_run_folder
 
 
-def _accuracy(trainer: Trainer, label: str) -> dict[str, Any] | None:
-    cfg = trainer.cfg
-    if not cfg.eval_accuracy:
-        return None
-    from fastmid.eval.exact_match import evaluate_accuracy
+class RunFolderError(FastmidError, RuntimeError):
+    """The output folder already holds a run (and neither --overwrite nor --resume was given)."""
 
-    trainer.console.print(
-        f"[bold]eval[/] {label}: exact match on {cfg.eval_n} problems of {cfg.eval_accuracy_data}"
+
+class NonFiniteLossError(FastmidError, RuntimeError):
+    """A NaN/inf loss, gradient norm or band weight; nothing of that step was saved (exit 1)."""
+
+    exit_code = 1
+
+
+class TrainingInterrupted(FastmidError, RuntimeError):
+    """SIGINT: a checkpoint was saved; the message holds the resume command (exit 130)."""
+
+    exit_code = 130
+
+
+# ---- one optimizer step -------------------------------------------------------------------------
+
+
+@dataclass
+class StepResult:
+    """What one :func:`train_step` did.
+
+    Attributes:
+        loss: token-mean loss of the window (nats per supervised token; 0 when none).
+        grad_norm: global L2 norm of the band's gradients before clipping.
+        lr: the learning rate the step used.
+        tokens: non-padding tokens in the window; supervised_tokens: tokens with a label.
+    """
+
+    loss: float
+    grad_norm: float
+    lr: float
+    tokens: int
+    supervised_tokens: int
+
+
+class NonFiniteStep(ArithmeticError):
+    """Raised by :func:`train_step` before the optimizer step; the recipe adds the run context.
+
+    Attributes:
+        what: ``loss``, ``grad_norm`` or ``weights``; micro_batch: index in the window, or None.
+    """
+
+    def __init__(self, what: str, value: float, micro_batch: int | None = None) -> None:
+        super().__init__(f"non-finite {what} ({value})")
+        self.what, self.value, self.micro_batch = what, value, micro_batch
+
+
+def train_step(
+    model: torch.nn.Module,
+    micro_batches: list[dict[str, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    clip_params: list[torch.nn.Parameter],
+    grad_clip: float,
+    fused: bool = False,
+) -> StepResult:
+    """One optimizer step over a window of micro-batches (gradient accumulation).
+
+    Each micro-batch's token-loss sum is divided by the supervised tokens of the *whole window*
+    before backward, so the accumulated gradient is that of the window's token-mean loss. A
+    window without supervised tokens steps the schedule but not the optimizer.
+
+    Args:
+        model: the model, in train mode, with the band's execution policy installed.
+        micro_batches: collated batches on the model's device (``input_ids``, ``attention_mask``,
+            ``labels``: (B, T) int64).
+        optimizer, scheduler: stepped once each.
+        clip_params: the parameters whose gradients are clipped and checked (the band).
+        grad_clip: global L2 clip; 0 disables clipping (the norm is still measured).
+        fused: run the loss through the fused linear cross-entropy kernel.
+
+    Returns:
+        The step's :class:`StepResult`.
+
+    Raises:
+        NonFiniteStep: a NaN/inf loss (naming the micro-batch), gradient norm, or band weight
+            after the update. For the first two the optimizer did not step.
+    """
+    supervised = sum(count_supervised(b["labels"]) for b in micro_batches)
+    tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
+    optimizer.zero_grad(set_to_none=True)
+    loss_total = 0.0
+    for k, batch in enumerate(micro_batches):
+        loss_sum, _n = micro_batch_loss(model, batch, fused)
+        if not torch.isfinite(loss_sum):
+            raise NonFiniteStep("loss", float(loss_sum.detach()), k)
+        if supervised > 0:
+            (loss_sum / supervised).backward()
+        loss_total += float(loss_sum.detach())
+    params = [p for p in clip_params if p.grad is not None]
+    grad_norm = 0.0
+    if params:
+        max_norm = grad_clip if grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    if not math.isfinite(grad_norm):
+        raise NonFiniteStep("gradient norm", grad_norm)
+    lr = optimizer.param_groups[0]["lr"]
+    if supervised > 0:
+        optimizer.step()
+        # An infinite learning rate or an overflowing update leaves finite gradients but NaN
+        # weights; catching it here keeps them out of every checkpoint and export.
+        if params:
+            with torch.no_grad():
+                weight_norm = float(
+                    torch.linalg.vector_norm(torch.stack([p.norm() for p in params]))
+                )
+            if not math.isfinite(weight_norm):
+                raise NonFiniteStep("band weights after the update", weight_norm)
+    scheduler.step()
+    return StepResult(
+        loss=loss_total / supervised if supervised else 0.0,
+        grad_norm=grad_norm,
+        lr=lr,
+        tokens=tokens,
+        supervised_tokens=supervised,
     )
-    result = evaluate_accuracy(
-        trainer.model,
-        trainer.tokenizer,
-        cfg.eval_accuracy_data,
-        n=cfg.eval_n,
-        max_new_tokens=cfg.eval_max_new_tokens,
-        batch_size=cfg.eval_batch_size,
-    )
-    lo, hi = result.ci95
-    trainer.console.print(
-        f"  {label}: accuracy {result.accuracy:.1%} ({result.correct}/{result.n}), "
-        f"95% CI [{lo:.1%}, {hi:.1%}], answer loss {result.eval_loss:.4f}"
-        if result.eval_loss is not None
-        else f"  {label}: accuracy {result.accuracy:.1%} ({result.correct}/{result.n})"
-    )
-    return result.to_dict()
+
+
+def micro_batch_loss(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], fused: bool
+) -> tuple[torch.Tensor, int]:
+    """Token-sum loss and supervised count of one micro-batch (:func:`batch_loss_sum`)."""
+    return batch_loss_sum(model, batch, fused)
+
+
+# ---- the run ------------------------------------------------------------------------------------
+
+
+@dataclass
+class MicroBatchRef:
+    """Where a micro-batch comes from: position in the run, epoch, example indices."""
+
+    position: int
+    epoch: int
+    indices: list[int]
+
+
+class MidBlockRecipe:
+    """One Mid-Block SFT run: ``setup()``, then ``train()``, ``export()``, ``summary()``.
+
+    Build order in :meth:`setup`: output folder check -> model and tokenizer -> band plan ->
+    ``apply_band`` -> execution policy (prefix ``no_grad``, checkpointing) -> kernels -> data ->
+    optimizer and schedule -> run folder -> resume.
+    """
+
+    def __init__(self, cfg: TrainConfig, console: Console | None = None) -> None:
+        self.cfg = cfg
+        self.console = console or Console(stderr=True)
+        self.out = Path(cfg.output)
+        self.device = torch.device("cpu")
+        self.model: Any = None  # a transformers *ForCausalLM once setup() ran
+        self.tokenizer: Any = None
+        self.plan: BandPlan | None = None
+        self.counts: ParameterCounts | None = None
+        self.trainable: list[torch.nn.Parameter] = []
+        self.trainable_names: list[str] = []
+        self.policy: ExecutionPolicy | None = None
+        self.kernel_report: PatchReport | None = None
+        self.fused_loss = False
+        self.data_stats: Any = None
+        self.train_examples: list[dict[str, Any]] = []
+        self.eval_examples: list[dict[str, Any]] = []
+        self.pad_id = 0
+        self.total_steps = 0
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        self.state = TrainerState(
+            step=0,
+            micro_batches=0,
+            tokens=0,
+            supervised_tokens=0,
+            elapsed_s=0.0,
+            rng={},
+            plan={},
+            config=asdict(cfg),
+        )
+        self._epoch_order: tuple[int, list[list[int]]] | None = None
+        self._interrupted = False
+
+    # ---- setup ----------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Load and build everything; after it, :meth:`train` can run.
+
+        Raises:
+            RunFolderError, CheckpointError, ModelSourceError, BandError, DataError,
+            ConfigError: each names the flag, file or row and what to do. Nothing in an existing
+            run folder is deleted before model and data have loaded.
+        """
+        cfg = self.cfg
+        self._check_output()
+        self._clean_partial_saves()
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+
+        self.model, self.tokenizer = load_model_and_tokenizer(
+            cfg.model, trust_remote_code=cfg.trust_remote_code
+        )
+        self.device = next(self.model.parameters()).device
+        self.plan = BandPlan.parse(
+            len(decoder_layers(self.model)), cfg.band, cfg.layers, cfg.placement, cfg.seed
+        )
+        extras = dict(
+            train_embeddings=cfg.train_embeddings,
+            train_lm_head=cfg.train_lm_head,
+            train_final_norm=cfg.train_final_norm,
+        )
+        self.trainable = apply_band(self.model, self.plan, **extras)
+        self.counts = count_parameters(self.model, self.plan, **extras)
+        if self.device.type == "cuda":
+            # fp32 master weights for what trains; bf16 for the frozen rest (design section 4).
+            for p in self.trainable:
+                p.data = p.data.float()
+        ids = {id(p) for p in self.trainable}
+        self.trainable_names = [n for n, p in self.model.named_parameters() if id(p) in ids]
+        self.policy = install_execution_policy(
+            self.model, self.plan, grad_checkpointing=cfg.grad_checkpointing
+        )
+        kernels_on = resolve_kernels_flag(cfg.kernels, self.device)  # type: ignore[arg-type]
+        self.kernel_report = patch_model(self.model, kernels_on)
+        self.fused_loss = self.kernel_report.loss == "fused_linear_cross_entropy"
+
+        self._load_data()
+        steps_per_epoch = math.ceil(len(self._epoch_batches(0)) / cfg.grad_accum)
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+        if cfg.warmup_steps >= self.total_steps:
+            # The schedule reaches --lr at step index warmup_steps (fastmid.train.optim.lr_factor).
+            self.console.print(
+                f"[yellow]warning:[/] --warmup-steps {cfg.warmup_steps} is not below the run's "
+                f"{self.total_steps} steps: the peak learning rate --lr is never reached",
+                highlight=False,
+            )
+        self.optimizer = build_optimizer(
+            [(n, p) for n, p in self.model.named_parameters() if p.requires_grad],
+            cfg.optim,
+            cfg.lr,
+            cfg.weight_decay,
+        )
+        self.scheduler = build_scheduler(
+            self.optimizer, self.total_steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio
+        )
+
+        # Only now, with model and data loaded, may --overwrite replace an old run (keeping the
+        # run lock, so no second run can take the folder meanwhile).
+        if cfg.resume is None and cfg.overwrite and self.out.exists():
+            clear_run_folder(self.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.state.plan = self.plan.to_dict()
+        if cfg.resume is not None:
+            self._resume()
+        dump_yaml(cfg, self.out / "config.yaml")
+        (self.out / "plan.json").write_text(json.dumps(self.plan_record(), indent=1) + "\n")
+
+    def _check_output(self) -> None:
+        """Refuse to start where a run would be lost; nothing is deleted here."""
+        cfg, out = self.cfg, self.out
+        if out.exists() and not out.is_dir():
+            raise RunFolderError(f"--output {out} is a file, not a folder; choose a folder")
+        if cfg.resume is not None:
+            self._check_resume_matches()
+            return
+        holds_run = (out / "config.yaml").is_file() or (out / "checkpoints").is_dir()
+        if holds_run and not cfg.overwrite:
+            raise RunFolderError(
+                f"{out} already holds a run; continue it with "
+                f"`fastmid train {out / 'config.yaml'} --resume latest`, "
+                f"replace it with --overwrite, or choose another --output"
+            )
+        others = out.exists() and any(p.name != LOCK_NAME for p in out.iterdir())
+        if others and not holds_run and not cfg.overwrite:
+            raise RunFolderError(
+                f"{out} exists and is not empty (and is not a fastmid run); choose another "
+                "--output or pass --overwrite"
+            )
+
+    def _clean_partial_saves(self) -> None:
+        """Remove the temporary folders a killed save left behind (their complete versions,
+        if any, are untouched) and say so."""
+        removed = clean_partial_checkpoints(self.out / "checkpoints")
+        removed += clean_partial_exports(self.out)
+        if removed:
+            names = ", ".join(p.name for p in removed)
+            self.console.print(
+                f"removed {len(removed)} partial folder(s) left by an interrupted save: {names}",
+                highlight=False,
+            )
+
+    def _check_resume_matches(self) -> None:
+        path = resolve_resume(self.cfg.resume, self.out)  # type: ignore[arg-type]
+        saved = json.loads((path / "trainer_state.json").read_text())["config"]
+        current = asdict(self.cfg)
+        diff = [k for k in resume_keys() if k in saved and saved[k] != current.get(k)]
+        if diff:
+            shown = ", ".join(f"{k}: {saved[k]!r} -> {current.get(k)!r}" for k in diff)
+            raise CheckpointError(
+                f"--resume {path}: this run's settings differ from the checkpoint's ({shown}); "
+                f"resume with the run's own config: `fastmid train "
+                f"{path.parent.parent / 'config.yaml'} --resume {self.cfg.resume}`"
+            )
+
+    def _load_data(self) -> None:
+        cfg = self.cfg
+        opts = dict(
+            max_seq_len=cfg.max_seq_len,
+            format=cfg.format,
+            truncation=cfg.truncation,
+            train_on_prompt=cfg.train_on_prompt,
+            last_turn_only=cfg.last_turn_only,
+            skip_bad_rows=cfg.skip_bad_rows,
+        )
+        examples, self.data_stats = build_sft_examples(
+            cfg.data,
+            self.tokenizer,
+            split=cfg.split,
+            max_examples=cfg.max_examples,
+            shuffle_seed=cfg.shuffle_seed,
+            **opts,
+        )
+        if cfg.eval_data:
+            self.train_examples = examples
+            self.eval_examples, _ = build_sft_examples(cfg.eval_data, self.tokenizer, **opts)
+        elif cfg.eval_fraction > 0:
+            self.train_examples, self.eval_examples = split_eval(
+                examples, cfg.eval_fraction, cfg.seed
+            )
+        else:
+            self.train_examples, self.eval_examples = examples, []
+        if not self.train_examples:
+            raise DataError(
+                f"--data {cfg.data}: no training example left after tokenization and truncation "
+                "(see `fastmid data inspect`)"
+            )
+        self.pad_id = pad_token_id(self.tokenizer)
+
+    def _resume(self) -> None:
+        assert self.optimizer is not None and self.scheduler is not None
+        path = resolve_resume(self.cfg.resume, self.out)  # type: ignore[arg-type]
+        self.state = load_checkpoint(
+            path, self.model, self.trainable_names, self.optimizer, self.scheduler
+        )
+        restore_rng(self.state.rng)
+        truncate_metrics(self.out / "metrics.jsonl", self.state.step)
+        self.console.print(f"resumed from {path} at step {self.state.step}")
+        if self.state.step >= self.total_steps:
+            raise RunFolderError(
+                f"{path}: the run already finished its {self.total_steps} steps; pass a "
+                "larger --max-steps to train on, or use its final/ model"
+            )
+
+    # ---- data order ---------------------------------------------------------------------------
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        """Example indices of each micro-batch in ``epoch``: a seeded permutation (or seeded
+        length-grouped order) cut into ``micro_batch``-sized pieces; the last may be smaller."""
+        if self._epoch_order is not None and self._epoch_order[0] == epoch:
+            return self._epoch_order[1]
+        n, mb, seed = len(self.train_examples), self.cfg.micro_batch, self.cfg.seed
+        if self.cfg.group_by_length:
+            lengths = [len(e["input_ids"]) for e in self.train_examples]
+            order = list(LengthGroupedSampler(lengths, mb, seed + epoch))
+        else:
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            order = torch.randperm(n, generator=gen).tolist()
+        batches = [order[i : i + mb] for i in range(0, n, mb)]
+        self._epoch_order = (epoch, batches)
+        return batches
+
+    def micro_batch_at(self, position: int) -> MicroBatchRef:
+        """The micro-batch at global ``position`` (epochs follow one another), so the data
+        position of a resumed run is one integer."""
+        epoch, k = divmod(position, len(self._epoch_batches(0)))
+        return MicroBatchRef(position, epoch, self._epoch_batches(epoch)[k])
+
+    def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """Right-padded training batch of ``indices`` on the model's device."""
+        batch = collate_batch([self.train_examples[i] for i in indices], self.pad_id)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    # ---- evaluate -----------------------------------------------------------------------------
+
+    def eval_loss(self) -> float | None:
+        """Token-mean loss over up to ``eval_batches`` micro-batches of the held-out split."""
+        if not self.eval_examples:
+            return None
+        return token_mean_loss(
+            self.model,
+            self.eval_examples,
+            self.cfg.micro_batch,
+            self.pad_id,
+            max_batches=self.cfg.eval_batches,
+            fused=self.fused_loss,
+        )
+
+    def evaluate(self, label: str) -> dict[str, Any] | None:
+        """Exact-match accuracy (with answer loss) on ``eval_accuracy_data``, or None when
+        ``--no-eval-accuracy``. ``label`` is ``before`` or ``after``; the base model's result is
+        cached in ``eval_before.json`` with its settings, so a resumed run does not redo it."""
+        cfg = self.cfg
+        if not cfg.eval_accuracy:
+            return None
+        settings = {
+            "data": cfg.eval_accuracy_data,
+            "n": cfg.eval_n,
+            "max_new_tokens": cfg.eval_max_new_tokens,
+        }
+        cache = self.out / "eval_before.json"
+        if label == "before" and cache.is_file():
+            saved = json.loads(cache.read_text())
+            if saved.get("settings") == settings:
+                return saved["result"]
+        self.console.print(
+            f"[bold]eval[/] {label}: exact match on {cfg.eval_n} problems of "
+            f"{cfg.eval_accuracy_data}"
+        )
+        result = evaluate_accuracy(
+            self.model,
+            self.tokenizer,
+            cfg.eval_accuracy_data,
+            n=cfg.eval_n,
+            max_new_tokens=cfg.eval_max_new_tokens,
+            batch_size=cfg.eval_batch_size,
+        )
+        lo, hi = result.ci95
+        line = f"  {label}: accuracy {result.accuracy:.1%} ({result.correct}/{result.n})"
+        if result.eval_loss is not None:
+            line += f", 95% CI [{lo:.1%}, {hi:.1%}], answer loss {result.eval_loss:.4f}"
+        self.console.print(line)
+        record = result.to_dict()
+        if label == "before":
+            cache.write_text(json.dumps({"settings": settings, "result": record}, indent=1) + "\n")
+        return record
+
+    # ---- train --------------------------------------------------------------------------------
+
+    def train(self) -> dict[str, Any]:
+        """Run the remaining steps and save the last; returns the last step's record ({} if none).
+
+        Raises:
+            NonFiniteLossError: a NaN/inf loss, gradient norm or band weight (nothing of that
+                step is saved; the last good checkpoint stays).
+            TrainingInterrupted: SIGINT; a checkpoint of the last finished step was saved.
+        """
+        assert self.optimizer is not None and self.scheduler is not None
+        cfg, state = self.cfg, self.state
+        metrics = MetricsWriter(self.out / "metrics.jsonl")
+        previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
+        self.model.train()
+        last: dict[str, Any] = {}
+        base_elapsed, t_start = state.elapsed_s, time.perf_counter()
+        progress = make_progress(
+            self.console,
+            "loss {task.fields[loss]}",
+            "lr {task.fields[lr]}",
+            "{task.fields[tps]} tok/s",
+            label="[bold]train[/]",
+            eta=True,
+        )
+        try:
+            with progress:
+                task = progress.add_task(
+                    "train", total=self.total_steps, completed=state.step, loss="-", lr="-", tps="-"
+                )
+                while state.step < self.total_steps:
+                    refs = [
+                        self.micro_batch_at(state.micro_batches + k) for k in range(cfg.grad_accum)
+                    ]
+                    t0 = time.perf_counter()
+                    try:
+                        result = train_step(
+                            self.model,
+                            [self.collate(r.indices) for r in refs],
+                            self.optimizer,
+                            self.scheduler,
+                            self.trainable,
+                            cfg.grad_clip,
+                            self.fused_loss,
+                        )
+                    except NonFiniteStep as exc:
+                        raise self._non_finite(exc, refs) from None
+                    dt = time.perf_counter() - t0
+                    state.step += 1
+                    state.micro_batches += cfg.grad_accum
+                    state.tokens += result.tokens
+                    state.supervised_tokens += result.supervised_tokens
+                    state.elapsed_s = base_elapsed + time.perf_counter() - t_start
+                    record: dict[str, Any] = {"step": state.step, **asdict(result)}
+                    record["tokens_per_s"] = result.tokens / dt if dt > 0 else 0.0
+                    record["step_time_s"] = dt
+                    record["peak_memory_bytes"] = peak_memory_bytes(self.device)
+                    record["elapsed_s"] = state.elapsed_s
+                    at_end = state.step == self.total_steps
+                    if cfg.eval_every and (state.step % cfg.eval_every == 0 or at_end):
+                        record["eval_loss"] = self._checked_eval_loss()
+                    if state.step % cfg.log_every == 0 or at_end or "eval_loss" in record:
+                        metrics.write(record)
+                    progress.update(
+                        task,
+                        completed=state.step,
+                        loss=f"{result.loss:.4f}",
+                        lr=f"{result.lr:.2e}",
+                        tps=f"{record['tokens_per_s']:.0f}",
+                    )
+                    last = record
+                    if cfg.save_every and state.step % cfg.save_every == 0 and not at_end:
+                        self.save_checkpoint()
+                    if self._interrupted:
+                        path = self.save_checkpoint()
+                        raise TrainingInterrupted(
+                            f"interrupted at step {state.step}; checkpoint saved to {path}. "
+                            f"Resume with: {self.resume_command()}"
+                        )
+        finally:
+            signal.signal(signal.SIGINT, previous_handler)
+            metrics.close()
+        self.save_checkpoint()
+        return last
+
+    def _checked_eval_loss(self) -> float | None:
+        """The held-out loss; a non-finite one stops the run like a non-finite training loss."""
+        loss = self.eval_loss()
+        if loss is not None and not math.isfinite(loss):
+            raise NonFiniteLossError(
+                f"non-finite held-out loss ({loss}) after step {self.state.step}; this step "
+                f"was not saved; {self._keep_and_resume()}"
+            )
+        return loss
+
+    def _non_finite(self, exc: NonFiniteStep, refs: list[MicroBatchRef]) -> NonFiniteLossError:
+        step = self.state.step + 1
+        if exc.micro_batch is not None:
+            ref = refs[exc.micro_batch]
+            where = f"micro-batch {ref.position} (epoch {ref.epoch}, examples {ref.indices})"
+        else:
+            where = f"micro-batches {refs[0].position}..{refs[-1].position}"
+        stepped = (
+            "the optimizer stepped" if exc.what.startswith("band") else "the optimizer did not step"
+        )
+        return NonFiniteLossError(
+            f"{exc} at step {step}, {where}; {stepped} and nothing of it was saved; "
+            f"{self._keep_and_resume()}"
+        )
+
+    def _keep_and_resume(self) -> str:
+        return (
+            f"the last good checkpoint is kept in {self.out / 'checkpoints'}; lower --lr or fix "
+            f"the data, then resume with: {self.resume_command()}"
+        )
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self._interrupted:  # second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self._interrupted = True
+        self.console.print("[yellow]interrupt: finishing this step, then saving a checkpoint[/]")
+
+    def resume_command(self) -> str:
+        """The command that continues this run."""
+        return f"fastmid train {self.out / 'config.yaml'} --resume latest"
+
+    # ---- save, export -------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoints/step-<N>/`` of the current step atomically; returns the folder."""
+        assert self.optimizer is not None and self.scheduler is not None
+        self.state.rng = capture_rng()
+        return save_checkpoint(
+            self.out / "checkpoints",
+            self.model,
+            self.trainable_names,
+            self.optimizer,
+            self.scheduler,
+            self.state,
+            self.cfg.keep_last,
+        )
+
+    def export(self) -> Path:
+        """Write ``final/`` (an HF folder ``from_pretrained`` loads, in the model's own dtype on
+        CUDA) and ``band_delta.safetensors``; returns ``final/``."""
+        assert self.plan is not None
+        dtype = self.model.config.dtype if self.device.type == "cuda" else None
+        final = export_hf_folder(self.model, self.tokenizer, self.out / "final", dtype=dtype)
+        save_band_delta(
+            self.model,
+            self.trainable_names,
+            self.out / "band_delta.safetensors",
+            self.plan.to_dict(),
+        )
+        return final
+
+    # ---- records ------------------------------------------------------------------------------
+
+    def plan_record(self) -> dict[str, Any]:
+        """``plan.json``: the band, parameter counts, execution roles, data statistics."""
+        assert self.plan is not None and self.counts is not None and self.policy is not None
+        stats = self.data_stats
+        return {
+            "band": self.plan.to_dict(),
+            "parameters": self.counts.to_dict(),
+            "model": self.cfg.model,
+            "model_type": self.model.config.model_type,
+            "execution": {
+                "no_grad_prefix": self.policy.no_grad_prefix,
+                "grad_checkpointing": self.policy.grad_checkpointing,
+                "roles": self.policy.roles,
+            },
+            "data": stats.to_dict() if hasattr(stats, "to_dict") else None,
+            "train_examples": len(self.train_examples),
+            "eval_examples": len(self.eval_examples),
+            "total_steps": self.total_steps,
+        }
+
+    def final_eval_loss(self, last: dict[str, Any]) -> float | None:
+        """The held-out loss of the trained model (the last step's, when it measured one).
+
+        Raises:
+            NonFiniteLossError: the loss is NaN/inf: nothing must be exported.
+        """
+        return last["eval_loss"] if "eval_loss" in last else self._checked_eval_loss()
+
+    def summary(
+        self,
+        final: Path,
+        last: dict[str, Any],
+        eval_loss: float | None,
+        before: dict[str, Any] | None,
+        after: dict[str, Any] | None,
+    ) -> dict[str, Any]:
+        """Write ``summary.json`` (what the run did, with figures) and return it."""
+        assert self.plan is not None and self.counts is not None
+        assert self.kernel_report is not None
+        state = self.state
+        summary = {
+            "output": str(self.out),
+            "final_model": str(final),
+            "model": self.cfg.model,
+            "model_type": self.model.config.model_type,
+            "band": self.plan.to_dict(),
+            "parameters": self.counts.to_dict(),
+            "steps": state.step,
+            "tokens": state.tokens,
+            "supervised_tokens": state.supervised_tokens,
+            "train_time_s": state.elapsed_s,
+            "tokens_per_s": state.tokens / state.elapsed_s if state.elapsed_s else None,
+            "peak_memory_bytes": peak_memory_bytes(self.device),
+            "device": str(self.device),
+            "optimizer": self.cfg.optim,
+            "kernels": self.kernel_report.to_dict(),
+            "attention": str(getattr(self.model.config, "_attn_implementation", "unknown")),
+            "final_loss": last.get("loss"),
+            "final_eval_loss": eval_loss,
+            "accuracy_before": before,
+            "accuracy_after": after,
+        }
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        return summary
 
 
 def run_train(cfg: TrainConfig, console: Console | None = None) -> dict[str, Any]:
-    """Run one training job and return ``summary.json``'s content.
+    """Run one ``fastmid train`` job under the run folder's lock; return ``summary.json``'s
+    content.
 
     Raises:
-        RunFolderError, ConfigError, ModelSourceError, DataError, NonFiniteLossError,
-        TrainingInterrupted, CheckpointError: see their modules; each message says what to do.
+        RunFolderError, RunLockedError, ConfigError, ModelSourceError, DataError,
+        NonFiniteLossError, TrainingInterrupted, CheckpointError, ExportError: see their modules;
+        each message says what to do.
     """
     console = console or Console(stderr=True)
-    trainer = Trainer(cfg, console)
-    trainer.setup()
-    out = trainer.out
-    counts = trainer.counts
+    out = Path(cfg.output)
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"--output {out} is a file, not a folder; choose a folder")
+    created = not out.exists()
+    # One live run per folder: the OS drops the lock when this process ends, however it ends.
+    with acquire_run_lock(out):
+        try:
+            return _run(MidBlockRecipe(cfg, console), console)
+        except BaseException:
+            if created and [p.name for p in out.iterdir()] == [LOCK_NAME]:
+                shutil.rmtree(out, ignore_errors=True)  # a run that never started leaves nothing
+            raise
+
+
+def _run(recipe: MidBlockRecipe, console: Console) -> dict[str, Any]:
+    cfg = recipe.cfg
+    recipe.setup()
+    assert recipe.plan is not None and recipe.counts is not None
+    counts = recipe.counts
     console.print(
-        f"[bold]fastmid train[/] {cfg.model} ({trainer.model.config.model_type}): band "
-        f"{trainer.plan.describe()}, trainable {counts.trainable:,} of {counts.total:,} "
-        f"({counts.trainable_share:.1f}%), {len(trainer.train_examples)} train / "
-        f"{len(trainer.eval_examples)} eval examples, {trainer.total_steps} steps"
+        f"[bold]fastmid train[/] {cfg.model} ({recipe.model.config.model_type}): band "
+        f"{recipe.plan.describe()}, trainable {counts.trainable:,} of {counts.total:,} "
+        f"({counts.trainable_share:.1f}%), {len(recipe.train_examples)} train / "
+        f"{len(recipe.eval_examples)} eval examples, {recipe.total_steps} steps"
     )
-    # The base model's accuracy is computed once per run (a resumed run reuses it) unless the
-    # evaluation settings changed.
-    before_path = out / "eval_before.json"
-    key = {
-        "data": cfg.eval_accuracy_data,
-        "n": cfg.eval_n,
-        "max_new_tokens": cfg.eval_max_new_tokens,
-    }
-    saved = json.loads(before_path.read_text()) if before_path.is_file() else None
-    if saved and saved.get("settings") == key:
-        before = saved["result"]
-    else:
-        before = _accuracy(trainer, "before")
-        if before is not None:
-            before_path.write_text(json.dumps({"settings": key, "result": before}, indent=1) + "\n")
-    last = trainer.train()
-    final = trainer.export()
-    after = _accuracy(trainer, "after")
-    state = trainer.state
-    summary = {
-        "output": str(out),
-        "final_model": str(final),
-        "model": cfg.model,
-        "model_type": trainer.model.config.model_type,
-        "band": trainer.plan.to_dict(),
-        "parameters": counts.to_dict(),
-        "steps": state.step,
-        "tokens": state.tokens,
-        "supervised_tokens": state.supervised_tokens,
-        "train_time_s": state.elapsed_s,
-        "tokens_per_s": state.tokens / state.elapsed_s if state.elapsed_s else None,
-        "peak_memory_bytes": peak_memory_bytes(trainer.device),
-        "device": str(trainer.device),
-        "optimizer": cfg.optim,
-        "kernels": trainer.kernel_report.to_dict(),
-        "attention": attention_implementation(trainer.model),
-        "final_loss": last.get("loss"),
-        "final_eval_loss": trainer.eval_loss(),
-        "accuracy_before": before,
-        "accuracy_after": after,
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    before = recipe.evaluate("before")
+    last = recipe.train()
+    eval_loss = recipe.final_eval_loss(last)  # checked finite before anything is exported
+    final = recipe.export()
+    after = recipe.evaluate("after")
+    summary = recipe.summary(final, last, eval_loss, before, after)
     print_summary(summary, console)
     return summary
 
@@ -141,8 +801,3 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
             )
     table.add_row("model folder", summary["final_model"])
     console.print(table)
-
-
-def load_summary(run_dir: Path) -> dict[str, Any]:
-    """Read ``summary.json`` of a finished run."""
-    return json.loads((Path(run_dir) / "summary.json").read_text())

@@ -13,8 +13,7 @@ import json
 import pytest
 
 from fastmid.config import build_config
-from fastmid.train.loop import Trainer
-from fastmid.train.recipe import run_train
+from fastmid.train.recipe import MidBlockRecipe, run_train
 
 pytestmark = pytest.mark.realmodel
 
@@ -51,7 +50,7 @@ def test_sharegpt_few_steps_lower_held_out_loss(tmp_path):
             output=str(tmp_path / "sharegpt"),
         ),
     )
-    trainer = Trainer(cfg)
+    trainer = MidBlockRecipe(cfg)
     trainer.setup()
     assert len(trainer.eval_examples) == 12
     before = trainer.eval_loss()

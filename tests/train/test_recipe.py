@@ -1,4 +1,4 @@
-"""The lean loop: token-normalized accumulation, exact resume, faults, run-folder safety."""
+"""The recipe: token-normalized accumulation, exact resume, faults, run-folder safety."""
 
 from __future__ import annotations
 
@@ -8,32 +8,39 @@ import signal
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from fastmid.train.loop import NonFiniteLossError, RunFolderError, Trainer, TrainingInterrupted
+from fastmid.train import recipe as recipe_module
+from fastmid.train.recipe import (
+    MidBlockRecipe,
+    NonFiniteLossError,
+    RunFolderError,
+    TrainingInterrupted,
+)
 
 
-def _run(cfg) -> tuple[Trainer, list[dict]]:
-    trainer = Trainer(cfg)
+def _run(cfg) -> tuple[MidBlockRecipe, list[dict]]:
+    trainer = MidBlockRecipe(cfg)
     trainer.setup()
     trainer.train()
     records = [json.loads(x) for x in (trainer.out / "metrics.jsonl").read_text().splitlines()]
     return trainer, records
 
 
-def _interrupt_after(trainer: Trainer, step: int, monkeypatch) -> None:
+def _interrupt_after(trainer: MidBlockRecipe, step: int, monkeypatch) -> None:
     """Deliver a real SIGINT to this process right after optimizer step ``step``."""
-    real = trainer.train_step
+    real = recipe_module.train_step
 
-    def step_then_interrupt():
-        record = real()
-        if record["step"] == step:
+    def step_then_interrupt(*args, **kwargs):
+        record = real(*args, **kwargs)
+        if trainer.state.step + 1 == step:  # the recipe counts the step once this returns
             os.kill(os.getpid(), signal.SIGINT)
         return record
 
-    monkeypatch.setattr(trainer, "train_step", step_then_interrupt)
+    monkeypatch.setattr(recipe_module, "train_step", step_then_interrupt)
 
 
-def _band_state(trainer: Trainer) -> dict[str, torch.Tensor]:
+def _band_state(trainer: MidBlockRecipe) -> dict[str, torch.Tensor]:
     params = dict(trainer.model.named_parameters())
     return {n: params[n].detach().clone() for n in trainer.trainable_names}
 
@@ -55,7 +62,7 @@ def test_resume_is_exact(make_config, monkeypatch):
     """2N steps in one go == N steps, interrupt, resume, N steps: same losses and weights."""
     full, rec_full = _run(make_config("full", max_steps=6, save_every=0))
 
-    first = Trainer(make_config("split", max_steps=6, save_every=0))
+    first = MidBlockRecipe(make_config("split", max_steps=6, save_every=0))
     first.setup()
     _interrupt_after(first, 3, monkeypatch)
     with pytest.raises(TrainingInterrupted):
@@ -74,17 +81,17 @@ def test_resume_is_exact(make_config, monkeypatch):
 
 
 def test_nan_loss_stops_before_the_step_and_keeps_the_checkpoint(make_config, monkeypatch):
-    trainer = Trainer(make_config("nan", max_steps=6, save_every=2))
+    trainer = MidBlockRecipe(make_config("nan", max_steps=6, save_every=2))
     trainer.setup()
-    real = trainer.loss_sum
+    real = recipe_module.micro_batch_loss
     calls = {"n": 0}
 
-    def poisoned(batch):
+    def poisoned(model, batch, fused):
         calls["n"] += trainer.model.training  # eval batches do not count
-        loss, n = real(batch)
+        loss, n = real(model, batch, fused)
         return (loss * float("nan"), n) if calls["n"] == 3 and trainer.model.training else (loss, n)
 
-    monkeypatch.setattr(trainer, "loss_sum", poisoned)
+    monkeypatch.setattr(recipe_module, "micro_batch_loss", poisoned)
     with pytest.raises(NonFiniteLossError, match=r"step 3, micro-batch 2 .*examples \["):
         trainer.train()
     ckpt = trainer.out / "checkpoints" / "step-2"
@@ -93,8 +100,31 @@ def test_nan_loss_stops_before_the_step_and_keeps_the_checkpoint(make_config, mo
     assert trainer.state.step == 2  # the failed step never reached the optimizer
 
 
+def test_non_finite_weights_stop_the_run_before_any_save_or_export(make_config, monkeypatch):
+    """An infinite learning rate at step 3 gives finite gradients but NaN/inf weights: the run
+    stops there, step 3 is never saved, the step-2 checkpoint stays finite, nothing is exported."""
+    trainer = MidBlockRecipe(make_config("inf", max_steps=6, save_every=1))
+    trainer.setup()
+    real = recipe_module.train_step
+
+    def infinite_lr_at_step_3(model, batches, optimizer, *args, **kwargs):
+        if trainer.state.step == 2:
+            for group in optimizer.param_groups:
+                group["lr"] = float("inf")
+        return real(model, batches, optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(recipe_module, "train_step", infinite_lr_at_step_3)
+    with pytest.raises(NonFiniteLossError, match=r"band weights .* step 3.*--resume latest"):
+        trainer.train()
+    checkpoints = sorted(p.name for p in (trainer.out / "checkpoints").iterdir())
+    assert checkpoints == ["step-1", "step-2"]
+    saved = load_file(str(trainer.out / "checkpoints" / "step-2" / "band.safetensors"))
+    assert all(torch.isfinite(t).all() for t in saved.values())
+    assert not (trainer.out / "final").exists()
+
+
 def test_sigint_saves_and_prints_resume_command(make_config, monkeypatch):
-    trainer = Trainer(make_config("sig", max_steps=6, save_every=0))
+    trainer = MidBlockRecipe(make_config("sig", max_steps=6, save_every=0))
     trainer.setup()
     _interrupt_after(trainer, 2, monkeypatch)
     with pytest.raises(TrainingInterrupted, match="--resume latest") as info:
@@ -106,12 +136,12 @@ def test_sigint_saves_and_prints_resume_command(make_config, monkeypatch):
 def test_existing_run_is_not_overwritten(make_config):
     _run(make_config("twice", max_steps=1))
     with pytest.raises(RunFolderError, match="--resume latest.*--overwrite"):
-        Trainer(make_config("twice", max_steps=1)).setup()
-    Trainer(make_config("twice", max_steps=1, overwrite=True)).setup()
+        MidBlockRecipe(make_config("twice", max_steps=1)).setup()
+    MidBlockRecipe(make_config("twice", max_steps=1, overwrite=True)).setup()
 
 
 def test_only_band_gets_optimizer_state_and_small_tensors_keep_32bit(make_config):
-    trainer = Trainer(make_config("optim", max_steps=1))
+    trainer = MidBlockRecipe(make_config("optim", max_steps=1))
     trainer.setup()
     trainer.train()
     band_ids = {id(p) for p in trainer.trainable}
@@ -148,7 +178,9 @@ def test_overwrite_deletes_nothing_when_setup_fails(make_config, tmp_path):
     trainer, _ = _run(make_config("keep", max_steps=1))
     before = sorted(p.name for p in trainer.out.iterdir())
     with pytest.raises(Exception, match="nope.jsonl"):
-        Trainer(make_config("keep", overwrite=True, data=str(tmp_path / "nope.jsonl"))).setup()
+        MidBlockRecipe(
+            make_config("keep", overwrite=True, data=str(tmp_path / "nope.jsonl"))
+        ).setup()
     assert sorted(p.name for p in trainer.out.iterdir()) == before
     saved = (trainer.out / "config.yaml").read_text()
     assert "overwrite: false" in saved and "resume: null" in saved
@@ -159,10 +191,64 @@ def test_resume_refuses_different_settings_and_finished_runs(make_config):
 
     _run(make_config("r", max_steps=2, save_every=0))
     with pytest.raises(CheckpointError, match=r"max_examples: 64 -> 32.*config\.yaml --resume"):
-        Trainer(make_config("r", max_steps=4, max_examples=32, resume="latest")).setup()
+        MidBlockRecipe(make_config("r", max_steps=4, max_examples=32, resume="latest")).setup()
     with pytest.raises(RunFolderError, match="already finished its 2 steps"):
-        Trainer(make_config("r", max_steps=2, resume="latest")).setup()
+        MidBlockRecipe(make_config("r", max_steps=2, resume="latest")).setup()
     # a checkpoint resumed into a new, not yet existing folder
     ckpt = str(make_config("r").output) + "/checkpoints/step-2"
     _, records = _run(make_config("new/sub", max_steps=3, resume=ckpt))
     assert [r["step"] for r in records] == [3]
+
+
+def test_resume_removes_partial_checkpoints_and_says_so(make_config):
+    """A folder left by a save that was killed (``step-N.tmp-*``) is removed at the next start."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    first, _ = _run(make_config("partial", max_steps=2, save_every=0))
+    partial = first.out / "checkpoints" / "step-3.tmp-killed"
+    partial.mkdir()
+    (partial / "band.safetensors").write_bytes(b"half a file")
+    log = StringIO()
+    cfg = make_config("partial", max_steps=3, save_every=0, resume="latest")
+    resumed = MidBlockRecipe(cfg, Console(file=log, width=200))
+    resumed.setup()
+    assert not partial.exists()
+    assert "step-3.tmp-killed" in log.getvalue()
+    assert resumed.state.step == 2
+
+
+def test_a_second_train_on_a_locked_folder_is_refused(make_config, tmp_path):
+    """Two runs, one folder: the second real ``fastmid train`` process names the first's PID."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "locked"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path;"
+            "from fastmid.train.runlock import acquire_run_lock;"
+            f"lock = acquire_run_lock(Path({str(out)!r})); print('held', flush=True);"
+            "time.sleep(120)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        cfg = make_config("unused")
+        second = subprocess.run(
+            ["fastmid", "train", "--model", cfg.model, "--output", str(out), "--max-steps", "1"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        holder.kill()
+        holder.wait()
+    assert second.returncode == 2, second.stderr
+    assert f"PID {holder.pid}" in second.stderr and "Traceback" not in second.stderr
+    assert len(second.stderr.strip().splitlines()) == 1, second.stderr
