@@ -98,6 +98,7 @@ def main() -> None:
         mask_bos=args.mask_bos,
         grad_norms=not args.no_grad_norms,
         output_dir=out,
+        overwrite=True,  # this script re-measures the committed results folder on purpose
         console=Console(),
         title=f"SmolLM2-135M-Instruct: base vs {args.label}",
     )

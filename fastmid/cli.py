@@ -1,30 +1,203 @@
 """The ``fastmid`` command line (typer). Thin: parse flags, build a config, call the library.
 
-Commands: ``train``, ``plan``, ``eval``, ``analyze``, ``data inspect``. Known errors print one line
-(``error: ...``) and exit 2; an interrupted run exits 130 after saving; a non-finite loss exits 1.
+Commands: ``train``, ``plan``, ``eval``, ``analyze``, ``data inspect``. The ``train`` command's
+flags are generated from the fields of :class:`fastmid.config.TrainConfig`, and the options other
+commands share with it (``--model``, ``--data``, ``--max-seq-len``, ...) come from the same fields
+through :func:`config_option`, so every option has one name, one help text and one default.
+Known errors print one line (``error: ...``) and exit 2, usage errors too (an unknown flag, a
+value of the wrong type, a missing option: see :meth:`_Group.main`); an interrupted run exits 130
+after saving; a non-finite loss exits 1. The console script is :func:`main`.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
 import sys
 from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from typer.core import TyperCommand, TyperGroup
+
+from fastmid.config import (
+    FIELDS,
+    DataFormat,
+    Optimizer,
+    Truncation,
+    choices,
+    field_problem,
+    field_type,
+    flag,
+    suggest,
+)
+
+
+class _PlainHelp:
+    """Mixin of every fastmid command and group.
+
+    ``--help`` shows no type tags (typer prints ``<int>``, ``<path>``, even ``--help <bool>``: the
+    help text and the default say it), and a docstring's paragraphs are joined into lines, so that
+    help never breaks mid-sentence where the source wrapped. An unknown flag is answered with the
+    closest known one, common aliases included (``--learning-rate`` -> ``--lr``).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("help"):
+            paragraphs = inspect.cleandoc(kwargs["help"]).split("\n\n")
+            kwargs["help"] = "\n\n".join(" ".join(p.split()) for p in paragraphs)
+        super().__init__(*args, **kwargs)
+        for param in self.params:  # type: ignore[attr-defined]
+            if param.param_type_name == "option":
+                param.metavar = ""
+            else:  # an argument keeps its metavar (its name in the usage line)
+                param.display_type_rich = _no_type_tag
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)  # type: ignore[misc]
+        if option is not None:
+            option.metavar = ""
+        return option
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)  # type: ignore[misc]
+        except Exception as exc:
+            # typer's (vendored) click NoSuchOption; matched by its attributes, not its class,
+            # since the class moved between typer versions.
+            name = getattr(exc, "option_name", None)
+            if isinstance(name, str) and hasattr(exc, "possibilities"):
+                field_name = suggest(name)
+                params = self.params  # type: ignore[attr-defined]
+                known = {o for p in params for o in (*p.opts, *p.secondary_opts)}
+                if field_name is not None and flag(field_name) in known:
+                    exc.possibilities = [flag(field_name)]
+            raise
+
+
+def _no_type_tag(ctx: Any) -> None:
+    return None
+
+
+class _Command(_PlainHelp, TyperCommand):
+    """Every fastmid command: see :class:`_PlainHelp`."""
+
+
+class _Group(_PlainHelp, TyperGroup):
+    """``fastmid`` and ``fastmid data``: see :class:`_PlainHelp`; the root's :meth:`main` prints
+    usage errors on one line."""
+
+    def main(
+        self,
+        args: Any = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        """Run the command line; in standalone mode (the console script, typer's CliRunner) a
+        usage error is one line on stderr, ``error: --optim: 'sgd' is not one of ...``, and exits
+        with its code (2), instead of typer's multi-line box.
+
+        typer's own loop runs with ``standalone_mode=False`` so that the click exception reaches
+        here; ``--help``, ``--version`` and ``typer.Exit`` keep their exit codes, ``Abort`` (Ctrl-D
+        at a prompt) exits 1, and any other exception (a bug) keeps its traceback.
+        """
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _CLICK_EXCEPTIONS as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":
+                # `fastmid` or `fastmid data` alone: typer's rich help has already been printed;
+                # plain click carries the help as the message.
+                text = exc.format_message()  # type: ignore[attr-defined]
+                if text.strip():
+                    typer.echo(text)
+            else:
+                print_error(usage_error_message(exc))
+            sys.exit(getattr(exc, "exit_code", 2))
+        except typer.Abort:
+            err_console.print("Aborted!", highlight=False)
+            sys.exit(1)
+        # Without standalone mode typer returns the code of a typer.Exit (int) or the command's
+        # return value (None from every fastmid command): exit as standalone mode would.
+        sys.exit(code if isinstance(code, int) else 0)
+
 
 app = typer.Typer(
+    cls=_Group,
     add_completion=False,
     no_args_is_help=True,
     help="fastmid: Mid-Block tuning (train the middle band of decoder layers) and layer-wise "
     "analysis of where fine-tuning changes a model.",
 )
-data_app = typer.Typer(no_args_is_help=True, help="Look at SFT data before training on it.")
+data_app = typer.Typer(
+    cls=_Group, no_args_is_help=True, help="Look at SFT data before training on it."
+)
 app.add_typer(data_app, name="data")
 
 err_console = Console(stderr=True)
+
+
+def _click_exception_types() -> tuple[type[Exception], ...]:
+    """``ClickException`` of typer's vendored click (typer >= 0.26) and of click itself (older
+    typer uses it directly); usage errors of either kind become one line."""
+    found: list[type[Exception]] = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            found.append(importlib.import_module(module).ClickException)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
+
+
+_CLICK_EXCEPTIONS = _click_exception_types()
+
+
+def _one_line(text: str) -> str:
+    """``text`` with every run of whitespace (newlines included) as one space."""
+    return " ".join(str(text).split())
+
+
+def print_error(message: str, style: str = "red", prefix: str = "error: ") -> None:
+    """Print ``message`` as one line on stderr: ``error: ...``.
+
+    Newlines in the message are joined and rich neither wraps the line at the terminal width
+    (80 columns when stderr is not a terminal) nor reads ``[...]`` in a path as markup.
+    """
+    text = escape(_one_line(message))
+    line = f"[{style}]{escape(prefix)}[/]{text}" if prefix else f"[{style}]{text}[/]"
+    err_console.print(line, highlight=False, soft_wrap=True)
+
+
+def usage_error_message(exc: Exception) -> str:
+    """One line for a click usage error, naming the flag (``--optim: 'sgd' is not one of ...``,
+    ``No such option: --lrr; did you mean --lr?``, ``Missing option '--base'``), followed by
+    where the command's help is."""
+    param = getattr(exc, "param", None)
+    kind = type(exc).__name__
+    if kind == "NoSuchOption":
+        message = f"No such option: {exc.option_name}"  # type: ignore[attr-defined]
+        possibilities = sorted(getattr(exc, "possibilities", None) or [])
+        if possibilities:
+            message += f"; did you mean {' or '.join(possibilities)}?"
+    elif kind == "BadParameter" and param is not None:
+        # typer words a failed Literal check "Value error, 'sgd' is not one of ...".
+        text = str(getattr(exc, "message", exc)).removeprefix("Value error, ")
+        name = param.opts[0] if param.param_type_name == "option" else param.human_readable_name
+        message = f"{name}: {text}"
+    else:
+        message = exc.format_message()  # type: ignore[attr-defined]
+    ctx = getattr(exc, "ctx", None)
+    if ctx is not None:
+        message = f"{message.rstrip('.')} (see '{ctx.command_path} --help')"
+    return _one_line(message)
 
 
 def _run(fn: Callable[[], Any]) -> Any:
@@ -35,91 +208,193 @@ def _run(fn: Callable[[], Any]) -> Any:
         return fn()
     except FastmidError as exc:
         if exc.exit_code == 130:
-            err_console.print(f"[yellow]{exc}[/]", highlight=False)
+            print_error(str(exc), style="yellow", prefix="")
         else:
-            err_console.print(f"[red]error:[/] {exc}", highlight=False)
+            print_error(str(exc))
         raise typer.Exit(exc.exit_code) from None
 
 
-@app.command()
-def train(
-    config: Path | None = typer.Argument(None, help="YAML config; flags override its keys."),
-    model: str | None = typer.Option(None, help="default | HF folder | .gguf | cached repo id"),
-    data: str | None = typer.Option(None, help="builtin:arith | files/folders, comma-separated"),
-    eval_data: str | None = typer.Option(None, help="held-out data (else --eval-fraction)"),
-    eval_fraction: float | None = typer.Option(None, help="share carved off for eval loss"),
-    format: str | None = typer.Option(None, help="force the data format"),
-    split: str | None = typer.Option(None, help="dataset split to train on"),
-    max_examples: int | None = typer.Option(None, help="use at most this many examples"),
-    band: str | None = typer.Option(None, help="fractions START:END of depth (default 0.2:0.8)"),
-    layers: str | None = typer.Option(None, help="explicit layers, e.g. 6-23 or 3,5,9"),
-    placement: str | None = typer.Option(None, help="first|last|middle|random (ablations)"),
-    max_steps: int | None = typer.Option(None, help="optimizer steps (overrides --epochs)"),
-    epochs: float | None = typer.Option(None, help="passes over the data when no --max-steps"),
-    micro_batch: int | None = typer.Option(None, help="sequences per micro-batch"),
-    grad_accum: int | None = typer.Option(None, help="micro-batches per optimizer step"),
-    lr: float | None = typer.Option(None, help="peak learning rate"),
-    warmup_steps: int | None = typer.Option(None, help="linear warm-up steps"),
-    schedule: str | None = typer.Option(None, help="cosine | constant"),
-    weight_decay: float | None = typer.Option(None, help="AdamW weight decay (matrices only)"),
-    grad_clip: float | None = typer.Option(None, help="global grad-norm clip (0 = off)"),
-    max_seq_len: int | None = typer.Option(None, help="tokens per sequence"),
-    truncation: str | None = typer.Option(None, help="prompt-left | drop"),
-    optim: str | None = typer.Option(None, help="adamw8bit | adamw | paged_adamw8bit"),
-    grad_checkpointing: bool | None = typer.Option(
-        None, "--grad-checkpointing/--no-grad-checkpointing", help="checkpoint band+suffix layers"
+def _print_version(value: bool) -> None:
+    if not value:
+        return
+    try:
+        number = version("fastmid")
+    except PackageNotFoundError:  # a source tree that was never installed
+        number = "unknown (not installed)"
+    typer.echo(f"fastmid {number}")
+    raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    show_version: bool = typer.Option(
+        False,
+        "--version",
+        help="Print the version and exit.",
+        is_eager=True,
+        callback=_print_version,
     ),
-    kernels: str | None = typer.Option(None, help="auto | on | off (Triton kernels)"),
-    eval_every: int | None = typer.Option(None, help="eval loss every N steps (0 = off)"),
-    save_every: int | None = typer.Option(None, help="checkpoint every N steps"),
-    keep_last: int | None = typer.Option(None, help="checkpoints to keep"),
-    eval_accuracy: bool | None = typer.Option(
-        None, "--eval-accuracy/--no-eval-accuracy", help="exact-match eval before and after"
-    ),
-    eval_n: int | None = typer.Option(None, help="problems in the accuracy eval"),
-    output: str | None = typer.Option(None, help="run folder"),
-    overwrite: bool | None = typer.Option(None, "--overwrite", help="replace an existing run"),
-    resume: str | None = typer.Option(None, help="checkpoint folder or 'latest'"),
-    seed: int | None = typer.Option(None, help="random seed"),
-    skip_bad_rows: bool | None = typer.Option(
-        None, "--skip-bad-rows", help="skip and count malformed rows"
-    ),
-    train_embeddings: bool | None = typer.Option(
-        None, "--train-embeddings", help="also train the input embeddings (tied lm_head too)"
-    ),
-    train_lm_head: bool | None = typer.Option(None, "--train-lm-head", help="also train lm_head"),
-    train_final_norm: bool | None = typer.Option(
-        None, "--train-final-norm", help="also train the final norm"
-    ),
-    train_on_prompt: bool | None = typer.Option(None, "--train-on-prompt"),
-    last_turn_only: bool | None = typer.Option(None, "--last-turn-only"),
 ) -> None:
-    """Train the band (default: SmolLM2-135M-Instruct on builtin:arith: 90 steps, about 10 minutes
-    of training on 2 CPU cores plus 2-3 minutes of before/after accuracy evaluation)."""
-    overrides = {k: v for k, v in locals().items() if k != "config"}
+    """The ``fastmid`` group: only ``--version`` (the help text is ``app``'s)."""
+
+
+# ---- options from TrainConfig ------------------------------------------------------------------
+
+
+def config_option(name: str, *flags: str, help: str | None = None) -> Any:
+    """A typer option declared by the ``TrainConfig`` field ``name``: its default, help, choices
+    and ``--help`` group, so a command that shares the option cannot drift from ``train``.
+
+    Args:
+        name: a :class:`~fastmid.config.TrainConfig` field.
+        flags: the flag spelling when it differs from the field's (``eval``'s ``--n`` for
+            ``eval_n``); by default ``--max-seq-len``, and ``--x/--no-x`` for booleans.
+        help: the help text when the command uses the option differently (rare).
+    """
+    f = FIELDS[name]
+    text = help or f.metadata["help"]
+    allowed = choices(name)
+    if allowed is not None:
+        text = f"{text}: {' | '.join(allowed)}"
+    if not flags:
+        flags = (
+            (f"{flag(name)}/--no-{flag(name)[2:]}",) if field_type(name) is bool else (flag(name),)
+        )
+    return typer.Option(
+        f.default,
+        *flags,
+        help=text,
+        rich_help_panel=f.metadata["group"],
+        show_default=True,
+        callback=_field_check(name),
+    )
+
+
+def _field_check(name: str) -> Callable[..., Any]:
+    """A typer callback that checks an option's value as the config checks field ``name``
+    (:func:`fastmid.config.field_problem`: bounds, finiteness, band syntax), so that every command
+    refuses ``--max-seq-len 4`` or ``--n 0`` alike, naming the flag as that command spells it,
+    before it loads anything."""
+
+    def check(ctx: typer.Context, param: typer.CallbackParam, value: Any) -> Any:
+        problem = None if ctx.resilient_parsing else field_problem(name, value)
+        if problem is not None:
+            raise typer.BadParameter(problem, ctx=ctx, param=param)
+        return value
+
+    return check
+
+
+def _at_least(minimum: int) -> Callable[..., Any]:
+    """A typer callback refusing a number below ``minimum`` (for options that are no
+    ``TrainConfig`` field and that no library function checks)."""
+
+    def check(ctx: typer.Context, param: typer.CallbackParam, value: Any) -> Any:
+        if not ctx.resilient_parsing and value is not None and value < minimum:
+            raise typer.BadParameter(f"must be >= {minimum}, got {value}", ctx=ctx, param=param)
+        return value
+
+    return check
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether the flag of parameter ``name`` was typed on the command line (a flag left out must
+    not override the YAML file)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def _train(ctx: typer.Context, config: Path | None, print_config: bool, **values: Any) -> None:
+    """Train the band of a model on SFT data.
+
+    Default: SmolLM2-135M-Instruct on builtin:arith, 90 steps: about 10 minutes of training on
+    2 CPU cores, plus 2-3 minutes of accuracy evaluation before and after. Precedence: defaults <
+    the YAML CONFIG < flags given here.
+    """
+    overrides = {name: value for name, value in values.items() if _given(ctx, name)}
 
     def go() -> None:
-        from fastmid.config import build_config
-        from fastmid.train.recipe import run_train
+        from fastmid.config import build_config, config_yaml
 
         cfg = build_config(config, overrides)
+        if print_config:
+            sys.stdout.write(config_yaml(cfg))
+            return
+        from fastmid.train.recipe import run_train
+
         run_train(cfg, err_console)
 
     _run(go)
 
 
-@app.command()
+def _train_signature() -> inspect.Signature:
+    """``_train``'s parameters as typer reads them: CONFIG, one option per ``TrainConfig`` field in
+    field order (which orders the ``--help`` groups), then ``--print-config``."""
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    config = typer.Argument(None, help="YAML config; flags override its keys.", metavar="CONFIG")
+    print_config = typer.Option(
+        False,
+        "--print-config",
+        help="print the resolved config as YAML (what the run's config.yaml holds) and exit "
+        "without loading anything.",
+        rich_help_panel="output",
+    )
+    return inspect.Signature(
+        [
+            inspect.Parameter(
+                "ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context
+            ),
+            inspect.Parameter(
+                "config",
+                inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                annotation=Path | None,
+                default=config,
+            ),
+            *(
+                inspect.Parameter(
+                    name, keyword, annotation=field_type(name), default=config_option(name)
+                )
+                for name in FIELDS
+            ),
+            inspect.Parameter("print_config", keyword, annotation=bool, default=print_config),
+        ]
+    )
+
+
+_train.__signature__ = _train_signature()  # type: ignore[attr-defined]
+# typer also resolves annotations by name: give it the signature's objects.
+_train.__annotations__ = {
+    p.name: p.annotation
+    for p in _train.__signature__.parameters.values()  # type: ignore[attr-defined]
+}
+app.command("train", cls=_Command)(_train)
+
+
+@app.command(cls=_Command)
 def plan(
-    model: str = typer.Option("default", help="default | folder | .gguf | repo id | config.json"),
-    band: str | None = typer.Option(None, help="fractions START:END (default 0.2:0.8)"),
-    layers: str | None = typer.Option(None, help="explicit layers, e.g. 6-23"),
-    seq_len: int = typer.Option(4096, help="tokens per sequence"),
-    micro_batch: int = typer.Option(1, help="sequences per micro-batch"),
-    gpus: int = typer.Option(1, help="GPUs (FSDP2 shards weights, grads, states)"),
-    gpu_memory: float = typer.Option(141.0, help="memory per GPU, GiB"),
-    optim: str = typer.Option("adamw8bit", help="adamw8bit | adamw"),
-    checkpointing: bool = typer.Option(True, "--checkpointing/--no-checkpointing"),
-    as_json: bool = typer.Option(False, "--json", help="print JSON only"),
+    model: str = config_option(
+        "model", help="model: default, an HF folder, a .gguf file, a repo id or a config.json"
+    ),
+    band: str | None = config_option("band"),
+    layers: str | None = config_option("layers"),
+    seq_len: int = typer.Option(4096, help="tokens per sequence", rich_help_panel="optimization"),
+    micro_batch: int = typer.Option(
+        1, help="sequences per micro-batch", rich_help_panel="optimization"
+    ),
+    optim: Optimizer = config_option("optim"),
+    checkpointing: bool = typer.Option(
+        True,
+        "--checkpointing/--no-checkpointing",
+        help="activation checkpointing of the band and suffix layers",
+        rich_help_panel="optimization",
+    ),
+    gpus: int = typer.Option(
+        1,
+        help="GPUs (FSDP2 shards weights, grads, states)",
+        rich_help_panel="hardware",
+    ),
+    gpu_memory: float = typer.Option(141.0, help="memory per GPU, GiB", rich_help_panel="hardware"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON only", rich_help_panel="output"),
 ) -> None:
     """Show which layers train and whether the run fits in GPU memory."""
 
@@ -137,16 +412,21 @@ def plan(
     _run(go)
 
 
-@app.command("eval")
+@app.command("eval", cls=_Command)
 def eval_cmd(
-    model: str = typer.Option("default", help="model to evaluate"),
-    data: str = typer.Option("builtin:arith:test", help="builtin:arith:test or GSM8K JSONL"),
-    n: int = typer.Option(200, help="number of problems"),
-    max_new_tokens: int = typer.Option(256, help="generation budget per problem"),
-    batch_size: int = typer.Option(16, help="prompts per generation batch"),
-    as_json: bool = typer.Option(False, "--json", help="print JSON only"),
+    model: str = config_option("model"),
+    data: str = config_option("eval_accuracy_data", "--data"),
+    n: int = config_option("eval_n", "--n"),
+    max_new_tokens: int = config_option("eval_max_new_tokens", "--max-new-tokens"),
+    batch_size: int = config_option("eval_batch_size", "--batch-size"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON only", rich_help_panel="output"),
 ) -> None:
-    """Exact-match accuracy (GSM8K convention) with a 95% CI, and mean answer loss."""
+    """Exact-match accuracy (GSM8K convention) with a 95% CI, and mean answer loss.
+
+    The defaults are the accuracy eval of `fastmid train` (its --eval-n, --eval-max-new-tokens,
+    --eval-batch-size, --eval-accuracy-data), so `fastmid eval --model runs/x/final` repeats the
+    measurement in the run's summary.
+    """
 
     def go() -> None:
         from fastmid.eval.exact_match import run_eval
@@ -165,19 +445,21 @@ def eval_cmd(
     _run(go)
 
 
-@data_app.command("inspect")
+@data_app.command("inspect", cls=_Command)
 def data_inspect(
-    data: str = typer.Option(..., help="builtin:arith | files/folders, comma-separated"),
-    model: str = typer.Option("default", help="whose tokenizer and chat template"),
-    max_seq_len: int = typer.Option(2048, help="tokens per sequence"),
-    n: int = typer.Option(2, help="examples to render"),
-    format: str | None = typer.Option(None, help="force the data format"),
-    split: str = typer.Option("train", help="dataset split"),
-    max_examples: int | None = typer.Option(None, help="read at most this many examples"),
-    truncation: str = typer.Option("prompt-left", help="prompt-left | drop"),
-    skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows", help="skip and count bad rows"),
-    train_on_prompt: bool = typer.Option(False, "--train-on-prompt"),
-    last_turn_only: bool = typer.Option(False, "--last-turn-only"),
+    model: str = config_option("model", help="model whose tokenizer and chat template are used"),
+    data: str = config_option("data"),
+    format: DataFormat | None = config_option("format"),
+    split: str = config_option("split"),
+    max_examples: int | None = config_option("max_examples"),
+    max_seq_len: int = config_option("max_seq_len"),
+    truncation: Truncation = config_option("truncation"),
+    train_on_prompt: bool = config_option("train_on_prompt"),
+    last_turn_only: bool = config_option("last_turn_only"),
+    skip_bad_rows: bool = config_option("skip_bad_rows"),
+    n: int = typer.Option(
+        2, help="examples to render", rich_help_panel="output", callback=_at_least(0)
+    ),
 ) -> None:
     """Format, counts, token statistics, and examples with the trained tokens highlighted."""
 
@@ -203,20 +485,39 @@ def data_inspect(
     _run(go)
 
 
-@app.command()
+@app.command(cls=_Command)
 def analyze(
-    base: str = typer.Option(..., help="base model"),
-    tuned: str | None = typer.Option(None, help="tuned model (omit for single-model metrics)"),
-    data: str = typer.Option("builtin:arith", help="data to run both models on"),
-    max_tokens: int = typer.Option(20000, help="tokens to analyse"),
-    max_seq_len: int = typer.Option(512, help="tokens per sequence"),
-    batch_size: int = typer.Option(8, help="sequences per forward"),
-    mask_bos: bool = typer.Option(False, "--mask-bos", help="exclude the first position"),
-    grad_norms: bool = typer.Option(False, "--grad-norms", help="per-layer SFT grad norms"),
-    entropy_tokens: int = typer.Option(
-        128, help="tokens per prompt for entropy and effective rank (0: all)"
+    base: str = typer.Option(..., help="base model", rich_help_panel="model"),
+    tuned: str | None = typer.Option(
+        None,
+        help="tuned model (omit for single-model metrics)",
+        rich_help_panel="model",
     ),
-    output: Path = typer.Option(Path("analysis"), help="output folder"),
+    data: str = config_option("data", help="data to run both models on"),
+    format: DataFormat | None = config_option("format"),
+    split: str = config_option("split"),
+    max_seq_len: int = config_option("max_seq_len"),
+    truncation: Truncation = config_option("truncation"),
+    train_on_prompt: bool = config_option("train_on_prompt"),
+    last_turn_only: bool = config_option("last_turn_only"),
+    skip_bad_rows: bool = config_option("skip_bad_rows"),
+    max_tokens: int = typer.Option(20000, help="tokens to analyse", rich_help_panel="analysis"),
+    batch_size: int = typer.Option(8, help="sequences per forward", rich_help_panel="analysis"),
+    mask_bos: bool = typer.Option(
+        False, "--mask-bos", help="exclude the first position", rich_help_panel="analysis"
+    ),
+    grad_norms: bool = typer.Option(
+        False, "--grad-norms", help="per-layer SFT grad norms", rich_help_panel="analysis"
+    ),
+    entropy_tokens: int = typer.Option(
+        128,
+        help="tokens per prompt for entropy and effective rank (0: all)",
+        rich_help_panel="analysis",
+    ),
+    output: Path = typer.Option(Path("analysis"), help="output folder", rich_help_panel="output"),
+    overwrite: bool = config_option(
+        "overwrite", help="replace an earlier analysis (analysis.json/.csv/.png) in --output"
+    ),
 ) -> None:
     """Layer-wise base-vs-tuned analysis (CKA, weight change, entropy, grad norms) + band advice."""
 
@@ -238,11 +539,24 @@ def analyze(
             grad_norms=grad_norms,
             entropy_tokens=entropy_tokens,
             output_dir=output,
+            overwrite=overwrite,
             console=Console(),
+            split=split,
+            format=format,
+            truncation=truncation,
+            train_on_prompt=train_on_prompt,
+            last_turn_only=last_turn_only,
+            skip_bad_rows=skip_bad_rows,
         )
 
     _run(go)
 
 
+def main() -> None:
+    """The ``fastmid`` console script (and ``python -m fastmid.cli``): :data:`app` under the name
+    ``fastmid``; errors are one line (see :meth:`_Group.main` and :func:`_run`)."""
+    app(prog_name="fastmid")
+
+
 if __name__ == "__main__":  # pragma: no cover
-    app()
+    main()

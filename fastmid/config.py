@@ -1,17 +1,29 @@
 """Training configuration: one dataclass, YAML files, ``--flag`` overrides, validation.
 
+:class:`TrainConfig` is the one declaration of every training option. Each field gives the type
+(``Literal[...]`` for a fixed set of choices), the default, and in its metadata the help text, the
+``--help`` group, the bounds and whether a resumed run must match it. The ``train`` command's flags,
+the YAML keys, the validation below and the shared options of ``data inspect``, ``eval`` and
+``analyze`` are all derived from it (see :mod:`fastmid.cli`).
+
 Precedence: dataclass defaults < YAML file < command-line flags. YAML keys use the flag names with
 ``_`` or ``-`` (``micro_batch`` or ``micro-batch``). An unknown key is an error that names the key
-and the file; a bad value is an error that names the flag.
+and the file and suggests the closest known one; a bad value is an error that names the flag.
+YAML is read with a safe loader (no Python tags); a key given twice is an error naming both
+lines; a list is accepted where the flag takes a joined string (``band: [0.2, 0.8]`` is
+``0.2:0.8``, ``layers: [3, 5]`` is ``3,5``, ``data: [a.jsonl, b.jsonl]`` is ``a.jsonl,b.jsonl``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -22,10 +34,58 @@ class ConfigError(FastmidError, ValueError):
     """Invalid configuration; the message names the key or flag and what to do."""
 
 
-OPTIMIZERS = ("adamw8bit", "adamw", "paged_adamw8bit")
-SCHEDULES = ("cosine", "constant")
-TRUNCATIONS = ("prompt-left", "drop")
-KERNEL_MODES = ("auto", "on", "off")
+# The --help panels, in the order they are shown.
+GROUPS = ("model", "data", "band", "optimization", "checkpointing", "evaluation", "output")
+
+Optimizer = Literal["adamw8bit", "adamw", "paged_adamw8bit"]
+Schedule = Literal["cosine", "constant"]
+Truncation = Literal["prompt-left", "drop"]
+KernelMode = Literal["auto", "on", "off"]
+Placement = Literal["first", "last", "middle", "random"]
+# Must equal fastmid.data.formats.FORMATS (a test checks it); config imports nothing from data.
+DataFormat = Literal["messages", "sharegpt", "alpaca", "prompt-completion", "gsm8k", "text"]
+
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
+TRUNCATIONS: tuple[str, ...] = get_args(Truncation)
+KERNEL_MODES: tuple[str, ...] = get_args(KernelMode)
+
+
+def _meta(
+    help: str,
+    group: str,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    note: str = "",
+    resume_must_match: bool = False,
+    yaml_list: str | None = None,
+) -> dict[str, Any]:
+    """The metadata of one :class:`TrainConfig` field (every key always present).
+
+    Args:
+        help: one phrase for ``--help`` (the choices and the default are added there).
+        group: the ``--help`` panel, one of :data:`GROUPS`.
+        ge, gt, le, lt: inclusive/exclusive bounds, checked by :func:`validate`.
+        note: appended to the bound's error message (e.g. ``(0 disables)``).
+        resume_must_match: a run resumed from a checkpoint must have the checkpoint's value.
+        yaml_list: a YAML list is joined with this separator (``layers: [3, 5]`` -> ``"3,5"``).
+    """
+    if group not in GROUPS:
+        raise ValueError(f"group {group!r} is not one of {GROUPS}")
+    return {
+        "help": help,
+        "group": group,
+        "ge": ge,
+        "gt": gt,
+        "le": le,
+        "lt": lt,
+        "note": note,
+        "resume_must_match": resume_must_match,
+        "yaml_list": yaml_list,
+    }
 
 
 @dataclass
@@ -36,101 +96,458 @@ class TrainConfig:
     steps count optimizer steps (one step = ``grad_accum`` micro-batches).
     """
 
-    # model and band
-    model: str = "default"
-    band: str | None = None  # "0.2:0.8" when neither band nor layers is given
-    layers: str | None = None
-    placement: str | None = None  # first | last | middle | random (ablations)
-    train_embeddings: bool = False
-    train_lm_head: bool = False
-    train_final_norm: bool = False
+    # model
+    model: str = field(
+        default="default",
+        metadata=_meta(
+            "model: default (SmolLM2-135M-Instruct), an HF folder, a .gguf file or a cached repo id",
+            "model",
+            resume_must_match=True,
+        ),
+    )
+    kernels: KernelMode = field(
+        default="auto",
+        metadata=_meta("Triton kernels (auto: on CUDA when Triton imports)", "model"),
+    )
+    grad_checkpointing: bool = field(
+        default=False,
+        metadata=_meta("recompute band and suffix activations in backward (less memory)", "model"),
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata=_meta(
+            "let a model folder's auto_map run its own Python code (only for folders you trust)",
+            "model",
+        ),
+    )
     # data
-    data: str = "builtin:arith"
-    eval_data: str | None = None
-    eval_fraction: float = 0.05
-    format: str | None = None
-    split: str = "train"
-    max_examples: int | None = 2000
-    shuffle_seed: int = 0
-    max_seq_len: int = 512
-    truncation: str = "prompt-left"
-    train_on_prompt: bool = False
-    last_turn_only: bool = False
-    skip_bad_rows: bool = False
-    group_by_length: bool = False
-    # schedule
-    max_steps: int | None = 90
-    epochs: float = 1.0
-    micro_batch: int = 8
-    grad_accum: int = 1
-    lr: float = 3e-4
-    warmup_steps: int = 5
-    schedule: str = "cosine"
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    optim: str = "adamw8bit"
-    grad_checkpointing: bool = False
-    kernels: str = "auto"
-    # evaluation, saving
-    eval_every: int = 30
-    eval_batches: int = 8
-    save_every: int = 30
-    keep_last: int = 2
-    eval_accuracy: bool = True
-    eval_n: int = 100
-    eval_max_new_tokens: int = 128
-    eval_batch_size: int = 50
-    eval_accuracy_data: str = "builtin:arith:test"
-    output: str = "runs/default"
-    overwrite: bool = False
-    resume: str | None = None
-    seed: int = 0
-    log_every: int = 1
-    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+    data: str = field(
+        default="builtin:arith",
+        metadata=_meta(
+            "training data: builtin:arith, or files, folders and hub datasets, comma-separated",
+            "data",
+            resume_must_match=True,
+            yaml_list=",",
+        ),
+    )
+    eval_data: str | None = field(
+        default=None,
+        metadata=_meta(
+            "held-out data for the eval loss (default: --eval-fraction of --data)",
+            "data",
+            resume_must_match=True,
+            yaml_list=",",
+        ),
+    )
+    eval_fraction: float = field(
+        default=0.05,
+        metadata=_meta(
+            "share of --data held out for the eval loss when no --eval-data is given",
+            "data",
+            ge=0,
+            lt=1,
+            resume_must_match=True,
+        ),
+    )
+    format: DataFormat | None = field(
+        default=None,
+        metadata=_meta(
+            "data format of every source (default: detected)", "data", resume_must_match=True
+        ),
+    )
+    split: str = field(
+        default="train", metadata=_meta("dataset split to read", "data", resume_must_match=True)
+    )
+    max_examples: int | None = field(
+        default=2000,
+        metadata=_meta("use at most this many examples", "data", ge=1, resume_must_match=True),
+    )
+    shuffle_seed: int = field(
+        default=0,
+        metadata=_meta(
+            "seed of the shuffle before --max-examples", "data", ge=0, resume_must_match=True
+        ),
+    )
+    max_seq_len: int = field(
+        default=512,
+        metadata=_meta("tokens per sequence", "data", ge=8, note="tokens", resume_must_match=True),
+    )
+    truncation: Truncation = field(
+        default="prompt-left",
+        metadata=_meta(
+            "over-long examples: cut the prompt's start, or drop them",
+            "data",
+            resume_must_match=True,
+        ),
+    )
+    train_on_prompt: bool = field(
+        default=False,
+        metadata=_meta(
+            "train every token, not only the assistant's", "data", resume_must_match=True
+        ),
+    )
+    last_turn_only: bool = field(
+        default=False,
+        metadata=_meta(
+            "train only the last assistant turn of each conversation",
+            "data",
+            resume_must_match=True,
+        ),
+    )
+    skip_bad_rows: bool = field(
+        default=False,
+        metadata=_meta(
+            "skip and count malformed rows instead of stopping", "data", resume_must_match=True
+        ),
+    )
+    group_by_length: bool = field(
+        default=False,
+        metadata=_meta(
+            "batch examples of similar length (less padding)", "data", resume_must_match=True
+        ),
+    )
+    # band
+    band: str | None = field(
+        default=None,
+        metadata=_meta(
+            "band as fractions START:END of depth (default 0.2:0.8 when no --layers)",
+            "band",
+            resume_must_match=True,
+            yaml_list=":",
+        ),
+    )
+    layers: str | None = field(
+        default=None,
+        metadata=_meta(
+            "band as layer indices, e.g. 6-23 or 3,5,9",
+            "band",
+            resume_must_match=True,
+            yaml_list=",",
+        ),
+    )
+    placement: Placement | None = field(
+        default=None,
+        metadata=_meta(
+            "move the band's block of layers (ablations)", "band", resume_must_match=True
+        ),
+    )
+    train_embeddings: bool = field(
+        default=False,
+        metadata=_meta(
+            "also train the input embeddings (a tied lm_head too)", "band", resume_must_match=True
+        ),
+    )
+    train_lm_head: bool = field(
+        default=False, metadata=_meta("also train lm_head", "band", resume_must_match=True)
+    )
+    train_final_norm: bool = field(
+        default=False, metadata=_meta("also train the final norm", "band", resume_must_match=True)
+    )
+    # optimization
+    max_steps: int | None = field(
+        default=90, metadata=_meta("optimizer steps (overrides --epochs)", "optimization", ge=1)
+    )
+    epochs: float = field(
+        default=1.0,
+        metadata=_meta("passes over the data when no --max-steps", "optimization", gt=0),
+    )
+    micro_batch: int = field(
+        default=8,
+        metadata=_meta("sequences per micro-batch", "optimization", ge=1, resume_must_match=True),
+    )
+    grad_accum: int = field(
+        default=1,
+        metadata=_meta(
+            "micro-batches per optimizer step", "optimization", ge=1, resume_must_match=True
+        ),
+    )
+    lr: float = field(default=3e-4, metadata=_meta("peak learning rate", "optimization", gt=0))
+    warmup_steps: int = field(
+        default=5, metadata=_meta("linear warm-up steps", "optimization", ge=0)
+    )
+    schedule: Schedule = field(
+        default="cosine", metadata=_meta("learning-rate schedule after warm-up", "optimization")
+    )
+    min_lr_ratio: float = field(
+        default=0.1,
+        metadata=_meta(
+            "final learning rate of the cosine schedule, as a share of --lr",
+            "optimization",
+            ge=0,
+            le=1,
+        ),
+    )
+    weight_decay: float = field(
+        default=0.0, metadata=_meta("AdamW weight decay (matrices only)", "optimization", ge=0)
+    )
+    grad_clip: float = field(
+        default=1.0,
+        metadata=_meta(
+            "global gradient-norm clip (0 turns clipping off)",
+            "optimization",
+            ge=0,
+            note="(0 disables clipping)",
+        ),
+    )
+    optim: Optimizer = field(default="adamw8bit", metadata=_meta("optimizer", "optimization"))
+    seed: int = field(
+        default=0,
+        metadata=_meta(
+            "random seed (data order, eval split, random placement)",
+            "optimization",
+            ge=0,
+            resume_must_match=True,
+        ),
+    )
+    # checkpointing
+    save_every: int = field(
+        default=30,
+        metadata=_meta(
+            "checkpoint every N steps (0: only at the end)",
+            "checkpointing",
+            ge=0,
+            note="(0 saves only at the end)",
+        ),
+    )
+    keep_last: int = field(default=2, metadata=_meta("checkpoints to keep", "checkpointing", ge=1))
+    resume: str | None = field(
+        default=None,
+        metadata=_meta(
+            "continue from a checkpoint folder, or 'latest' of --output", "checkpointing"
+        ),
+    )
+    # evaluation
+    eval_every: int = field(
+        default=30,
+        metadata=_meta(
+            "eval loss every N steps (0 turns it off)", "evaluation", ge=0, note="(0 disables)"
+        ),
+    )
+    eval_batches: int = field(
+        default=8,
+        metadata=_meta("micro-batches of held-out data per eval loss", "evaluation", ge=1),
+    )
+    eval_accuracy: bool = field(
+        default=True, metadata=_meta("exact-match accuracy before and after training", "evaluation")
+    )
+    eval_n: int = field(
+        default=100, metadata=_meta("problems in the accuracy eval", "evaluation", ge=1)
+    )
+    eval_max_new_tokens: int = field(
+        default=128,
+        metadata=_meta("generation budget per problem in the accuracy eval", "evaluation", ge=1),
+    )
+    eval_batch_size: int = field(
+        default=50,
+        metadata=_meta("prompts per generation batch in the accuracy eval", "evaluation", ge=1),
+    )
+    eval_accuracy_data: str = field(
+        default="builtin:arith:test",
+        metadata=_meta(
+            "problems of the accuracy eval: builtin:arith:test or a GSM8K-format JSONL",
+            "evaluation",
+        ),
+    )
+    # output
+    output: str = field(default="runs/default", metadata=_meta("run folder", "output"))
+    overwrite: bool = field(
+        default=False, metadata=_meta("replace an existing run in --output", "output")
+    )
+    log_every: int = field(default=1, metadata=_meta("print and log every N steps", "output", ge=1))
 
     def to_dict(self) -> dict[str, Any]:
-        """Every field, defaults written out (``extra`` omitted)."""
-        out = dataclasses.asdict(self)
-        out.pop("extra", None)
-        return out
+        """Every field, defaults written out (``dataclasses.asdict``)."""
+        return dataclasses.asdict(self)
 
 
-_FIELDS = {f.name for f in dataclasses.fields(TrainConfig) if f.name != "extra"}
+FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_TYPES: dict[str, Any] = get_type_hints(TrainConfig)
+
+# Names used by other trainers (HF Trainer, axolotl, litgpt); difflib alone finds none of them.
+ALIASES: dict[str, str] = {
+    "learning_rate": "lr",
+    "batch_size": "micro_batch",
+    "per_device_train_batch_size": "micro_batch",
+    "gradient_accumulation_steps": "grad_accum",
+    "gradient_accumulation": "grad_accum",
+    "num_epochs": "epochs",
+    "num_train_epochs": "epochs",
+    "warmup": "warmup_steps",
+    "num_warmup_steps": "warmup_steps",
+    "max_length": "max_seq_len",
+    "seq_len": "max_seq_len",
+    "sequence_len": "max_seq_len",
+    "output_dir": "output",
+    "out_dir": "output",
+    "model_name_or_path": "model",
+    "base_model": "model",
+    "dataset": "data",
+    "optimizer": "optim",
+    "lr_scheduler_type": "schedule",
+    "lr_scheduler": "schedule",
+    "gradient_checkpointing": "grad_checkpointing",
+    "max_grad_norm": "grad_clip",
+    "save_steps": "save_every",
+    "save_total_limit": "keep_last",
+    "eval_steps": "eval_every",
+    "logging_steps": "log_every",
+    "resume_from_checkpoint": "resume",
+}
+
+
+def field_type(name: str) -> Any:
+    """The resolved type of the :class:`TrainConfig` field ``name`` (e.g. ``int | None``)."""
+    return _TYPES[name]
+
+
+def _unwrap(tp: Any) -> tuple[Any, bool]:
+    """``(type without None, whether None is allowed)``."""
+    args = get_args(tp)
+    if get_origin(tp) in (Union, types.UnionType):
+        rest = [a for a in args if a is not type(None)]
+        return (rest[0] if len(rest) == 1 else Union[tuple(rest)]), len(rest) < len(args)
+    return tp, False
+
+
+def choices(name: str) -> tuple[str, ...] | None:
+    """The accepted values of a ``Literal`` field, else None."""
+    base, _ = _unwrap(field_type(name))
+    return tuple(get_args(base)) if get_origin(base) is Literal else None
+
+
+def flag(name: str) -> str:
+    """The command-line flag of field ``name``: ``max_seq_len`` -> ``--max-seq-len``."""
+    return "--" + name.replace("_", "-")
+
+
+def resume_keys() -> tuple[str, ...]:
+    """Settings a resumed run must match (fields with ``resume_must_match``), in field order.
+
+    They fix the data order, the band and the loss; a different value would silently continue
+    another run.
+    """
+    return tuple(n for n, f in FIELDS.items() if f.metadata["resume_must_match"])
 
 
 def _normalize_key(key: str) -> str:
     return key.strip().lstrip("-").replace("-", "_")
 
 
+def suggest(key: str) -> str | None:
+    """The field name closest to an unknown key or flag (aliases such as ``learning_rate``
+    first, then spelling), or None."""
+    norm = _normalize_key(key).lower()
+    if norm in ALIASES:
+        return ALIASES[norm]
+    close = difflib.get_close_matches(norm, sorted(FIELDS), n=1)
+    return close[0] if close else None
+
+
 def _unknown(key: str, where: str) -> ConfigError:
-    close = difflib.get_close_matches(key, sorted(_FIELDS), n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
+    close = suggest(key)
+    hint = f"; did you mean '{close}'?" if close else ""
     return ConfigError(f"{where}: unknown key '{key}'{hint}")
 
 
+# ---- YAML --------------------------------------------------------------------------------------
+
+
+class _DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, key: str, first: int, second: int) -> None:
+        super().__init__(key)
+        self.key, self.first, self.second = key, first, second
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (no Python tags) that refuses duplicate keys, which ``safe_load``
+    silently resolves to the last one, and keeps ``0:1`` as text, not YAML 1.1's base 60."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[str, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                continue
+            key = _normalize_key(str(key_node.value))
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise _DuplicateKeyError(str(key_node.value), seen[key], line)
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def _sexagesimal_as_text(tag: str) -> Any:
+    fallback = _Loader.yaml_constructors[tag]
+
+    def construct(loader: _Loader, node: yaml.ScalarNode) -> Any:
+        value = loader.construct_scalar(node)
+        # YAML 1.1 reads `band: 0:1` as the base-60 number 1: keep what the user wrote.
+        if isinstance(value, str) and ":" in value:
+            return value
+        return fallback(loader, node)
+
+    return construct
+
+
+for _tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float"):
+    _Loader.add_constructor(_tag, _sexagesimal_as_text(_tag))
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML config into a dict with normalized keys.
+    """Read a YAML config into a dict with normalized keys (plain YAML only: no Python tags).
 
     Raises:
-        ConfigError: missing file, invalid YAML, not a mapping, or an unknown key (named).
+        ConfigError: missing file, invalid YAML, a duplicate key (named with its lines), not a
+            mapping, or an unknown key (named, with the closest known one).
     """
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found")
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = yaml.load(p.read_text(), Loader=_Loader) or {}
+    except _DuplicateKeyError as exc:
+        raise ConfigError(
+            f"{p}: key '{exc.key}' appears twice (lines {exc.first} and {exc.second}); keep one"
+        ) from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: invalid YAML ({exc})") from None
+        raise ConfigError(f"{p}: invalid YAML ({_one_line(exc)})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: the config must be a mapping of key: value")
     out: dict[str, Any] = {}
     for key, value in raw.items():
         norm = _normalize_key(str(key))
-        if norm not in _FIELDS:
+        if norm not in FIELDS:
             raise _unknown(str(key), str(p))
         out[norm] = value
     return out
+
+
+def _one_line(exc: yaml.YAMLError) -> str:
+    """PyYAML's message (several lines, with a caret drawing) as ``line N: problem``."""
+    problem = getattr(exc, "problem", None)
+    mark = getattr(exc, "problem_mark", None)
+    text = " ".join(str(problem if problem else exc).split())
+    return f"line {mark.line + 1}: {text}" if mark is not None else text
+
+
+def config_yaml(cfg: TrainConfig) -> str:
+    """The resolved config as YAML, every default written out (``config.yaml`` of a run and
+    ``fastmid train --print-config``).
+
+    ``overwrite`` and ``resume`` describe one invocation, not the run: they are written as
+    ``false``/``null`` so that re-running a saved config never wipes or silently resumes a run.
+    """
+    values = dataclasses.asdict(cfg)
+    values["overwrite"] = False
+    values["resume"] = None
+    return yaml.safe_dump(values, sort_keys=False)
+
+
+def dump_yaml(cfg: TrainConfig, path: Path) -> None:
+    """Write :func:`config_yaml` of ``cfg`` to ``path``."""
+    path.write_text(config_yaml(cfg))
+
+
+# ---- building and checking ---------------------------------------------------------------------
 
 
 def build_config(
@@ -150,93 +567,202 @@ def build_config(
         values.update(load_yaml(yaml_path))
     for key, value in (overrides or {}).items():
         norm = _normalize_key(key)
-        if norm not in _FIELDS:
+        if norm not in FIELDS:
             raise _unknown(key, "command line")
         if value is not None:
             values[norm] = value
     cfg = TrainConfig()
     for key, value in values.items():
-        setattr(cfg, key, _coerce(key, value, getattr(cfg, key)))
+        setattr(cfg, key, _coerce(key, value))
     validate(cfg)
     return cfg
 
 
-def _coerce(key: str, value: Any, default: Any) -> Any:
-    hints = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
-    hint = str(hints[key])
+_EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """``value`` (from YAML or a flag) as field ``name``'s type.
+
+    Raises:
+        ConfigError: naming the flag, the value and the expected type.
+    """
+    base, optional = _unwrap(field_type(name))
+    kind = str if get_origin(base) is Literal else base
+
+    def bad(expected: str | None = None) -> ConfigError:
+        return ConfigError(
+            f"{flag(name)}: invalid value {value!r} (expected {expected or _EXPECTED[kind]})"
+        )
+
+    if value is None:
+        if optional:
+            return None
+        raise bad()
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str):
+            low = value.strip().lower()
+            if low in ("true", "yes", "1", "on"):
+                return True
+            if low in ("false", "no", "0", "off"):
+                return False
+        raise bad()
+    if isinstance(value, bool):  # YAML `yes` is not a number or a name
+        raise bad()
+    if kind is int:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                raise bad() from None
+        raise bad()
+    if kind is float:
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads `1e-4` (no dot) as text.
+            try:
+                return float(value.strip())
+            except ValueError:
+                raise bad() from None
+        raise bad()
+    # str and Literal fields
+    if isinstance(value, (list, tuple)):
+        return _join_list(name, value, bad)
+    if isinstance(value, (str, int, float)):
+        return str(value)
+    raise bad()
+
+
+def _join_list(
+    name: str, items: list[Any] | tuple[Any, ...], bad: Callable[..., ConfigError]
+) -> str:
+    """A YAML list for a field that takes one: ``band: [0.2, 0.8]`` -> ``"0.2:0.8"``."""
+    sep = FIELDS[name].metadata["yaml_list"]
+    if sep is None or not all(
+        isinstance(i, (str, int, float)) and not isinstance(i, bool) for i in items
+    ):
+        raise bad()
+    if name == "band" and (len(items) != 2 or not all(isinstance(i, (int, float)) for i in items)):
+        raise bad("START:END or a list of two numbers, e.g. [0.2, 0.8]")
+    return sep.join(str(i) for i in items)
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}"
+
+
+def _bounds_message(meta: dict[str, Any]) -> str | None:
+    lo = ("[", meta["ge"]) if meta["ge"] is not None else ("(", meta["gt"])
+    hi = ("]", meta["le"]) if meta["le"] is not None else (")", meta["lt"])
+    if lo[1] is None and hi[1] is None:
+        return None
+    if lo[1] is not None and hi[1] is not None:
+        text = f"must be in {lo[0]}{_fmt(lo[1])}, {_fmt(hi[1])}{hi[0]}"
+    elif lo[1] is not None:
+        text = f"must be {'>=' if lo[0] == '[' else '>'} {_fmt(lo[1])}"
+    else:
+        text = f"must be {'<=' if hi[0] == ']' else '<'} {_fmt(hi[1])}"
+    return f"{text} {meta['note']}" if meta["note"] else text
+
+
+def _in_bounds(value: float, meta: dict[str, Any]) -> bool:
+    return (
+        (meta["ge"] is None or value >= meta["ge"])
+        and (meta["gt"] is None or value > meta["gt"])
+        and (meta["le"] is None or value <= meta["le"])
+        and (meta["lt"] is None or value < meta["lt"])
+    )
+
+
+def _band_problem(text: str) -> str | None:
+    """What is wrong with a ``--band`` value ``START:END``, or None.
+
+    Only what holds for every model: two finite fractions with ``0 <= START < END <= 1``. Whether
+    the band covers a layer of a given depth is :class:`fastmid.models.band.BandPlan`'s check
+    (config cannot import models: they are sibling layers), so a bad band is refused here, before
+    any model loads.
+    """
+    parts = text.split(":")
+    if len(parts) != 2:
+        return f"'{text}' must look like START:END (fractions of depth), e.g. 0.2:0.8"
+    try:
+        start, end = float(parts[0]), float(parts[1])
+    except ValueError:
+        return f"'{text}' must hold two numbers, START:END, e.g. 0.2:0.8"
+    if not (math.isfinite(start) and math.isfinite(end) and 0 <= start <= 1 and 0 <= end <= 1):
+        return f"'{text}': both fractions must be in [0, 1], e.g. 0.2:0.8"
+    if start >= end:
+        return f"'{text}' is reversed or empty: START must be below END, e.g. 0.2:0.8"
+    return None
+
+
+def _layers_problem(text: str) -> str | None:
+    """What is wrong with a ``--layers`` value (``6-23``, ``3,5,9``, ``0-2,7``), or None.
+
+    The syntax only; indices beyond the model's depth are the band's check once the model is known.
+    """
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        return f"'{text}' is empty; give layer indices such as 6-23 or 3,5,9"
+    for item in items:
+        lo_s, _, hi_s = item.partition("-")
+        if not lo_s.strip().isdigit() or (hi_s and not hi_s.strip().isdigit()):
+            return f"'{item}' is not a layer index (0, 1, ...) or a range like 6-23"
+        if hi_s and int(hi_s) < int(lo_s):
+            return f"range '{item}' is reversed; write it low-high, e.g. 6-23"
+    return None
+
+
+# Fields whose text has a syntax of its own, checked by :func:`field_problem`.
+_TEXT_CHECKS: dict[str, Callable[[str], str | None]] = {
+    "band": _band_problem,
+    "layers": _layers_problem,
+}
+
+
+def field_problem(name: str, value: Any) -> str | None:
+    """What is wrong with ``value`` for the :class:`TrainConfig` field ``name``, or None.
+
+    ``value`` already has the field's type (as :func:`_coerce` or the CLI's parser gives it).
+    Checks the choices, finiteness, the declared bounds and the syntax of ``band``/``layers``.
+    The text names no flag, so that a command which spells the option differently (``eval``'s
+    ``--n`` for ``eval_n``) can put its own flag in front.
+    """
     if value is None:
         return None
-    try:
-        if "bool" in hint:
-            if isinstance(value, str):
-                low = value.lower()
-                if low in ("true", "yes", "1", "on"):
-                    return True
-                if low in ("false", "no", "0", "off"):
-                    return False
-                raise ValueError(value)
-            return bool(value)
-        if hint.startswith("int"):
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        if hint.startswith("float"):
-            return float(value)
-        if hint.startswith("str"):
-            return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"--{key.replace('_', '-')}: invalid value {value!r} ({hint})") from None
-    return value
+    allowed = choices(name)
+    if allowed is not None and value not in allowed:
+        return f"'{value}' is not one of {', '.join(allowed)}"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number, got {value}"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        meta = dict(FIELDS[name].metadata)
+        if not _in_bounds(value, meta):
+            return _bounds_message(meta)
+    if name in _TEXT_CHECKS and isinstance(value, str):
+        return _TEXT_CHECKS[name](value)
+    return None
 
 
 def validate(cfg: TrainConfig) -> None:
-    """Check ranges and choices.
+    """Check every field against its declaration: type, choices, finiteness, bounds, the syntax
+    of ``band`` and ``layers``; then the rules that span fields.
 
     Raises:
         ConfigError: naming the flag and the accepted values.
     """
-
-    def need(cond: bool, flag: str, msg: str) -> None:
-        if not cond:
-            raise ConfigError(f"--{flag}: {msg}")
-
-    need(cfg.optim in OPTIMIZERS, "optim", f"'{cfg.optim}' is not one of {', '.join(OPTIMIZERS)}")
-    need(cfg.schedule in SCHEDULES, "schedule", f"'{cfg.schedule}' is not one of {SCHEDULES}")
-    need(cfg.truncation in TRUNCATIONS, "truncation", f"'{cfg.truncation}' not in {TRUNCATIONS}")
-    need(cfg.kernels in KERNEL_MODES, "kernels", f"'{cfg.kernels}' not in {KERNEL_MODES}")
-    need(cfg.micro_batch >= 1, "micro-batch", "must be >= 1")
-    need(cfg.grad_accum >= 1, "grad-accum", "must be >= 1")
-    need(cfg.max_steps is None or cfg.max_steps >= 1, "max-steps", "must be >= 1")
-    need(cfg.epochs > 0, "epochs", "must be > 0")
-    need(cfg.lr > 0, "lr", "must be > 0")
-    need(cfg.warmup_steps >= 0, "warmup-steps", "must be >= 0")
-    need(0.0 <= cfg.min_lr_ratio <= 1.0, "min-lr-ratio", "must be in [0, 1]")
-    need(cfg.weight_decay >= 0, "weight-decay", "must be >= 0")
-    need(cfg.grad_clip >= 0, "grad-clip", "must be >= 0 (0 disables clipping)")
-    need(cfg.max_seq_len >= 8, "max-seq-len", "must be >= 8 tokens")
-    need(0.0 <= cfg.eval_fraction < 1.0, "eval-fraction", "must be in [0, 1)")
-    need(cfg.eval_every >= 0, "eval-every", "must be >= 0 (0 disables)")
-    need(cfg.save_every >= 0, "save-every", "must be >= 0 (0 saves only at the end)")
-    need(cfg.keep_last >= 1, "keep-last", "must be >= 1")
-    need(cfg.log_every >= 1, "log-every", "must be >= 1")
-    need(cfg.eval_n >= 1, "eval-n", "must be >= 1")
-    need(cfg.eval_batch_size >= 1, "eval-batch-size", "must be >= 1")
-    need(cfg.eval_max_new_tokens >= 1, "eval-max-new-tokens", "must be >= 1")
-    need(cfg.max_examples is None or cfg.max_examples >= 1, "max-examples", "must be >= 1")
-    need(
-        not (cfg.band is not None and cfg.layers is not None),
-        "band",
-        "give either --band or --layers, not both",
-    )
-
-
-def dump_yaml(cfg: TrainConfig, path: Path) -> None:
-    """Write the resolved config (every default written out) to ``path``.
-
-    ``overwrite`` and ``resume`` describe one invocation, not the run: they are written as
-    ``false``/``null`` so that re-running a saved config never wipes or silently resumes a run.
-    """
-    values = cfg.to_dict()
-    values["overwrite"] = False
-    values["resume"] = None
-    path.write_text(yaml.safe_dump(values, sort_keys=False))
+    for name in FIELDS:
+        problem = field_problem(name, _coerce(name, getattr(cfg, name)))
+        if problem is not None:
+            raise ConfigError(f"{flag(name)}: {problem}")
+    if cfg.band is not None and cfg.layers is not None:
+        raise ConfigError("--band: give either --band or --layers, not both")

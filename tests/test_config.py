@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import pytest
 
-from fastmid.config import ConfigError, build_config
+from fastmid.config import (
+    FIELDS,
+    GROUPS,
+    ConfigError,
+    TrainConfig,
+    build_config,
+    choices,
+    config_yaml,
+    dump_yaml,
+    field_type,
+    resume_keys,
+    validate,
+)
 
 
 def test_precedence_defaults_yaml_flags(tmp_path):
@@ -42,3 +57,190 @@ def test_missing_and_invalid_yaml(tmp_path):
     bad.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="must be a mapping"):
         build_config(bad)
+
+
+# ---- one declaration: metadata, derived validation, YAML -----------------------------------------
+
+# The settings a resumed run must match, as listed by Trainer.RESUME_KEYS before they moved into
+# the field metadata.
+OLD_RESUME_KEYS = {
+    "model", "band", "layers", "placement", "train_embeddings", "train_lm_head",
+    "train_final_norm", "data", "eval_data", "eval_fraction", "format", "split",
+    "max_examples", "shuffle_seed", "max_seq_len", "truncation", "train_on_prompt",
+    "last_turn_only", "skip_bad_rows", "group_by_length", "micro_batch", "grad_accum", "seed",
+}  # fmt: skip
+
+
+def test_every_field_has_help_group_and_bounds_metadata():
+    for name, f in FIELDS.items():
+        meta = f.metadata
+        assert meta["help"] and meta["group"] in GROUPS, name
+        assert f.default is not dataclasses.MISSING, name
+        for key in ("ge", "gt", "le", "lt", "note", "resume_must_match", "yaml_list"):
+            assert key in meta, (name, key)
+    assert not hasattr(TrainConfig(), "extra")
+
+
+def test_resume_keys_come_from_metadata():
+    assert set(resume_keys()) == OLD_RESUME_KEYS
+    assert len(resume_keys()) == len(OLD_RESUME_KEYS)
+
+
+def test_literal_choices_and_format_matches_the_data_layer():
+    from fastmid.data.formats import FORMATS
+
+    assert choices("optim") == ("adamw8bit", "adamw", "paged_adamw8bit")
+    assert choices("format") == FORMATS
+    assert choices("placement") == ("first", "last", "middle", "random")
+    assert choices("lr") is None
+    for name in ("schedule", "truncation", "kernels"):
+        assert TrainConfig().__dict__[name] in choices(name)
+    with pytest.raises(ConfigError, match="--format: 'csv' is not one of messages"):
+        build_config(None, {"format": "csv"})
+    with pytest.raises(ConfigError, match="--placement: 'top' is not one of"):
+        build_config(None, {"placement": "top"})
+
+
+def test_bounds_are_derived_from_metadata():
+    """A value just past each declared bound is refused with the field's flag."""
+    for name, f in FIELDS.items():
+        meta = f.metadata
+        step = 1 if field_type(name) in (int, int | None) else 1e-6
+        outside = []
+        if meta["ge"] is not None:
+            outside.append(meta["ge"] - step)
+        if meta["gt"] is not None:
+            outside.append(meta["gt"])
+        if meta["le"] is not None:
+            outside.append(meta["le"] + step)
+        if meta["lt"] is not None:
+            outside.append(meta["lt"])
+        flag = "--" + name.replace("_", "-")
+        for value in outside:
+            with pytest.raises(ConfigError, match=f"^{flag}: must be"):
+                build_config(None, {name: value})
+
+
+def test_existing_messages_keep_their_wording():
+    cases = {
+        "eval_fraction": (1.0, "--eval-fraction: must be in [0, 1)"),
+        "min_lr_ratio": (1.5, "--min-lr-ratio: must be in [0, 1]"),
+        "grad_clip": (-1.0, "--grad-clip: must be >= 0 (0 disables clipping)"),
+        "max_seq_len": (4, "--max-seq-len: must be >= 8 tokens"),
+        "lr": (0.0, "--lr: must be > 0"),
+        "eval_every": (-1, "--eval-every: must be >= 0 (0 disables)"),
+    }
+    for name, (value, message) in cases.items():
+        with pytest.raises(ConfigError) as info:
+            build_config(None, {name: value})
+        assert str(info.value) == message
+
+
+def test_floats_must_be_finite_and_seed_non_negative():
+    floats = [n for n in FIELDS if field_type(n) is float]
+    assert "lr" in floats and "grad_clip" in floats
+    for name in floats:
+        for bad in (math.inf, -math.inf, math.nan, "inf"):
+            with pytest.raises(ConfigError, match=f"--{name.replace('_', '-')}: must be a finite"):
+                build_config(None, {name: bad})
+    with pytest.raises(ConfigError, match="--seed: must be >= 0"):
+        build_config(None, {"seed": -1})
+    with pytest.raises(ConfigError, match="--shuffle-seed: must be >= 0"):
+        build_config(None, {"shuffle_seed": -1})
+
+
+def test_validate_checks_a_config_built_by_hand():
+    cfg = TrainConfig(lr=float("inf"))
+    with pytest.raises(ConfigError, match="--lr: must be a finite number"):
+        validate(cfg)
+    with pytest.raises(ConfigError, match="--micro-batch: invalid value"):
+        validate(TrainConfig(micro_batch="two"))  # type: ignore[arg-type]
+    validate(TrainConfig())
+
+
+def test_to_dict_is_asdict():
+    cfg = TrainConfig(lr=1e-3)
+    assert cfg.to_dict() == dataclasses.asdict(cfg)
+    assert set(cfg.to_dict()) == set(FIELDS)
+
+
+def test_yaml_band_list_becomes_start_end(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("band: [0.2, 0.8]\n")
+    assert build_config(path).band == "0.2:0.8"
+    path.write_text("band: 0:1\n")  # YAML 1.1 would read base-60 1
+    assert build_config(path).band == "0:1"
+    path.write_text("layers: [3, 5, 7-9]\ndata: [a.jsonl, b.jsonl]\n")
+    cfg = build_config(path)
+    assert cfg.layers == "3,5,7-9" and cfg.data == "a.jsonl,b.jsonl"
+    for bad in ("band: [0.2]\n", "band: [0.2, 0.5, 0.8]\n", "band: [a, b]\n"):
+        path.write_text(bad)
+        with pytest.raises(ConfigError, match=r"^--band: invalid value .*\[0\.2, 0\.8\]"):
+            build_config(path)
+    path.write_text("lr: [1, 2]\n")
+    with pytest.raises(ConfigError, match="--lr: invalid value"):
+        build_config(path)
+
+
+def test_yaml_numbers_and_booleans(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 1e-4\nmax_steps: 10.0\noverwrite: yes\nformat: null\n")
+    cfg = build_config(path)
+    assert cfg.lr == 1e-4 and cfg.max_steps == 10 and cfg.overwrite is True
+    assert cfg.format is None
+    for bad, message in (
+        ("micro_batch: true\n", "--micro-batch: invalid value True"),
+        ("overwrite: maybe\n", "--overwrite: invalid value 'maybe'"),
+        ("lr: null\n", "--lr: invalid value None"),
+        ("max_steps: 2.5\n", "--max-steps: invalid value 2.5"),
+    ):
+        path.write_text(bad)
+        with pytest.raises(ConfigError, match=message):
+            build_config(path)
+
+
+def test_duplicate_yaml_keys_are_named_with_lines(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 1\nseed: 0\nlr: 2\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: key 'lr' appears twice \(lines 1 and 3\)"):
+        build_config(path)
+    path.write_text("micro-batch: 2\nmicro_batch: 3\n")  # the same key in both spellings
+    with pytest.raises(ConfigError, match="appears twice"):
+        build_config(path)
+
+
+def test_yaml_python_tags_are_refused_in_one_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: !!python/object/apply:os.system ['echo hacked']\n")
+    with pytest.raises(ConfigError) as info:
+        build_config(path)
+    message = str(info.value)
+    assert "\n" not in message and "invalid YAML (line 1:" in message and "python/object" in message
+
+
+def test_unknown_keys_suggest_aliases(tmp_path):
+    path = tmp_path / "c.yaml"
+    for key, known in (
+        ("learning_rate", "lr"),
+        ("batch_size", "micro_batch"),
+        ("gradient_accumulation_steps", "grad_accum"),
+        ("num_epochs", "epochs"),
+        ("warmup", "warmup_steps"),
+        ("max_length", "max_seq_len"),
+        ("output_dir", "output"),
+        ("model_name_or_path", "model"),
+        ("max-seq-length", "max_seq_len"),
+    ):
+        path.write_text(f"{key}: 1\n")
+        with pytest.raises(ConfigError, match=f"unknown key '{key}'; did you mean '{known}'"):
+            build_config(path)
+
+
+def test_dump_yaml_round_trips(tmp_path):
+    cfg = build_config(None, {"band": "0:1", "lr": 1e-5, "format": "gsm8k", "resume": "latest"})
+    path = tmp_path / "config.yaml"
+    dump_yaml(cfg, path)
+    assert path.read_text() == config_yaml(cfg)
+    again = build_config(path)
+    assert again == dataclasses.replace(cfg, resume=None, overwrite=False)
+    assert config_yaml(again) == config_yaml(cfg)

@@ -37,12 +37,13 @@ from fastmid.analysis.metrics import (
     weight_change,
 )
 from fastmid.analysis.parallel import LayerParallel
-from fastmid.analysis.report import print_table, write_report
+from fastmid.analysis.report import REPORT_FILES, print_table, write_report
 from fastmid.analysis.results import AnalysisResult, LayerMetrics
+from fastmid.data import pad_token_id
 from fastmid.errors import FastmidError
-from fastmid.kernels._dispatch import resolve_backend
-from fastmid.kernels.cka_stats import Backend
+from fastmid.kernels import Backend, cka_accumulation_path
 from fastmid.models.families import decoder_layers
+from fastmid.progress import make_progress
 
 
 class AnalysisError(FastmidError, ValueError):
@@ -98,8 +99,16 @@ def load_examples(
     max_seq_len: int,
     mask_bos: bool,
     split: str = "train",
+    *,
+    format: str | None = None,
+    truncation: str = "prompt-left",
+    train_on_prompt: bool = False,
+    last_turn_only: bool = False,
+    skip_bad_rows: bool = False,
 ) -> list[dict[str, list[int]]]:
     """Tokenize ``data`` with the SFT pipeline until ``max_tokens`` analysed tokens are reached.
+
+    ``format`` ... ``skip_bad_rows`` are passed to the pipeline, as in training.
 
     Asks ``fastmid.data.build_sft_examples`` for 64 examples, then doubles until the budget is met
     or the source runs dry, so a large data set is never tokenized in full.
@@ -113,7 +122,16 @@ def load_examples(
     want = 64
     while True:
         examples, _stats = build_sft_examples(
-            data, tokenizer, split=split, max_seq_len=max_seq_len, max_examples=want
+            data,
+            tokenizer,
+            split=split,
+            max_seq_len=max_seq_len,
+            max_examples=want,
+            format=format,
+            truncation=truncation,
+            train_on_prompt=train_on_prompt,
+            last_turn_only=last_turn_only,
+            skip_bad_rows=skip_bad_rows,
         )
         chosen = take_token_budget(examples, max_tokens, mask_bos)
         got = sum(analysed_positions(len(e["input_ids"]), mask_bos) for e in chosen)
@@ -261,7 +279,7 @@ def measure_layers(
         device.type != "cpu"
         or tuned_device.type != "cpu"
         # Triton's CPU interpreter (tests) keeps global state and is not thread-safe.
-        or (tuned is not None and resolve_backend(backend, torch.empty(0)) == "triton")
+        or (tuned is not None and cka_accumulation_path(backend, torch.empty(0)) == "triton")
     ):
         workers = 1
     workers = max(1, int(workers or torch.get_num_threads()))
@@ -376,6 +394,33 @@ def fill_weight_change(
         row.weight_change_norm = wc.norm
 
 
+def check_output_dir(output_dir: str | Path, overwrite: bool) -> None:
+    """Refuse an ``--output`` that the report cannot be written to, or that holds an earlier
+    analysis (unless ``overwrite``); checked before any model loads, so a mistake costs nothing.
+
+    Only the report's own files count as an earlier analysis: other files in the folder are
+    never touched, so a folder that merely holds them is fine.
+
+    Raises:
+        AnalysisError: naming the folder (or the file in the way) and what to do.
+    """
+    out = Path(output_dir)
+    for path in (out, *out.parents):
+        if path.exists():
+            if not path.is_dir():
+                where = "" if path == out else f" ({path} is a file)"
+                raise AnalysisError(
+                    f"--output {out} is not a folder{where}; choose a folder for the report"
+                )
+            break
+    earlier = [name for name in REPORT_FILES.values() if (out / name).exists()]
+    if earlier and not overwrite:
+        raise AnalysisError(
+            f"--output {out} holds an earlier analysis ({', '.join(earlier)}); pass --overwrite "
+            "to replace it, or choose another --output"
+        )
+
+
 def _same_tokenizer(a: Any, b: Any) -> bool:
     return len(a) == len(b) and a.get_vocab() == b.get_vocab()
 
@@ -402,6 +447,12 @@ def run_analysis(
     threshold: float = 0.5,
     title: str | None = None,
     entropy_tokens: int = ENTROPY_TOKENS,
+    format: str | None = None,
+    truncation: str = "prompt-left",
+    train_on_prompt: bool = False,
+    last_turn_only: bool = False,
+    skip_bad_rows: bool = False,
+    overwrite: bool = False,
 ) -> AnalysisResult:
     """``fastmid analyze``: layer-wise comparison of a base and a tuned model, with band advice.
 
@@ -427,12 +478,18 @@ def run_analysis(
         title: first line of the PNG title.
         entropy_tokens: tokens per prompt for matrix entropy and effective rank (each prompt's
             first ones; default 128 as in the paper; 0 uses all).
+        format, truncation, train_on_prompt, last_turn_only, skip_bad_rows: the data pipeline's
+            options, as in training (``fastmid.data.build_sft_examples``).
+        overwrite: replace the report files of an earlier analysis in ``output_dir``; without it
+            such a folder is refused before anything loads.
 
     Returns:
         :class:`AnalysisResult` (also written to ``output_dir``).
 
     Raises:
-        AnalysisError: bad numeric flags, different tokenizers or depths, no data.
+        AnalysisError: bad numeric flags, different tokenizers or depths, no data, an
+            ``output_dir`` that is a file or holds an earlier analysis (without ``overwrite``).
+        ReportWriteError: the report cannot be written (names the path).
         ModelSourceError: an unloadable ``--base``/``--tuned``.
         MetricsError: NaN/inf activations in an analysed token (names the layer and model).
         CKAError: fewer than 4 analysed tokens.
@@ -451,6 +508,8 @@ def run_analysis(
             f"--entropy-tokens must be 0 (all tokens) or at least 2 (entropy needs two tokens), "
             f"got {entropy_tokens}"
         )
+    if output_dir is not None:
+        check_output_dir(output_dir, overwrite)
     t0 = time.perf_counter()
     base_model, tokenizer = load_model_and_tokenizer(base, dtype=dtype, device=device)
     tuned_model = None
@@ -465,11 +524,20 @@ def run_analysis(
                     "must read the same tokens"
                 )
     t_load = time.perf_counter()
-    examples = load_examples(data, tokenizer, max_tokens, max_seq_len, mask_bos, split)
-    pad_id = (
-        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    examples = load_examples(
+        data,
+        tokenizer,
+        max_tokens,
+        max_seq_len,
+        mask_bos,
+        split,
+        format=format,
+        truncation=truncation,
+        train_on_prompt=train_on_prompt,
+        last_turn_only=last_turn_only,
+        skip_bad_rows=skip_bad_rows,
     )
-    batches = make_batches(examples, batch_size, int(pad_id))
+    batches = make_batches(examples, batch_size, pad_token_id(tokenizer))
     t_data = time.perf_counter()
 
     progress = _progress(console)
@@ -539,30 +607,5 @@ def run_analysis(
     return result
 
 
-class _NullProgress:
-    def __enter__(self) -> _NullProgress:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def add_task(self, *_a: object, **_k: object) -> int:
-        return 0
-
-    def update(self, *_a: object, **_k: object) -> None:
-        return None
-
-
 def _progress(console: Any) -> Any:
-    if console is None:
-        return _NullProgress()
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-    return Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    )
+    return make_progress(console, label="[progress.description]{task.description}", transient=True)

@@ -15,10 +15,21 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from fastmid.analysis.results import AnalysisResult, LayerMetrics
+from fastmid.errors import FastmidError
+
+# The files of one analysis in its output folder, by kind.
+REPORT_FILES = {"json": "analysis.json", "csv": "analysis.csv", "png": "analysis.png"}
+
+
+class ReportWriteError(FastmidError):
+    """The report cannot be written where ``--output`` points (a file in the way, no
+    permission, a full disk); the message names the path."""
 
 
 def _clean(value: Any) -> Any:
@@ -219,17 +230,36 @@ def write_report(result: AnalysisResult, output_dir: str | Path, title: str | No
     """Write ``analysis.json``, ``analysis.csv`` and ``analysis.png`` into ``output_dir``.
 
     Creates the folder. Returns ``{"json": path, "csv": path, "png": path}`` (strings) and records
-    it in ``result.files`` before the JSON is written.
+    it in ``result.files`` before the JSON is written. Replaces the files of an earlier analysis
+    there (the caller decides whether that is allowed: ``run_analysis``'s ``overwrite``).
+
+    Raises:
+        ReportWriteError: the folder or a file cannot be written (a file where the folder should
+            be, no permission, a full disk), naming the path.
     """
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    files = {
-        "json": str(out / "analysis.json"),
-        "csv": str(out / "analysis.csv"),
-        "png": str(out / "analysis.png"),
-    }
+    files = {kind: str(out / name) for kind, name in REPORT_FILES.items()}
+    with _naming_the_path(out):
+        out.mkdir(parents=True, exist_ok=True)
     result.files = files
-    write_csv(result.layers, files["csv"])
-    plot_analysis(result, files["png"], title)
-    write_json(result, files["json"])
+    with _naming_the_path(Path(files["csv"])):
+        write_csv(result.layers, files["csv"])
+    with _naming_the_path(Path(files["png"])):
+        plot_analysis(result, files["png"], title)
+    with _naming_the_path(Path(files["json"])):
+        write_json(result, files["json"])
     return files
+
+
+@contextmanager
+def _naming_the_path(path: Path) -> Iterator[None]:
+    """Turn an ``OSError`` of writing ``path`` (``FileExistsError``, ``NotADirectoryError``,
+    ``IsADirectoryError``, ``PermissionError``, a full disk...) into a one-line
+    :class:`ReportWriteError` naming ``--output`` and the path, instead of a traceback."""
+    try:
+        yield
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ReportWriteError(
+            f"--output: cannot write {path} ({reason}); choose another --output"
+        ) from None

@@ -236,7 +236,8 @@ def gguf_to_hf_folder(path: str | os.PathLike[str]) -> Path:
         The cached folder (``$FASTMID_CACHE/gguf/<stem>-<key>``).
 
     Raises:
-        ModelSourceError: unreadable GGUF, or an architecture fastmid does not support.
+        ModelSourceError: unreadable GGUF, an architecture fastmid does not support, or a cache
+            folder that cannot be written (names it and ``FASTMID_CACHE``).
     """
     gguf_path = Path(path).resolve()
     target = _gguf_cache_dir(gguf_path)
@@ -245,8 +246,14 @@ def gguf_to_hf_folder(path: str | os.PathLike[str]) -> Path:
     _check_gguf_supported(gguf_path)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    except OSError as exc:  # a file in the way, no permission: one line, not a traceback
+        raise ModelSourceError(
+            f"{gguf_path}: cannot write its converted copy under {target.parent} "
+            f"({exc.strerror or exc}); set FASTMID_CACHE to a writable folder"
+        ) from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
         model = AutoModelForCausalLM.from_pretrained(
@@ -292,12 +299,16 @@ def weights_folder(source: str | os.PathLike[str]) -> Path:
     return resolved.path
 
 
-def load_config(source: str | os.PathLike[str]) -> Any:
+def load_config(source: str | os.PathLike[str], trust_remote_code: bool = False) -> Any:
     """Load a model's ``PretrainedConfig`` from any source, including a bare ``config.json`` file.
+
+    ``trust_remote_code`` is passed to transformers explicitly: a folder whose ``config.json``
+    has an ``auto_map`` runs its own Python only when the user asked for it
+    (``--trust-remote-code``).
 
     Raises:
         ModelSourceError: as :func:`resolve_source`; a config whose ``model_type`` transformers does
-            not know; an unparsable JSON file.
+            not know; an unparsable JSON file (one line naming the file).
     """
     from transformers import AutoConfig
 
@@ -313,11 +324,29 @@ def load_config(source: str | os.PathLike[str]) -> Any:
         try:
             return AutoConfig.for_model(model_type, **data)
         except ValueError as exc:
-            raise ModelSourceError(f"{resolved.path}: {exc}") from None
-    return AutoConfig.from_pretrained(str(weights_folder(source)), local_files_only=True)
+            raise ModelSourceError(f"{resolved.path}: {_first_sentence(exc)}") from None
+    folder = weights_folder(source)
+    try:
+        return AutoConfig.from_pretrained(
+            str(folder), local_files_only=True, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as exc:  # unparsable config.json, unknown model_type
+        raise ModelSourceError(
+            f"{folder / 'config.json'}: cannot read the model config ({_first_sentence(exc)})"
+        ) from None
 
 
-def load_tokenizer(source: str | os.PathLike[str]) -> Any:
+def _first_sentence(exc: BaseException) -> str:
+    """The first sentence of a transformers error, on one line: its messages run to many lines
+    (an unknown ``model_type`` lists every known one) and would bury the path they are about."""
+    text = " ".join(str(exc).split())
+    for end in (". ", "? ", "! "):
+        if end in text:
+            text = text[: text.index(end) + 1]
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def load_tokenizer(source: str | os.PathLike[str], trust_remote_code: bool = False) -> Any:
     """Load the tokenizer (with its chat template) of a model source, offline.
 
     Raises:
@@ -325,7 +354,9 @@ def load_tokenizer(source: str | os.PathLike[str]) -> Any:
     """
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(weights_folder(source)), local_files_only=True)
+    return AutoTokenizer.from_pretrained(
+        str(weights_folder(source)), local_files_only=True, trust_remote_code=trust_remote_code
+    )
 
 
 def default_device() -> torch.device:
@@ -354,6 +385,7 @@ def load_model_and_tokenizer(
     source: str | os.PathLike[str],
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    trust_remote_code: bool = False,
 ) -> tuple[Any, Any]:
     """Load a causal LM and its tokenizer, offline.
 
@@ -361,6 +393,8 @@ def load_model_and_tokenizer(
         source: ``"default"``, a Hugging Face folder, a ``.gguf`` file, or a cached repo id.
         dtype: parameter dtype; default float32 on CPU, bfloat16 on CUDA.
         device: default ``cuda`` if available, else ``cpu``.
+        trust_remote_code: let a folder's ``auto_map`` run its own Python (``--trust-remote-code``);
+            off by default, so a downloaded folder runs no foreign code.
 
     Returns:
         ``(model, tokenizer)``: a ``PreTrainedModel`` in eval mode (attention: FlashAttention-2 on
@@ -378,21 +412,28 @@ def load_model_and_tokenizer(
 
     _quiet_transformers()
     folder = weights_folder(source)
-    config = load_config(folder)
+    config = load_config(folder, trust_remote_code)
     try:
         family_for_config(config)
     except UnsupportedModelError as exc:
         raise ModelSourceError(f"{source}: {exc}") from None
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(folder),
-        dtype=dtype,
-        local_files_only=True,
-        attn_implementation=attention_implementation_for(device),
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(folder),
+            dtype=dtype,
+            local_files_only=True,
+            attn_implementation=attention_implementation_for(device),
+            trust_remote_code=trust_remote_code,
+        )
+    except OSError as exc:  # no weights file in the folder, an unreadable one
+        raise ModelSourceError(
+            f"{folder}: cannot load the model weights ({_first_sentence(exc)}); pass a folder "
+            "with config.json and *.safetensors"
+        ) from None
     strip_gguf_quantization(model)
     model.to(device)
     model.eval()
-    tokenizer = load_tokenizer(folder)
+    tokenizer = load_tokenizer(folder, trust_remote_code)
     return model, tokenizer

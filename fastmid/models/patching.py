@@ -65,7 +65,9 @@ class KernelRMSNorm(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """RMSNorm of ``hidden_states`` (..., H) over H."""
-        y = kernels.rms_norm(hidden_states, self.weight, getattr(self, self.eps_attr), offset=self.offset)
+        y = kernels.rms_norm(
+            hidden_states, self.weight, getattr(self, self.eps_attr), offset=self.offset
+        )
         if self.out_dtype == "promote" and self.weight.dtype != hidden_states.dtype:
             y = y.to(torch.promote_types(hidden_states.dtype, self.weight.dtype))
         return y  # type: ignore[return-value]

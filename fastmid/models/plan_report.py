@@ -257,6 +257,11 @@ def print_plan(plan_dict: dict[str, Any], console: Any = None) -> None:
         *("[green]yes[/green]" if mem[n]["fits"] else "[red]no[/red]" for n in order),
     )
     console.print(table)
+    if setup["gpus"] > 1:
+        console.print(
+            f"note: the {setup['gpus']}-GPU figures are estimates for FSDP2 sharding, which "
+            "`fastmid train` cannot run yet (it trains on one device)"
+        )
     if plan_dict.get("activation_model") != "exact":
         console.print(
             f"note: activations use the Llama-style block formulas; {m['model_type']} differs "
