@@ -34,8 +34,7 @@ from pathlib import Path
 
 import torch
 
-from fastmid.models.band import BandPlan, apply_band
-from fastmid.models.execution import install_execution_policy
+from fastmid.models.band import BandPlan, apply_band, install_execution_policy
 from fastmid.models.loading import load_model_and_tokenizer
 from fastmid.models.loss import causal_lm_loss_sum
 from fastmid.train.optim import build_optimizer

@@ -8,35 +8,63 @@ and left-padded, with the chat template's generation prompt.
 The 95% confidence interval is the Wilson score interval (Wilson 1927, "Probable inference, the law
 of succession, and statistical inference", JASA 22:209), which behaves at accuracies near 0 or 1
 where the normal approximation does not.
+
+Held-out loss: :func:`token_mean_loss` is the one loop for every held-out loss fastmid reports
+(the periodic ``eval_loss`` of a training run and the answer loss here), with the training
+tokenization and label rules, so the numbers compare with the training loss.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from scipy.stats import binomtest
 
+from fastmid.data import collate_batch, pad_token_id
 from fastmid.data.chat_template import end_of_turn_ids
+from fastmid.errors import FastmidError
 from fastmid.models.loading import load_model_and_tokenizer
+from fastmid.models.loss import batch_loss_sum
 
 
-def wilson_interval(correct: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion ``correct / n``.
+class EvalError(FastmidError, ValueError):
+    """Settings or data the accuracy eval cannot run with; the message names the flag or file."""
 
-    ``(p + z²/2n ± z sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n)``; z = 1.96 gives 95%.
+
+def check_eval_settings(n: int, max_new_tokens: int, batch_size: int) -> None:
+    """Refuse a count below 1 before any model loads or generates (``--n 0`` would score
+    nothing and ``--batch-size 0`` would loop forever or crash inside transformers).
+
+    Raises:
+        EvalError: naming the flag of ``fastmid eval``.
+    """
+    for name, value in (
+        ("--n", n),
+        ("--max-new-tokens", max_new_tokens),
+        ("--batch-size", batch_size),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise EvalError(f"{name}: must be a positive integer, got {value!r}")
+
+
+def wilson_interval(correct: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion ``correct / n`` (scipy's
+    ``binomtest(...).proportion_ci(method="wilson")``, no continuity correction).
+
+    ``(p + z²/2n ± z sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n)`` with z the normal quantile of
+    ``confidence`` (1.96 for 95%).
 
     Raises:
         ValueError: ``n < 1`` or ``correct`` outside ``[0, n]``.
     """
     if n < 1 or not 0 <= correct <= n:
         raise ValueError(f"need 0 <= correct <= n and n >= 1, got correct={correct}, n={n}")
-    p = correct / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    ci = binomtest(correct, n).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(ci.low), float(ci.high)
 
 
 @dataclass
@@ -59,16 +87,8 @@ class AccuracyResult:
     samples: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict."""
-        return {
-            "n": self.n,
-            "correct": self.correct,
-            "accuracy": self.accuracy,
-            "ci95": list(self.ci95),
-            "eval_loss": self.eval_loss,
-            "generation_s": self.generation_s,
-            "samples": self.samples,
-        }
+        """JSON-ready dict (``ci95`` as a list)."""
+        return {**asdict(self), "ci95": list(self.ci95)}
 
 
 @torch.no_grad()
@@ -93,9 +113,7 @@ def generate_answers(
     device = next(model.parameters()).device
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    pad_id = (
-        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    )
+    pad_id = pad_token_id(tokenizer)
     outputs: list[str] = []
     try:
         for start in range(0, len(prompts), batch_size):
@@ -125,9 +143,9 @@ def evaluate_accuracy(
     model: torch.nn.Module,
     tokenizer: Any,
     data: str = "builtin:arith:test",
-    n: int = 200,
-    max_new_tokens: int = 256,
-    batch_size: int = 16,
+    n: int = 100,
+    max_new_tokens: int = 128,
+    batch_size: int = 50,
     with_loss: bool = True,
     keep_samples: int = 3,
 ) -> AccuracyResult:
@@ -139,15 +157,18 @@ def evaluate_accuracy(
         n: number of problems (the first ``n``).
 
     Raises:
-        ValueError: the data source yields no problem.
+        EvalError: ``n``, ``max_new_tokens`` or ``batch_size`` below 1; the data source yields no
+            problem.
+        fastmid.data.DataError: unreadable data (names the file and row).
     """
     import time
 
     from fastmid.data import extract_final_answer, load_eval_problems
 
+    check_eval_settings(n, max_new_tokens, batch_size)
     problems = load_eval_problems(data, n)
     if not problems:
-        raise ValueError(f"--data {data}: no evaluation problem found")
+        raise EvalError(f"--data {data}: no evaluation problem found")
     prompts = [p for p, _ in problems]
     t0 = time.perf_counter()
     completions = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size)
@@ -189,36 +210,72 @@ def answer_loss(
     Uses the training tokenization and label rules (:func:`fastmid.data.build_sft_examples`) on
     the first ``n`` examples of ``data`` (its ``test`` split unless ``data`` names one).
     """
-    from fastmid.data import build_sft_examples, collate_batch
-    from fastmid.models.loss import causal_lm_loss_sum
+    from fastmid.data import build_sft_examples, pad_token_id
 
     examples, _ = build_sft_examples(data, tokenizer, split="test", max_examples=n)
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    pad_id = (
-        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    )
-    total, count = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        batch = collate_batch(examples[start : start + batch_size], pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        loss_sum, k = causal_lm_loss_sum(
-            model, batch["input_ids"], batch["attention_mask"], batch["labels"]
-        )
-        total += float(loss_sum)
-        count += int(k)
-    model.train(was_training)
-    return total / count if count else None
+    return token_mean_loss(model, examples, batch_size, pad_token_id(tokenizer))
 
 
 def run_eval(
     model_source: str,
     data: str = "builtin:arith:test",
-    n: int = 200,
-    max_new_tokens: int = 256,
-    batch_size: int = 16,
+    n: int = 100,
+    max_new_tokens: int = 128,
+    batch_size: int = 50,
 ) -> AccuracyResult:
-    """Load ``model_source`` and run :func:`evaluate_accuracy` (the ``fastmid eval`` command)."""
+    """Load ``model_source`` and run :func:`evaluate_accuracy` (the ``fastmid eval`` command).
+
+    The defaults are ``TrainConfig``'s ``eval_*`` defaults (the accuracy in a run's summary).
+
+    Raises:
+        EvalError: as :func:`evaluate_accuracy`, checked before the model loads.
+        ModelSourceError: an unloadable ``model_source``.
+    """
+    check_eval_settings(n, max_new_tokens, batch_size)
     model, tokenizer = load_model_and_tokenizer(model_source)
     return evaluate_accuracy(model, tokenizer, data, n, max_new_tokens, batch_size)
+
+
+@torch.no_grad()
+def token_mean_loss(
+    model: torch.nn.Module,
+    examples: Sequence[dict[str, Sequence[int]]],
+    batch_size: int,
+    pad_id: int,
+    *,
+    max_batches: int | None = None,
+    fused: bool = False,
+) -> float | None:
+    """Mean next-token loss over every supervised token of ``examples`` (nats per token).
+
+    ``sum of token losses / number of supervised tokens`` over all batches, not a mean of batch
+    means, so the result does not depend on ``batch_size``. The model runs in eval mode and gets
+    its previous mode back.
+
+    Args:
+        model: a ``*ForCausalLM`` of a supported family.
+        examples: ``{"input_ids", "labels"}`` dicts (labels ``-100`` where untrained).
+        batch_size: examples per forward pass, in order.
+        pad_id: the padding id (:func:`fastmid.data.pad_token_id`).
+        max_batches: score only the first this many batches (None: all).
+        fused: use the fused linear cross-entropy kernel.
+
+    Returns:
+        The token-mean loss, or None when there is no supervised token.
+    """
+    n_batches = math.ceil(len(examples) / batch_size)
+    if max_batches is not None:
+        n_batches = min(n_batches, max_batches)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    try:
+        for b in range(n_batches):
+            batch = collate_batch(examples[b * batch_size : (b + 1) * batch_size], pad_id)
+            loss_sum, n = batch_loss_sum(model, {k: v.to(device) for k, v in batch.items()}, fused)
+            total += float(loss_sum)
+            count += int(n)
+    finally:
+        model.train(was_training)
+    return total / count if count else None

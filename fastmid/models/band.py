@@ -7,23 +7,35 @@ With ``L = num_hidden_layers`` and fractions ``(a, b)`` the band is
 
 Ablation placements of the same size (the referee's controls): ``first`` (0..k-1), ``last``
 (L-k..L-1), ``middle`` (centred), ``random`` (k distinct layers drawn with a seed).
+
+How the band runs forward and backward (design section 3; :func:`install_execution_policy`):
+* Frozen prefix (layers below the band): forward under ``torch.no_grad()``. No autograd graph is
+  built and no activation is kept for backward; no ``enable_input_require_grads`` hook is needed
+  because the band's own parameters start the graph.
+* Band: full-rank updates; with ``grad_checkpointing`` each layer runs under non-reentrant
+  activation checkpointing (``torch.utils.checkpoint``, ``use_reentrant=False``), so only its
+  input is stored and its internals are recomputed in backward.
+* Frozen suffix (and frozen gaps of a non-contiguous plan): weights frozen, activations pass
+  gradients down to the band; optionally checkpointed like the band.
+
+The policy wraps each decoder layer's ``forward`` on the instance, so module names and state-dict
+keys stay those of transformers (export and ``from_pretrained`` see an ordinary model).
 """
 
 from __future__ import annotations
 
+import functools
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any, Literal
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from fastmid.errors import FastmidError
-from fastmid.models.families import (
-    FamilySpec,
-    family_of,
-    layer_index_of,
-)
+from fastmid.models.families import FamilySpec, decoder_layers, family_of, layer_index_of
 
 Placement = Literal["fractions", "indices", "first", "last", "middle", "random"]
 LayerRole = Literal["frozen-prefix", "band", "frozen-gap", "frozen-suffix"]
@@ -164,18 +176,28 @@ class BandPlan:
         """
         if band is not None and layers is not None:
             raise BandError("give either --band (fractions) or --layers (indices), not both")
-        if layers is not None:
-            plan = cls.from_indices(num_hidden_layers, parse_layer_list(layers))
-        else:
-            text = band if band is not None else "0.2:0.8"
-            parts = text.split(":")
-            if len(parts) != 2:
-                raise BandError(f"--band '{text}' must look like START:END, e.g. 0.2:0.8")
-            try:
-                start, end = float(parts[0]), float(parts[1])
-            except ValueError:
-                raise BandError(f"--band '{text}' must hold two numbers, e.g. 0.2:0.8") from None
-            plan = cls.from_fractions(num_hidden_layers, start, end)
+        try:
+            if layers is not None:
+                plan = cls.from_indices(num_hidden_layers, parse_layer_list(layers))
+            else:
+                text = band if band is not None else "0.2:0.8"
+                parts = text.split(":")
+                if len(parts) != 2:
+                    raise BandError(f"--band '{text}' must look like START:END, e.g. 0.2:0.8")
+                try:
+                    start, end = float(parts[0]), float(parts[1])
+                except ValueError:
+                    raise BandError(
+                        f"--band '{text}' must hold two numbers, e.g. 0.2:0.8"
+                    ) from None
+                plan = cls.from_fractions(num_hidden_layers, start, end)
+        except BandError as exc:
+            message = str(exc)
+            if "--band" in message or "--layers" in message:
+                raise
+            # The constructors know depths, not flags: say which flag the user must change.
+            flag = f"--layers {layers}" if layers is not None else f"--band {band or '0.2:0.8'}"
+            raise BandError(f"{flag}: {message}") from None
         if placement and placement not in ("fractions", "indices"):
             plan = cls.from_placement(num_hidden_layers, placement, plan.size, seed)
         return plan
@@ -390,7 +412,7 @@ def apply_band(
     Embeddings, final norm and ``lm_head`` stay frozen unless asked. Tied embeddings are one
     tensor: asking to train either trains both, never half. The execution policy (prefix under
     ``no_grad``, checkpointing) is installed separately by
-    :func:`fastmid.models.execution.install_execution_policy`.
+    :func:`fastmid.models.band.install_execution_policy`.
 
     Args:
         model: a ``*ForCausalLM`` of a supported family.
@@ -420,3 +442,104 @@ def apply_band(
         if train:
             trainable.append(param)
     return trainable
+
+
+# ---- execution policy ---------------------------------------------------------------------------
+
+
+@dataclass
+class ExecutionPolicy:
+    """An installed execution policy; :meth:`remove` restores the original forwards.
+
+    Attributes:
+        plan: the band.
+        grad_checkpointing: band and suffix layers run under non-reentrant checkpointing.
+        no_grad_prefix: prefix layers run under ``torch.no_grad()`` (False only when something
+            below the band trains, e.g. ``train_embeddings``, which needs the prefix's graph).
+        roles: the role of each layer (``frozen-prefix``, ``band``, ``frozen-gap``,
+            ``frozen-suffix``).
+    """
+
+    plan: BandPlan
+    grad_checkpointing: bool
+    no_grad_prefix: bool
+    roles: list[str]
+    _originals: list[tuple[torch.nn.Module, Callable[..., Any]]] = field(
+        default_factory=list, repr=False
+    )
+    _model: torch.nn.Module | None = field(default=None, repr=False, compare=False)
+
+    def remove(self) -> None:
+        """Restore every wrapped layer's original ``forward`` and detach from the model, so a
+        new policy can be installed."""
+        for layer, _original in self._originals:
+            if layer.__dict__.get("forward") is not None:
+                del layer.forward
+        self._originals.clear()
+        if self._model is not None:
+            self._model._fastmid_execution_policy = None
+            self._model = None
+
+
+def _no_grad_forward(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    with torch.no_grad():
+        return original(*args, **kwargs)
+
+
+def _checkpointed_forward(
+    layer: torch.nn.Module, original: Callable[..., Any], *args: Any, **kwargs: Any
+) -> Any:
+    # Recomputation only pays off when a backward will follow; eval and generation run plainly.
+    if layer.training and torch.is_grad_enabled():
+        return checkpoint(original, *args, use_reentrant=False, **kwargs)
+    return original(*args, **kwargs)
+
+
+def _below_band_trains(model: torch.nn.Module, plan: BandPlan) -> bool:
+    spec = family_of(model)
+    layers = decoder_layers(model)
+    params = list(model.get_submodule(spec.embed_tokens).parameters())
+    for path in spec.extra_embeddings:
+        params += list(model.get_submodule(path).parameters())
+    for i in range(plan.first):
+        params += list(layers[i].parameters())
+    return any(p.requires_grad for p in params)
+
+
+def install_execution_policy(
+    model: torch.nn.Module, plan: BandPlan, *, grad_checkpointing: bool = False
+) -> ExecutionPolicy:
+    """Wrap the decoder layers' forwards according to ``plan``; call after ``apply_band``.
+
+    Args:
+        model: a ``*ForCausalLM`` of a supported family whose band is already applied
+            (``requires_grad`` set).
+        plan: the band.
+        grad_checkpointing: checkpoint band, gap and suffix layers (non-reentrant).
+
+    Returns:
+        The installed :class:`ExecutionPolicy`.
+
+    Raises:
+        RuntimeError: a policy is already installed on this model (remove it first).
+    """
+    if getattr(model, "_fastmid_execution_policy", None) is not None:
+        raise RuntimeError("an execution policy is already installed; call .remove() first")
+    layers = decoder_layers(model)
+    no_grad_prefix = not _below_band_trains(model, plan)
+    policy = ExecutionPolicy(plan, grad_checkpointing, no_grad_prefix, [], _model=model)
+    for i, layer in enumerate(layers):
+        role = plan.role(i)
+        policy.roles.append(role)
+        original = layer.forward
+        if role == "frozen-prefix":
+            if not no_grad_prefix:
+                continue
+            layer.forward = functools.partial(_no_grad_forward, original)
+        elif grad_checkpointing:
+            layer.forward = functools.partial(_checkpointed_forward, layer, original)
+        else:
+            continue
+        policy._originals.append((layer, original))
+    model._fastmid_execution_policy = policy
+    return policy

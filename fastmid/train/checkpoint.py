@@ -39,7 +39,7 @@ each inner tensor under ``<key>.<inner name>`` in ``optimizer.safetensors`` and,
 stride)`` with ``cls`` looked up in a fixed allow-list in this module, never imported by a name
 read from the file. Until that is written, saving a subclass raises :class:`CheckpointError`.
 
-Writes go through :func:`fastmid.train.atomic.atomic_folder`: ``step-<N>.tmp-*``, fsync of every
+Writes go through :func:`fastmid.train.runfolder.atomic_folder`: ``step-<N>.tmp-*``, fsync of every
 file and the folder, rename, fsync of ``checkpoints/``, so a crash never leaves a folder that looks
 valid; :func:`clean_partial_checkpoints` removes what a ``kill -9`` left. Only the last
 ``keep_last`` complete checkpoints are kept (the one just written always is).
@@ -61,7 +61,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fastmid.errors import FastmidError
-from fastmid.train.atomic import atomic_folder, clean_partial, pause_point, remove_folder
+from fastmid.train.runfolder import atomic_folder, clean_partial, pause_point, remove_folder
 
 FORMAT = 2
 _STEP_RE = re.compile(r"^step-(\d+)$")
@@ -356,7 +356,7 @@ def clean_partial_checkpoints(checkpoints_dir: Path) -> list[Path]:
 
     Returns:
         The partial folders removed (an ``step-<N>.old-*`` folder renamed back to a missing
-        ``step-<N>`` counts as removed too: see :func:`fastmid.train.atomic.clean_partial`).
+        ``step-<N>`` counts as removed too: see :func:`fastmid.train.runfolder.clean_partial`).
     """
     return clean_partial(Path(checkpoints_dir), r"step-\d+")
 

@@ -7,7 +7,7 @@ the tag is removed first (the tensors are already plain floats). The band alone 
 ``band_delta.safetensors`` beside ``final/``: the trained tensors, enough to rebuild the tuned
 model from the base one.
 
-Both are written atomically and durably with :mod:`fastmid.train.atomic` (temp folder or file
+Both are written atomically and durably with :mod:`fastmid.train.runfolder` (temp folder or file
 beside the target, fsync, rename, fsync of the parent): a crash leaves the previous export or the
 new one, and :func:`clean_partial_exports` removes the leftovers; a full disk is an
 :class:`ExportError` naming the folder and the bytes needed.
@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from fastmid.data.chat_template import end_of_turn_ids
 from fastmid.errors import FastmidError
 from fastmid.models.loading import strip_gguf_quantization
-from fastmid.train.atomic import atomic_file, atomic_folder, clean_partial
+from fastmid.train.runfolder import atomic_file, atomic_folder, clean_partial
 
 
 class ExportError(FastmidError, OSError):

@@ -26,8 +26,10 @@ from __future__ import annotations
 import json
 import math
 import random
+import resource
 import shutil
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,10 +49,15 @@ from fastmid.data import (
     split_eval,
 )
 from fastmid.errors import FastmidError
-from fastmid.eval.exact_match import evaluate_accuracy
-from fastmid.eval.loss import token_mean_loss
-from fastmid.models.band import BandPlan, ParameterCounts, apply_band, count_parameters
-from fastmid.models.execution import ExecutionPolicy, install_execution_policy
+from fastmid.eval.exact_match import evaluate_accuracy, token_mean_loss
+from fastmid.models.band import (
+    BandPlan,
+    ExecutionPolicy,
+    ParameterCounts,
+    apply_band,
+    count_parameters,
+    install_execution_policy,
+)
 from fastmid.models.families import decoder_layers
 from fastmid.models.loading import load_model_and_tokenizer
 from fastmid.models.loss import batch_loss_sum, count_supervised
@@ -67,9 +74,8 @@ from fastmid.train.checkpoint import (
     save_checkpoint,
 )
 from fastmid.train.export import clean_partial_exports, export_hf_folder, save_band_delta
-from fastmid.train.logging import MetricsWriter, peak_memory_bytes, truncate_metrics
 from fastmid.train.optim import build_optimizer, build_scheduler
-from fastmid.train.runlock import LOCK_NAME, acquire_run_lock, clear_run_folder
+from fastmid.train.runfolder import LOCK_NAME, acquire_run_lock, clear_run_folder
 
 
 class RunFolderError(FastmidError, RuntimeError):
@@ -86,6 +92,50 @@ class TrainingInterrupted(FastmidError, RuntimeError):
     """SIGINT: a checkpoint was saved; the message holds the resume command (exit 130)."""
 
     exit_code = 130
+
+
+# ---- telemetry ---------------------------------------------------------------------------------
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory in bytes: the CUDA caching allocator's peak on CUDA, else the process's peak
+    resident set size (``getrusage`` ``ru_maxrss``; kilobytes on Linux, bytes on macOS)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+class MetricsWriter:
+    """Appends one JSON object per line to ``metrics.jsonl`` and flushes each line, so a crash
+    loses at most the step in flight."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fh = path.open("a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Write one record (values must be JSON-serializable)."""
+        self._fh.write(json.dumps(record) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        """Close the file."""
+        self._fh.close()
+
+
+def truncate_metrics(path: Path, after_step: int) -> None:
+    """Drop records of steps after ``after_step`` (used on resume, so steps are not repeated)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        if rec.get("step", 0) <= after_step:
+            keep.append(line)
+    path.write_text("".join(k + "\n" for k in keep))
 
 
 # ---- one optimizer step -------------------------------------------------------------------------

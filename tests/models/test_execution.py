@@ -9,8 +9,7 @@ import torch
 from tiny import tiny_model
 from transformers import LlamaForCausalLM
 
-from fastmid.models.band import BandPlan, apply_band
-from fastmid.models.execution import install_execution_policy
+from fastmid.models.band import BandPlan, apply_band, install_execution_policy
 
 LAYERS = 6
 

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from fastmid.errors import FastmidError
-from fastmid.train import atomic
+from fastmid.train import runfolder as atomic
 from fastmid.train.checkpoint import (
     CheckpointError,
     TrainerState,

@@ -27,7 +27,7 @@ from fastmid.train.checkpoint import (
     list_checkpoints,
     resolve_resume,
 )
-from fastmid.train.runlock import (
+from fastmid.train.runfolder import (
     RunLockedError,
     RunLockError,
     acquire_run_lock,
@@ -195,7 +195,7 @@ def test_kill_9_during_a_save_leaves_the_previous_checkpoint_usable(tmp_path):
 
 LOCK_HOLDER = r"""
 import sys, time
-from fastmid.train.runlock import acquire_run_lock
+from fastmid.train.runfolder import acquire_run_lock
 lock = acquire_run_lock(sys.argv[1])
 print("locked", flush=True, file=sys.stderr)
 time.sleep(120)

@@ -230,7 +230,7 @@ def test_a_second_train_on_a_locked_folder_is_refused(make_config, tmp_path):
             sys.executable,
             "-c",
             "import sys, time; from pathlib import Path;"
-            "from fastmid.train.runlock import acquire_run_lock;"
+            "from fastmid.train.runfolder import acquire_run_lock;"
             f"lock = acquire_run_lock(Path({str(out)!r})); print('held', flush=True);"
             "time.sleep(120)",
         ],
