@@ -90,7 +90,9 @@ for point, ckdir, step in jobs:
 for _ in jobs:
     pid, status = os.wait()
     signum = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
-    print(f"saver {pids[pid]} ended: signal {signum}", file=sys.stderr, flush=True)
+    # one write(2), as pause_point does: print() may split text and newline into two writes,
+    # and a paused saver's line could land between them on the shared pipe
+    os.write(2, f"saver {pids[pid]} ended: signal {signum}\n".encode())
 """
 )
 
