@@ -452,7 +452,9 @@ def _unknown(key: str, where: str) -> ConfigError:
 # ---- YAML --------------------------------------------------------------------------------------
 
 
-class _DuplicateKeyError(yaml.YAMLError):
+class _DuplicateKeyError(FastmidError, yaml.YAMLError):
+    """Internal: a YAML mapping repeats ``key``; :func:`load_yaml` turns it into a ConfigError."""
+
     def __init__(self, key: str, first: int, second: int) -> None:
         super().__init__(key)
         self.key, self.first, self.second = key, first, second

@@ -12,11 +12,13 @@ from collections.abc import Sequence
 
 import torch
 
+from fastmid.errors import FastmidError
 from fastmid.models.families import backbone, decoder_layers
 
 
-class _StopForward(Exception):
-    """Raised by the hook of the last needed layer to end the forward early."""
+class _StopForward(FastmidError):
+    """Raised by the hook of the last needed layer to end the forward early (control flow:
+    :func:`layer_outputs` always catches it)."""
 
 
 @torch.no_grad()

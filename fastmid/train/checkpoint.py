@@ -239,7 +239,7 @@ def _decode(obj: Any, tensors: dict[str, torch.Tensor], file: Path, where: str =
     return {k: _decode(v, tensors, file, _join(where, k)) for k, v in obj.items()}
 
 
-class _Damaged(Exception):
+class _Damaged(FastmidError):
     """Internal: ``file`` is unreadable for ``reason``; becomes a CheckpointError with advice."""
 
     def __init__(self, file: Path, reason: str) -> None:

@@ -159,11 +159,12 @@ class StepResult:
     supervised_tokens: int
 
 
-class NonFiniteStep(ArithmeticError):
-    """Raised by :func:`train_step` before the optimizer step; the recipe adds the run context.
+class NonFiniteStep(NonFiniteLossError):
+    """Raised by :func:`train_step`: a non-finite loss or gradient norm (before the optimizer
+    step) or band weights (after it); the recipe re-raises it with the run's context.
 
     Attributes:
-        what: ``loss``, ``grad_norm`` or ``weights``; micro_batch: index in the window, or None.
+        what: what was not finite; value: its value; micro_batch: index in the window, or None.
     """
 
     def __init__(self, what: str, value: float, micro_batch: int | None = None) -> None:
