@@ -142,7 +142,7 @@ data_app = typer.Typer(
 )
 app.add_typer(data_app, name="data")
 
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # one message, one line, in logs too
 
 
 def _click_exception_types() -> tuple[type[Exception], ...]:
@@ -416,6 +416,7 @@ def plan(
 def eval_cmd(
     model: str = config_option("model"),
     data: str = config_option("eval_accuracy_data", "--data"),
+    skip_bad_rows: bool = config_option("skip_bad_rows"),
     n: int = config_option("eval_n", "--n"),
     max_new_tokens: int = config_option("eval_max_new_tokens", "--max-new-tokens"),
     batch_size: int = config_option("eval_batch_size", "--batch-size"),
@@ -431,7 +432,7 @@ def eval_cmd(
     def go() -> None:
         from fastmid.eval.exact_match import run_eval
 
-        result = run_eval(model, data, n, max_new_tokens, batch_size)
+        result = run_eval(model, data, n, max_new_tokens, batch_size, skip_bad_rows)
         if as_json:
             sys.stdout.write(json.dumps(result.to_dict(), indent=1) + "\n")
             return
@@ -452,6 +453,7 @@ def data_inspect(
     format: DataFormat | None = config_option("format"),
     split: str = config_option("split"),
     max_examples: int | None = config_option("max_examples"),
+    shuffle_seed: int = config_option("shuffle_seed"),
     max_seq_len: int = config_option("max_seq_len"),
     truncation: Truncation = config_option("truncation"),
     train_on_prompt: bool = config_option("train_on_prompt"),
@@ -475,6 +477,7 @@ def data_inspect(
             format=format,
             split=split,
             max_examples=max_examples,
+            shuffle_seed=shuffle_seed,
             truncation=truncation,
             skip_bad_rows=skip_bad_rows,
             train_on_prompt=train_on_prompt,

@@ -165,7 +165,12 @@ class TrainConfig:
     shuffle_seed: int = field(
         default=0,
         metadata=_meta(
-            "seed of the shuffle before --max-examples", "data", ge=0, resume_must_match=True
+            "seed of the shuffle before --max-examples",
+            "data",
+            ge=0,
+            le=2**32 - 1,  # torch seeds are 64-bit: seed * 1_000_003 + epoch fits
+            note="(a 32-bit seed: 0 to 4294967295)",
+            resume_must_match=True,
         ),
     )
     max_seq_len: int = field(
@@ -261,12 +266,21 @@ class TrainConfig:
             "micro-batches per optimizer step", "optimization", ge=1, resume_must_match=True
         ),
     )
-    lr: float = field(default=3e-4, metadata=_meta("peak learning rate", "optimization", gt=0))
+    # The optimizer and schedule settings are stored in the checkpoint's optimizer and scheduler
+    # state, which a resume loads: a new value would be written to config.yaml but never used.
+    lr: float = field(
+        default=3e-4,
+        metadata=_meta("peak learning rate", "optimization", gt=0, resume_must_match=True),
+    )
     warmup_steps: int = field(
-        default=5, metadata=_meta("linear warm-up steps", "optimization", ge=0)
+        default=5,
+        metadata=_meta("linear warm-up steps", "optimization", ge=0, resume_must_match=True),
     )
     schedule: Schedule = field(
-        default="cosine", metadata=_meta("learning-rate schedule after warm-up", "optimization")
+        default="cosine",
+        metadata=_meta(
+            "learning-rate schedule after warm-up", "optimization", resume_must_match=True
+        ),
     )
     min_lr_ratio: float = field(
         default=0.1,
@@ -275,10 +289,14 @@ class TrainConfig:
             "optimization",
             ge=0,
             le=1,
+            resume_must_match=True,
         ),
     )
     weight_decay: float = field(
-        default=0.0, metadata=_meta("AdamW weight decay (matrices only)", "optimization", ge=0)
+        default=0.0,
+        metadata=_meta(
+            "AdamW weight decay (matrices only)", "optimization", ge=0, resume_must_match=True
+        ),
     )
     grad_clip: float = field(
         default=1.0,
@@ -289,13 +307,17 @@ class TrainConfig:
             note="(0 disables clipping)",
         ),
     )
-    optim: Optimizer = field(default="adamw8bit", metadata=_meta("optimizer", "optimization"))
+    optim: Optimizer = field(
+        default="adamw8bit", metadata=_meta("optimizer", "optimization", resume_must_match=True)
+    )
     seed: int = field(
         default=0,
         metadata=_meta(
             "random seed (data order, eval split, random placement)",
             "optimization",
             ge=0,
+            le=2**32 - 1,  # torch seeds are 64-bit: seed * 1_000_003 + epoch fits
+            note="(a 32-bit seed: 0 to 4294967295)",
             resume_must_match=True,
         ),
     )
@@ -498,14 +520,29 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML config into a dict with normalized keys (plain YAML only: no Python tags).
 
     Raises:
-        ConfigError: missing file, invalid YAML, a duplicate key (named with its lines), not a
-            mapping, or an unknown key (named, with the closest known one).
+        ConfigError: missing file, a folder, an unreadable file, text that is not UTF-8 (named
+            with the line and byte offset), invalid YAML, a duplicate key (named with its lines),
+            not a mapping, or an unknown key (named, with the closest known one).
     """
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{p}: is a folder, not a config file; pass the YAML file itself")
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found")
     try:
-        raw = yaml.load(p.read_text(), Loader=_Loader) or {}
+        data = p.read_bytes()
+        text = data.decode("utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read the config file ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        utf16 = " (it starts like UTF-16)" if data.startswith((b"\xff\xfe", b"\xfe\xff")) else ""
+        raise ConfigError(
+            f"{p}: not UTF-8 text{utf16}: byte 0x{data[exc.start]:02x} at offset {exc.start} "
+            f"(line {line}) is not valid UTF-8; save the file as UTF-8"
+        ) from None
+    try:
+        raw = yaml.load(text, Loader=_Loader) or {}
     except _DuplicateKeyError as exc:
         raise ConfigError(
             f"{p}: key '{exc.key}' appears twice (lines {exc.first} and {exc.second}); keep one"
@@ -542,6 +579,37 @@ def config_yaml(cfg: TrainConfig) -> str:
     values["overwrite"] = False
     values["resume"] = None
     return yaml.safe_dump(values, sort_keys=False)
+
+
+# Fields that may name local files or folders (comma-separated for the data fields).
+PATH_FIELDS = ("model", "data", "eval_data", "eval_accuracy_data", "output", "resume")
+
+
+def resolve_path_value(name: str, value: str | None) -> str | None:
+    """``value`` of the path field ``name`` made absolute where it names a local path (see
+    :func:`resolve_paths`)."""
+    if value is None or (name == "resume" and value == "latest"):
+        return value
+    if name == "output":
+        return str(Path(value).expanduser().resolve())
+    parts = [part.strip() for part in value.split(",")]
+    return ",".join(
+        str(Path(part).expanduser().resolve()) if Path(part).expanduser().exists() else part
+        for part in parts
+    )
+
+
+def resolve_paths(cfg: TrainConfig) -> TrainConfig:
+    """A copy of ``cfg`` whose local paths are absolute, so the run folder's ``config.yaml``
+    (and a checkpoint's copy of it) works from any working directory.
+
+    ``output`` always becomes absolute; in ``model``, ``data``, ``eval_data``,
+    ``eval_accuracy_data`` and ``resume`` each comma-separated part that exists as a path does;
+    names such as ``default``, ``builtin:arith`` or a cached repo id stay as written.
+    """
+    return dataclasses.replace(
+        cfg, **{name: resolve_path_value(name, getattr(cfg, name)) for name in PATH_FIELDS}
+    )
 
 
 def dump_yaml(cfg: TrainConfig, path: Path) -> None:

@@ -10,11 +10,14 @@ the file name, the 1-based line), never text copied from fastmid's messages.
 They run in-process with typer's CliRunner (one process, the tiny model folder of the session
 fixture ``tiny_llama_dir``); a handful also run as real processes (``fastmid`` console script and
 ``python -m fastmid.cli``) to check what a shell sees. Each case fails before any training step.
+The checkpoint cases resume damaged copies of one 3-step run of the tiny model (fixture ``runs``,
+trained only when such a case is selected).
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import re
 import shutil
@@ -73,11 +76,19 @@ BAD_FILES: dict[str, bytes] = {
     "yes-for-micro-batch.yaml": b"micro_batch: yes\n",
     "min-lr-ratio-2.yaml": b"min_lr_ratio: 2\n",
     "tab.yaml": b"lr:\t0.001\n",
+    "huge-seed.yaml": b"seed: 1180591620717411303424\n",
+    "utf16.yaml": "lr: 0.001\n".encode("utf-16"),  # starts with the byte-order mark ff fe
+    "latin1.yaml": "model: café\n".encode("latin-1"),  # é is byte 10
     # model paths
     "a-text-file.txt": b"hello\n",
     "fake.gguf": b"not a gguf file\n",
     "unknown-type.json": b'{"model_type": "no-such-architecture"}\n',
     "broken-config.json": b"{\n",
+    "config-a-list.json": b"[1, 2]\n",
+    "layers-many.json": b'{"model_type": "llama", "num_hidden_layers": "many"}\n',
+    "layers-negative.json": b'{"model_type": "llama", "num_hidden_layers": -4}\n',
+    # 10**12 layers: building that model (even on the meta device) would take minutes
+    "layers-absurd.json": b'{"model_type": "llama", "num_hidden_layers": 1000000000000}\n',
 }
 
 
@@ -95,6 +106,17 @@ def files(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> Pat
     (root / "broken-config-folder" / "config.json").write_text("{\n")
     (root / "bert-folder").mkdir()
     (root / "bert-folder" / "config.json").write_text('{"model_type": "bert"}\n')
+    # the tiny model with its weights file cut to 100 kB (an interrupted copy or download)
+    shutil.copytree(tiny_llama_dir, root / "truncated-weights")
+    with open(root / "truncated-weights" / "model.safetensors", "r+b") as weights:
+        weights.truncate(100_000)
+    # config and weights, but no tokenizer file
+    (root / "no-tokenizer").mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_llama_dir / name, root / "no-tokenizer" / name)
+    # config.json is a folder
+    (root / "config-is-a-folder" / "config.json").mkdir(parents=True)
+    shutil.copy(tiny_llama_dir / "model.safetensors", root / "config-is-a-folder")
     (root / "earlier-analysis").mkdir()
     (root / "earlier-analysis" / "analysis.json").write_text("{}\n")
     # --overwrite allowed, but a folder sits where the report's CSV goes: the write fails.
@@ -116,6 +138,50 @@ def other_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir
     return folder
 
 
+# One short run with a checkpoint at every step; each case resumes a copy damaged in one way.
+RUN = (
+    "train --model {tiny} --output {run} --max-examples 16 --micro-batch 2 --max-steps 3 "
+    "--save-every 1 --keep-last 3 --warmup-steps 0 --eval-every 0 --no-eval-accuracy"
+)
+
+
+def _damage_trainer_state(checkpoint: Path) -> None:
+    """A counter far beyond any real run (it overflowed the data-order seed on resume)."""
+    file = checkpoint / "trainer_state.json"
+    state = json.loads(file.read_text())
+    state["micro_batches"] = 10**30
+    file.write_text(json.dumps(state))
+
+
+def _damage_band_shape(checkpoint: Path) -> None:
+    """A readable band.safetensors whose first tensor has another shape than the model's."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    file = checkpoint / "band.safetensors"
+    tensors = load_file(str(file))
+    tensors[sorted(tensors)[0]] = torch.zeros(3, 3)
+    save_file(tensors, str(file))
+
+
+RUN_DAMAGE = {"huge-micro-batches": _damage_trainer_state, "band-shape": _damage_band_shape}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> Path:
+    """``{runs}/<damage>``: copies of a 3-step run of the tiny model (checkpoints step-1..3)
+    whose ``step-2`` is damaged as :data:`RUN_DAMAGE` says; step-1 stays intact."""
+    root = tmp_path_factory.mktemp("runs")
+    good = root / "good"
+    args = RUN.format(tiny=tiny_llama_dir, run=good).split()
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, (result.output, result.exception)
+    for name, damage in RUN_DAMAGE.items():
+        shutil.copytree(good, root / name)
+        damage(root / name / "checkpoints" / "step-2")
+    return root
+
+
 # ---- the cases --------------------------------------------------------------------------------
 
 Needle = str | re.Pattern[str]
@@ -131,11 +197,21 @@ def case(
     args: str,
     *needles: Needle,
     env: dict[str, str] | None = None,
+    marks: Any = (),
 ) -> Any:
-    """One bad input: ``args`` (split on spaces; ``{tiny}``, ``{other}``, ``{files}``, ``{out}``
-    are filled in, in ``env``'s values too) and the fragments its error line must hold (a regex
-    where given as one)."""
-    return pytest.param(args, needles, env or {}, id=case_id)
+    """One bad input: ``args`` (split on spaces; ``{tiny}``, ``{other}``, ``{files}``, ``{out}``,
+    ``{runs}`` are filled in, in ``env``'s values too) and the fragments its error line must hold
+    (a regex where given as one); ``marks`` as ``pytest.param`` takes them."""
+    return pytest.param(args, needles, env or {}, id=case_id, marks=marks)
+
+
+def _kernels_can_run() -> bool:
+    """Whether ``--kernels on`` is valid here (CUDA and triton), which makes it no bad input."""
+    import torch
+
+    from fastmid import kernels
+
+    return torch.cuda.is_available() and kernels.triton_available()
 
 
 def line(n: int) -> re.Pattern[str]:
@@ -162,6 +238,13 @@ CASES = [
     case("lr-nan", "train --lr nan --print-config", "--lr"),
     case("lr-zero", "train --lr 0 --print-config", "--lr"),
     case("seed-negative", "train --seed -1 --print-config", "--seed"),
+    # 2**70: torch's manual_seed overflowed on it ("Overflow when unpacking long long")
+    case("seed-huge", "train --seed 1180591620717411303424 --print-config", "--seed"),
+    case(
+        "shuffle-seed-2-to-the-32",
+        "train --shuffle-seed 4294967296 --print-config",
+        "--shuffle-seed",
+    ),
     case("eval-fraction-above-1", "train --eval-fraction 1.5 --print-config", "--eval-fraction"),
     case("eval-fraction-nan", "train --eval-fraction nan --print-config", "--eval-fraction"),
     case("max-seq-len-4", "train --max-seq-len 4 --print-config", "--max-seq-len"),
@@ -196,6 +279,15 @@ CASES = [
     ),
     case("yaml-a-folder", "train {files}/empty-folder --print-config", "empty-folder"),
     case("yaml-seed-negative", "train {files}/negative-seed.yaml --print-config", "seed"),
+    case("yaml-seed-huge", "train {files}/huge-seed.yaml --print-config", "seed"),
+    case("yaml-utf16", "train {files}/utf16.yaml --print-config", "utf16.yaml"),
+    # the file and where its first non-UTF-8 byte is (é at byte offset 10 of line 1)
+    case(
+        "yaml-latin1",
+        "train {files}/latin1.yaml --print-config",
+        "latin1.yaml",
+        re.compile(r"\b10\b"),
+    ),
     case("yaml-band-reversed", "train {files}/reversed-band.yaml --print-config", "band"),
     case(
         "yaml-bool-for-an-integer",
@@ -218,6 +310,15 @@ CASES = [
     case("layers-not-integers", "train --layers x --print-config", "--layers"),
     case("layers-reversed", "train --layers 3-1 --print-config", "--layers", "3-1"),
     case("layers-beyond-depth", TRAIN + " --layers 99", "--layers", "99"),
+    # -- kernels ----------------------------------------------------------------------------------
+    case(
+        "kernels-on-without-cuda",
+        TRAIN + " --kernels on",
+        "--kernels",
+        marks=pytest.mark.skipif(
+            _kernels_can_run(), reason="CUDA and triton: --kernels on is valid"
+        ),
+    ),
     # -- plan -----------------------------------------------------------------------------------
     case("plan-band-reversed", "plan --model {tiny} --band 0.9:0.1", "--band", "0.9:0.1"),
     case("plan-band-empty", "plan --model {tiny} --band 0:0", "--band"),
@@ -237,6 +338,25 @@ CASES = [
     case(
         "plan-broken-config-json", "plan --model {files}/broken-config.json", "broken-config.json"
     ),
+    case("plan-config-a-list", "plan --model {files}/config-a-list.json", "config-a-list.json"),
+    case(
+        "plan-layers-not-a-number",
+        "plan --model {files}/layers-many.json",
+        "layers-many.json",
+        "num_hidden_layers",
+    ),
+    case(
+        "plan-layers-negative",
+        "plan --model {files}/layers-negative.json",
+        "layers-negative.json",
+        "num_hidden_layers",
+    ),
+    case(
+        "plan-layers-absurd",
+        "plan --model {files}/layers-absurd.json",
+        "layers-absurd.json",
+        "num_hidden_layers",
+    ),
     # -- model paths ----------------------------------------------------------------------------
     case("model-missing-path", "train --model {files}/no-such-model " + SMALL, "no-such-model"),
     case("model-folder-without-config", "train --model {files}/no-config " + SMALL, "no-config"),
@@ -247,6 +367,19 @@ CASES = [
         "broken-config-folder",
     ),
     case("model-unsupported-type", "train --model {files}/bert-folder " + SMALL, "bert"),
+    case(
+        "model-truncated-weights",
+        "train --model {files}/truncated-weights " + SMALL,
+        "truncated-weights",
+        "model.safetensors",
+    ),
+    case("model-without-tokenizer", "train --model {files}/no-tokenizer " + SMALL, "no-tokenizer"),
+    case(
+        "model-config-json-is-a-folder",
+        "train --model {files}/config-is-a-folder " + SMALL,
+        "config-is-a-folder",
+        "config.json",
+    ),
     case("model-fake-gguf", "train --model {files}/fake.gguf " + SMALL, "fake.gguf"),
     case("model-a-text-file", "eval --model {files}/a-text-file.txt", "a-text-file.txt"),
     case(
@@ -265,6 +398,22 @@ CASES = [
     case("resume-not-a-checkpoint", TRAIN + " --resume {files}/empty-folder", "--resume"),
     case("resume-a-file", TRAIN + " --resume {files}/a-text-file.txt", "--resume"),
     case("resume-latest-without-checkpoints", TRAIN + " --resume latest", "--resume"),
+    # trainer_state.json of step-2 says micro_batches: 10**30 (it overflowed after "resumed")
+    case(
+        "resume-trainer-state-counter-huge",
+        RUN.replace("{run}", "{runs}/huge-micro-batches")
+        + " --resume {runs}/huge-micro-batches/checkpoints/step-2",
+        "trainer_state.json",
+        "micro_batches",
+        re.compile(r"--resume \S*step-1\b"),  # the older, intact checkpoint to use
+    ),
+    case(
+        "resume-band-tensor-wrong-shape",
+        RUN.replace("{run}", "{runs}/band-shape")
+        + " --resume {runs}/band-shape/checkpoints/step-2",
+        "band.safetensors",
+        re.compile(r"--resume \S*step-1\b"),
+    ),
     # -- data rows and files --------------------------------------------------------------------
     case("data-missing-file", TRAIN + " --data {files}/no-such.jsonl", "no-such.jsonl"),
     case(
@@ -321,6 +470,7 @@ CASES = [
         "eval-data-missing-file",
         TRAIN + " --eval-data {files}/no-such-eval.jsonl",
         "no-such-eval.jsonl",
+        "--eval-data",
     ),
     case(
         "data-inspect-invalid-json-line",
@@ -392,6 +542,13 @@ CASES = [
         line(1),
     ),
     case("eval-data-missing", "eval --model {tiny} --data {files}/no-such.jsonl", "no-such.jsonl"),
+    # suggests --skip-bad-rows, which eval must then accept (see test_eval_skip_bad_rows)
+    case(
+        "eval-latin1-csv",
+        "eval --model {tiny} --n 1 --data {files}/latin1.csv",
+        "latin1.csv",
+        line(2),
+    ),
     case("eval-unknown-split", "eval --model {tiny} --n 1 --data builtin:arith:nosplit", "nosplit"),
 ]
 
@@ -426,11 +583,14 @@ def test_bad_input_is_one_line_exit_2(
     other_tokenizer_dir: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
 ) -> None:
     # Relative defaults (train's runs/default, analyze's analysis/) land in an empty folder, so
     # no case depends on what the working directory holds.
     monkeypatch.chdir(tmp_path)
     paths = {"tiny": tiny_llama_dir, "other": other_tokenizer_dir, "files": files, "out": tmp_path}
+    if "{runs}" in args:  # train the checkpointed run only for the cases that resume it
+        paths["runs"] = request.getfixturevalue("runs")
     filled_env = {name: value.format(**paths) for name, value in env.items()}
     result = runner.invoke(app, _fill(args, paths), env=filled_env)
     if not isinstance(result.exception, SystemExit) and result.exception is not None:
@@ -440,6 +600,27 @@ def test_bad_input_is_one_line_exit_2(
 
 def test_there_are_at_least_60_cases() -> None:
     assert len(CASES) >= 60
+
+
+def test_eval_has_the_flags_its_data_errors_suggest(
+    tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A non-UTF-8 line in ``eval --data`` is refused with advice that names flags: ``eval``
+    accepts each of them, and with them scores the problems it can read."""
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "latin1-gsm8k.csv"
+    data.write_bytes(
+        "question,answer\ncafé: 1 + 1?,#### 2\nWhat is 2 + 2?,#### 4\n".encode("latin-1")
+    )
+    args = ["eval", "--model", str(tiny_llama_dir), "--data", str(data), "--n", "1"]
+    args += ["--max-new-tokens", "2", "--json"]
+    refused = runner.invoke(app, args)
+    assert_one_error_line(refused.exit_code, refused.stdout, refused.stderr, ("latin1-gsm8k.csv",))
+    suggested = re.findall(r"(?<![\w-])--[a-z][\w-]*", refused.stderr)
+    assert suggested, refused.stderr
+    done = runner.invoke(app, [*args, *suggested])
+    assert done.exit_code == 0, (suggested, done.stderr, done.exception)
+    assert json.loads(done.stdout)["n"] == 1  # the readable problem, line 3
 
 
 # ---- real processes -----------------------------------------------------------------------------

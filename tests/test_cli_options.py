@@ -45,6 +45,7 @@ SHARED = {
         "n": "eval_n",
         "max_new_tokens": "eval_max_new_tokens",
         "batch_size": "eval_batch_size",
+        "skip_bad_rows": "skip_bad_rows",
     },
     "analyze": {
         name: name
@@ -196,7 +197,9 @@ def test_print_config_is_the_resolved_yaml_and_reproduces_the_run(tmp_path):
 def test_bad_values_are_one_line_naming_the_flag():
     for args, needle in (
         (["--lr", "inf"], "--lr: must be a finite number"),
-        (["--seed", "-1"], "--seed: must be >= 0"),
+        (["--seed", "-1"], "--seed: must be in [0, "),
+        (["--seed", "4294967296"], "--seed: must be in [0, "),
+        (["--shuffle-seed", "1180591620717411303424"], "--shuffle-seed: must be in [0, "),
         (["--micro-batch", "0"], "--micro-batch: must be >= 1"),
     ):
         result = _invoke("train", *args, "--print-config")

@@ -57,6 +57,26 @@ def test_missing_and_invalid_yaml(tmp_path):
     bad.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="must be a mapping"):
         build_config(bad)
+    with pytest.raises(ConfigError, match=rf"{tmp_path}: is a folder, not a config file"):
+        build_config(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("content", "offset", "line"),
+    [
+        ("lr: 0.001\nmodel: café\n".encode("latin-1"), 20, 2),  # é is byte 20, on line 2
+        ("lr: 0.001\n".encode("utf-16"), 0, 1),  # the byte-order mark ff fe
+    ],
+)
+def test_yaml_that_is_not_utf8_names_the_file_and_the_byte(tmp_path, content, offset, line):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as info:
+        build_config(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: not UTF-8 text"), message
+    assert f"at offset {offset} (line {line})" in message and "save the file as UTF-8" in message
+    assert "\n" not in message
 
 
 # ---- one declaration: metadata, derived validation, YAML -----------------------------------------
@@ -64,11 +84,34 @@ def test_missing_and_invalid_yaml(tmp_path):
 # The settings a resumed run must match, as listed by Trainer.RESUME_KEYS before they moved into
 # the field metadata.
 OLD_RESUME_KEYS = {
-    "model", "band", "layers", "placement", "train_embeddings", "train_lm_head",
-    "train_final_norm", "data", "eval_data", "eval_fraction", "format", "split",
-    "max_examples", "shuffle_seed", "max_seq_len", "truncation", "train_on_prompt",
-    "last_turn_only", "skip_bad_rows", "group_by_length", "micro_batch", "grad_accum", "seed",
-}  # fmt: skip
+    "model",
+    "band",
+    "layers",
+    "placement",
+    "train_embeddings",
+    "train_lm_head",
+    "train_final_norm",
+    "data",
+    "eval_data",
+    "eval_fraction",
+    "format",
+    "split",
+    "max_examples",
+    "shuffle_seed",
+    "max_seq_len",
+    "truncation",
+    "train_on_prompt",
+    "last_turn_only",
+    "skip_bad_rows",
+    "group_by_length",
+    "micro_batch",
+    "grad_accum",
+    "seed",
+}
+# Added since: the optimizer and schedule settings live in the checkpoint's optimizer and
+# scheduler state, which a resume loads (a new --lr on resume was written to config.yaml but
+# never used).
+OPTIMIZER_RESUME_KEYS = {"lr", "warmup_steps", "schedule", "min_lr_ratio", "weight_decay", "optim"}  # fmt: skip
 
 
 def test_every_field_has_help_group_and_bounds_metadata():
@@ -82,8 +125,8 @@ def test_every_field_has_help_group_and_bounds_metadata():
 
 
 def test_resume_keys_come_from_metadata():
-    assert set(resume_keys()) == OLD_RESUME_KEYS
-    assert len(resume_keys()) == len(OLD_RESUME_KEYS)
+    assert set(resume_keys()) == OLD_RESUME_KEYS | OPTIMIZER_RESUME_KEYS
+    assert len(resume_keys()) == len(OLD_RESUME_KEYS | OPTIMIZER_RESUME_KEYS)
 
 
 def test_literal_choices_and_format_matches_the_data_layer():
@@ -143,10 +186,22 @@ def test_floats_must_be_finite_and_seed_non_negative():
         for bad in (math.inf, -math.inf, math.nan, "inf"):
             with pytest.raises(ConfigError, match=f"--{name.replace('_', '-')}: must be a finite"):
                 build_config(None, {name: bad})
-    with pytest.raises(ConfigError, match="--seed: must be >= 0"):
-        build_config(None, {"seed": -1})
-    with pytest.raises(ConfigError, match="--shuffle-seed: must be >= 0"):
-        build_config(None, {"shuffle_seed": -1})
+    # Seeds are bounded on both sides: the message names the flag, 0 and the exact maximum.
+    for name in ("seed", "shuffle_seed"):
+        expected = rf"--{name.replace('_', '-')}: must be in \[0, .*4294967295"
+        for bad in (-1, 2**32, 2**70, "1180591620717411303424"):
+            with pytest.raises(ConfigError, match=expected):
+                build_config(None, {name: bad})
+        assert getattr(build_config(None, {name: 2**32 - 1}), name) == 2**32 - 1
+
+
+def test_seed_bound_keeps_the_data_order_generator_seed_in_range():
+    """The recipe seeds ``torch.Generator().manual_seed(seed * 1_000_003 + epoch)``; with the
+    largest seed and an epoch below 2**62 (the checkpoint's bound on positions) that fits."""
+    import torch
+
+    seed = FIELDS["seed"].metadata["le"]
+    torch.Generator().manual_seed(seed * 1_000_003 + 2**62 - 1)
 
 
 def test_validate_checks_a_config_built_by_hand():

@@ -80,6 +80,7 @@ def load_eval_problems(
     split: str = "test",
     format: str | None = None,
     skip_bad_rows: bool = False,
+    flag: str = "--data",
 ) -> list[EvalProblem]:
     """Prompts and reference answers for exact-match evaluation.
 
@@ -93,6 +94,8 @@ def load_eval_problems(
         split: split of built-in sets and dataset folders (default ``"test"``).
         format: force a format; None detects it.
         skip_bad_rows: skip malformed rows and references without a number.
+        flag: the option that gave ``data`` (``--data`` of ``fastmid eval``,
+            ``--eval-accuracy-data`` of ``fastmid train``), named by errors about it.
 
     Returns:
         The :class:`EvalProblem` list.
@@ -106,7 +109,7 @@ def load_eval_problems(
         raise DataError(f"--n must be a positive integer, got {n}")
     stats = DataStats()
     conversations = load_conversations(
-        data, split=split, format=format, skip_bad_rows=skip_bad_rows, stats=stats
+        data, split=split, format=format, skip_bad_rows=skip_bad_rows, stats=stats, flag=flag
     )
     problems: list[EvalProblem] = []
     for conversation in conversations:

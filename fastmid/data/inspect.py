@@ -147,6 +147,7 @@ def inspect_data(
     train_on_prompt: bool = False,
     last_turn_only: bool = False,
     max_examples: int | None = 2000,
+    shuffle_seed: int = 0,
     console: Console | None = None,
 ) -> DataStats:
     """Build the examples of ``data`` and print the inspection report.
@@ -157,7 +158,8 @@ def inspect_data(
         max_seq_len: tokens per example, as in training (the defaults are ``TrainConfig``'s).
         n: examples to print with their label mask (the first ``n`` kept); 0 prints none.
         split, format, skip_bad_rows, truncation, train_on_prompt, last_turn_only,
-            max_examples: as in :func:`fastmid.data.build_sft_examples`.
+            max_examples, shuffle_seed: as in :func:`fastmid.data.build_sft_examples`
+            (``shuffle_seed=0`` as ``fastmid train``, so the same examples are chosen).
         console: where to print (a fresh ``rich.console.Console`` when None).
 
     Returns:
@@ -177,6 +179,7 @@ def inspect_data(
             max_seq_len=max_seq_len,
             format=format,
             max_examples=max_examples,
+            shuffle_seed=shuffle_seed,
             truncation=truncation,
             train_on_prompt=train_on_prompt,
             last_turn_only=last_turn_only,

@@ -35,6 +35,7 @@ def load_conversations(
     skip_bad_rows: bool = False,
     shuffle_seed: int | None = None,
     stats: DataStats | None = None,
+    flag: str = "--data",
 ) -> list[Conversation]:
     """Read every source of a data string and convert its rows to conversations.
 
@@ -49,6 +50,8 @@ def load_conversations(
             ``random.Random(shuffle_seed)``; None keeps source order.
         stats: a :class:`DataStats` to fill (sources, formats, rows read, bad rows, ShareGPT
             cleanup counts, ignored fields, conversations); a fresh one is used when None.
+        flag: the option that gave ``data`` (``--data``, ``--eval-data``,
+            ``--eval-accuracy-data``), named by errors about the data string itself.
 
     Returns:
         The conversations, in source order (or shuffled).
@@ -63,8 +66,8 @@ def load_conversations(
         raise DataError(f"--format {format!r} is not a format; choose one of {', '.join(FORMATS)}")
     stats = stats if stats is not None else DataStats()
     conversations: list[Conversation] = []
-    for source in split_data_spec(data):
-        rows = load_source(source, split=split, skip_bad_rows=skip_bad_rows)
+    for source in split_data_spec(data, flag):
+        rows = load_source(source, split=split, skip_bad_rows=skip_bad_rows, flag=flag)
         stats.sources.append(rows.name)
         if format is not None:
             check_format_columns(format, rows.columns, rows.name)
@@ -105,6 +108,7 @@ def build_sft_examples(
     skip_bad_rows: bool = False,
     require_examples: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    flag: str = "--data",
 ) -> tuple[list[dict[str, list[int]]], DataStats]:
     """Build tokenized SFT examples with labels.
 
@@ -125,6 +129,8 @@ def build_sft_examples(
         require_examples: raise when no example is left (``fastmid data inspect`` passes False).
         progress: called as ``progress(conversations_done, conversations_total)`` after each
             chunk of 64 conversations is tokenized (for a progress bar).
+        flag: the option that gave ``data``, named in its errors: ``--data`` (training data),
+            ``--eval-data`` (the held-out loss data) or ``--eval-accuracy-data``.
 
     Returns:
         ``(examples, stats)``: each example is ``{"input_ids": list[int], "labels": list[int]}``
@@ -158,6 +164,7 @@ def build_sft_examples(
         skip_bad_rows=skip_bad_rows,
         shuffle_seed=shuffle_seed,
         stats=stats,
+        flag=flag,
     )
     # dropped here, not in load_conversations: evaluation reads the same rows and must report
     # an empty reference answer (no_reference_answer) rather than lose the problem silently
@@ -185,8 +192,10 @@ def build_sft_examples(
         if progress is not None:
             progress(min(begin + TOKENIZE_CHUNK, len(conversations)), len(conversations))
     if require_examples and not examples:
+        what = "training example" if flag == "--data" else "example"
+        named = f"{data}: no {what} left" if flag == "--data" else f"{flag} {data}: no {what} left"
         raise DataError(
-            f"{data}: no training example left ({stats.rows_read} rows read, "
+            f"{named} ({stats.rows_read} rows read, "
             f"{stats.bad_rows_skipped} bad rows skipped, {stats.conversations} conversations, "
             f"dropped: {stats.dropped}); check --max-seq-len and the data with "
             "`fastmid data inspect`"

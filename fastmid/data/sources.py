@@ -57,10 +57,22 @@ _BUILDERS = {
     ".parquet": "parquet",
     ".csv": "csv",
 }
-DATA_HELP = (
-    "--data takes builtin:arith[:train|test], a .json/.jsonl/.parquet/.csv file, a folder "
-    "written by save_to_disk, or several of these joined by commas"
-)
+
+
+def data_help(flag: str = "--data") -> str:
+    """What a data option takes, for the end of an error message.
+
+    Args:
+        flag: the option as the command spells it: ``--data``, ``--eval-data``,
+            ``--eval-accuracy-data``.
+    """
+    return (
+        f"{flag} takes builtin:arith[:train|test], a .json/.jsonl/.parquet/.csv file, a folder "
+        "written by save_to_disk, or several of these joined by commas"
+    )
+
+
+DATA_HELP = data_help()
 # what a broken compressed stream raises (gzip.BadGzipFile and bz2's errors are OSErrors)
 _DECOMPRESS_ERRORS = (OSError, EOFError, lzma.LZMAError, zlib.error)
 
@@ -92,11 +104,12 @@ class SourceRows:
         return RowOrigin(self.name, index)
 
 
-def split_data_spec(data: str) -> list[str]:
+def split_data_spec(data: str, flag: str = "--data") -> list[str]:
     """Split a ``--data`` string at commas.
 
     Args:
         data: e.g. ``"builtin:arith"`` or ``"a.jsonl,b.parquet"``.
+        flag: the option that gave ``data``, named in the error (``--eval-data`` ...).
 
     Returns:
         The non-empty, whitespace-stripped parts, in order.
@@ -105,10 +118,10 @@ def split_data_spec(data: str) -> list[str]:
         DataError: nothing is named.
     """
     if not isinstance(data, str):
-        raise DataError(f"--data must be a string, got {type(data).__name__}; {DATA_HELP}")
+        raise DataError(f"{flag} must be a string, got {type(data).__name__}; {data_help(flag)}")
     parts = [part.strip() for part in data.split(",") if part.strip()]
     if not parts:
-        raise DataError(f"--data is empty; {DATA_HELP}")
+        raise DataError(f"{flag} is empty; {data_help(flag)}")
     return parts
 
 
@@ -260,11 +273,11 @@ def _to_rows(dataset: Any, name: str) -> list[dict[str, Any]]:
         ) from exc
 
 
-def _load_file(path: Path, name: str, skip_bad_rows: bool) -> SourceRows:
+def _load_file(path: Path, name: str, skip_bad_rows: bool, flag: str = "--data") -> SourceRows:
     suffix = _suffix(path)
     builder = _BUILDERS.get(suffix)
     if builder is None:
-        raise DataError(f"{name}: unknown file type {suffix or '(no suffix)'!r}; {DATA_HELP}")
+        raise DataError(f"{name}: unknown file type {suffix or '(no suffix)'!r}; {data_help(flag)}")
     try:
         if builder == "csv":
             return _from_reader(path, name, "csv", read_csv_records, skip_bad_rows)
@@ -324,7 +337,7 @@ def _split_files(path: Path, name: str, split: str) -> list[Path] | None:
 
 
 def _from_folder_files(
-    path: Path, name: str, split: str, files: list[Path], skip_bad_rows: bool
+    path: Path, name: str, split: str, files: list[Path], skip_bad_rows: bool, flag: str
 ) -> SourceRows:
     """Read each JSON/CSV/Parquet file of a folder's split, naming rows by file and line."""
     rows: list[dict[str, Any]] = []
@@ -332,7 +345,7 @@ def _from_folder_files(
     bad: dict[str, int] = {}
     for file in files:
         label = str(Path(name) / file.relative_to(path))
-        part = _load_file(file, label, skip_bad_rows)
+        part = _load_file(file, label, skip_bad_rows, flag)
         rows.extend(part.rows)
         origins.extend(part.origin(index) for index in range(len(part.rows)))
         for kind, count in part.bad_rows.items():
@@ -340,7 +353,9 @@ def _from_folder_files(
     return SourceRows(f"{name}[{split}]", rows, _columns([], rows), bad, origins)
 
 
-def _load_folder(path: Path, name: str, split: str, skip_bad_rows: bool) -> SourceRows:
+def _load_folder(
+    path: Path, name: str, split: str, skip_bad_rows: bool, flag: str = "--data"
+) -> SourceRows:
     import datasets
 
     if _is_saved_dataset(path):
@@ -363,10 +378,10 @@ def _load_folder(path: Path, name: str, split: str, skip_bad_rows: bool) -> Sour
         kind = f" (named like a {_suffix(path)} file)" if _suffix(path) in _BUILDERS else ""
         raise DataError(
             f"{name}: a folder{kind} with no data files (.json, .jsonl, .ndjson, .parquet, "
-            f".csv) that is not a save_to_disk folder either; {DATA_HELP}"
+            f".csv) that is not a save_to_disk folder either; {data_help(flag)}"
         )
     if files and all(_suffix(file) in _BUILDERS for file in files):
-        return _from_folder_files(path, name, split, files, skip_bad_rows)
+        return _from_folder_files(path, name, split, files, skip_bad_rows, flag)
     # other file types (e.g. .txt, which datasets reads as one "text" row per line)
     try:
         with _quiet_datasets():
@@ -380,7 +395,9 @@ def _load_folder(path: Path, name: str, split: str, skip_bad_rows: bool) -> Sour
     return SourceRows(label, _to_rows(dataset, label), list(dataset.column_names))
 
 
-def load_source(source: str, *, split: str = "train", skip_bad_rows: bool = False) -> SourceRows:
+def load_source(
+    source: str, *, split: str = "train", skip_bad_rows: bool = False, flag: str = "--data"
+) -> SourceRows:
     """Read every row of one source.
 
     Args:
@@ -389,6 +406,8 @@ def load_source(source: str, *, split: str = "train", skip_bad_rows: bool = Fals
         skip_bad_rows: recover the complete records of a truncated JSON file and skip lines
             (JSON array records) that do not parse or are not UTF-8, counting them in
             ``SourceRows.bad_rows``.
+        flag: the option that named ``source`` (``--data``, ``--eval-data``,
+            ``--eval-accuracy-data``): errors that say what the option takes name this one.
 
     Returns:
         The :class:`SourceRows`.
@@ -405,9 +424,9 @@ def load_source(source: str, *, split: str = "train", skip_bad_rows: bool = Fals
         return SourceRows(label, rows, list(rows[0]) if rows else [])
     path = Path(source).expanduser()
     if path.is_dir():
-        return _load_folder(path, source, split, skip_bad_rows)
+        return _load_folder(path, source, split, skip_bad_rows, flag)
     if path.is_file():
-        return _load_file(path, source, skip_bad_rows)
+        return _load_file(path, source, skip_bad_rows, flag)
     if path.exists():
-        raise DataError(f"{source}: not a regular file or folder; {DATA_HELP}")
-    raise DataError(f"{source}: no such file or folder; {DATA_HELP}")
+        raise DataError(f"{source}: not a regular file or folder; {data_help(flag)}")
+    raise DataError(f"{source}: no such file or folder; {data_help(flag)}")

@@ -148,6 +148,8 @@ def evaluate_accuracy(
     batch_size: int = 50,
     with_loss: bool = True,
     keep_samples: int = 3,
+    skip_bad_rows: bool = False,
+    flag: str = "--data",
 ) -> AccuracyResult:
     """Exact-match accuracy (and mean answer loss) of ``model`` on GSM8K-style problems.
 
@@ -155,6 +157,10 @@ def evaluate_accuracy(
         data: ``builtin:arith:test`` or a GSM8K-format JSONL (``question``, ``answer`` with
             ``#### <number>``).
         n: number of problems (the first ``n``).
+        skip_bad_rows: skip (and leave out) malformed rows and references without a number
+            instead of stopping at the first one.
+        flag: the option that gave ``data``, named in its errors: ``--data`` (``fastmid eval``)
+            or ``--eval-accuracy-data`` (``fastmid train``).
 
     Raises:
         EvalError: ``n``, ``max_new_tokens`` or ``batch_size`` below 1; the data source yields no
@@ -166,9 +172,9 @@ def evaluate_accuracy(
     from fastmid.data import extract_final_answer, load_eval_problems
 
     check_eval_settings(n, max_new_tokens, batch_size)
-    problems = load_eval_problems(data, n)
+    problems = load_eval_problems(data, n, skip_bad_rows=skip_bad_rows, flag=flag)
     if not problems:
-        raise EvalError(f"--data {data}: no evaluation problem found")
+        raise EvalError(f"{flag} {data}: no evaluation problem found")
     prompts = [p for p, _ in problems]
     t0 = time.perf_counter()
     completions = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size)
@@ -189,7 +195,19 @@ def evaluate_accuracy(
                     "correct": ok,
                 }
             )
-    loss = answer_loss(model, tokenizer, data, len(problems), batch_size) if with_loss else None
+    loss = (
+        answer_loss(
+            model,
+            tokenizer,
+            data,
+            len(problems),
+            batch_size,
+            skip_bad_rows=skip_bad_rows,
+            flag=flag,
+        )
+        if with_loss
+        else None
+    )
     return AccuracyResult(
         len(problems),
         correct,
@@ -203,16 +221,26 @@ def evaluate_accuracy(
 
 @torch.no_grad()
 def answer_loss(
-    model: torch.nn.Module, tokenizer: Any, data: str, n: int, batch_size: int
+    model: torch.nn.Module,
+    tokenizer: Any,
+    data: str,
+    n: int,
+    batch_size: int,
+    *,
+    skip_bad_rows: bool = False,
+    flag: str = "--data",
 ) -> float | None:
     """Mean token loss (nats per supervised token) of the reference solutions given the prompts.
 
     Uses the training tokenization and label rules (:func:`fastmid.data.build_sft_examples`) on
-    the first ``n`` examples of ``data`` (its ``test`` split unless ``data`` names one).
+    the first ``n`` examples of ``data`` (its ``test`` split unless ``data`` names one);
+    ``skip_bad_rows`` and ``flag`` as in :func:`evaluate_accuracy`.
     """
     from fastmid.data import build_sft_examples, pad_token_id
 
-    examples, _ = build_sft_examples(data, tokenizer, split="test", max_examples=n)
+    examples, _ = build_sft_examples(
+        data, tokenizer, split="test", max_examples=n, skip_bad_rows=skip_bad_rows, flag=flag
+    )
     return token_mean_loss(model, examples, batch_size, pad_token_id(tokenizer))
 
 
@@ -222,10 +250,12 @@ def run_eval(
     n: int = 100,
     max_new_tokens: int = 128,
     batch_size: int = 50,
+    skip_bad_rows: bool = False,
 ) -> AccuracyResult:
     """Load ``model_source`` and run :func:`evaluate_accuracy` (the ``fastmid eval`` command).
 
-    The defaults are ``TrainConfig``'s ``eval_*`` defaults (the accuracy in a run's summary).
+    The defaults are ``TrainConfig``'s ``eval_*`` defaults (the accuracy in a run's summary);
+    ``skip_bad_rows`` is ``--skip-bad-rows`` (skip malformed problems instead of stopping).
 
     Raises:
         EvalError: as :func:`evaluate_accuracy`, checked before the model loads.
@@ -233,7 +263,9 @@ def run_eval(
     """
     check_eval_settings(n, max_new_tokens, batch_size)
     model, tokenizer = load_model_and_tokenizer(model_source)
-    return evaluate_accuracy(model, tokenizer, data, n, max_new_tokens, batch_size)
+    return evaluate_accuracy(
+        model, tokenizer, data, n, max_new_tokens, batch_size, skip_bad_rows=skip_bad_rows
+    )
 
 
 @torch.no_grad()

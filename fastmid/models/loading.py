@@ -23,6 +23,7 @@ import importlib.metadata
 import json
 import os
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,30 @@ INSTALL_DEFAULT_HINT = (
 
 class ModelSourceError(FastmidError, ValueError):
     """A model source that cannot be loaded; the message names the path or id and what to do."""
+
+
+# Size keys of a config.json (the Llama-style names and GPT-2's) and the most each may be: a
+# value outside [1, limit] is a typo or a damaged file, and would make transformers build (or
+# `fastmid plan` count) a model for minutes before failing. ``null`` is left to transformers.
+CONFIG_SIZE_LIMITS: dict[str, int] = {
+    "num_hidden_layers": 10_000,
+    "n_layer": 10_000,
+    "hidden_size": 1_000_000,
+    "n_embd": 1_000_000,
+    "intermediate_size": 10_000_000,
+    "n_inner": 10_000_000,
+    "num_attention_heads": 100_000,
+    "n_head": 100_000,
+    "num_key_value_heads": 100_000,
+    "head_dim": 100_000,
+    "vocab_size": 100_000_000,
+    "max_position_embeddings": 1_000_000_000,
+    "n_positions": 1_000_000_000,
+}
+# Files that hold a tokenizer's vocabulary (one of them is needed besides tokenizer_config.json).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+# A safetensors header above this is not a real one (the format itself caps it at 100 MB).
+_MAX_SAFETENSORS_HEADER = 100_000_000
 
 
 SourceKind = Literal["hf_folder", "gguf", "hub_cache", "config_json"]
@@ -124,7 +149,13 @@ def resolve_source(source: str | os.PathLike[str]) -> ResolvedSource:
         return ResolvedSource("gguf", default_gguf_path(), name)
     path = Path(name).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file():
+        config_file = path / "config.json"
+        if config_file.exists() and not config_file.is_file():
+            raise ModelSourceError(
+                f"{config_file}: is a folder, not a file; a model folder needs its config.json "
+                "file (re-save the model with save_pretrained, or copy config.json from its source)"
+            )
+        if not config_file.is_file():
             raise ModelSourceError(
                 f"{path}: folder has no config.json; pass a Hugging Face model folder "
                 "(config.json + *.safetensors), a .gguf file, or a cached repo id"
@@ -306,34 +337,103 @@ def load_config(source: str | os.PathLike[str], trust_remote_code: bool = False)
     has an ``auto_map`` runs its own Python only when the user asked for it
     (``--trust-remote-code``).
 
+    The JSON is read and checked first (:func:`read_config_json`): an object whose size keys
+    (:data:`CONFIG_SIZE_LIMITS`) are positive integers within bounds, so that a typo is one line
+    naming the key instead of a transformers traceback or minutes spent building a model.
+
     Raises:
         ModelSourceError: as :func:`resolve_source`; a config whose ``model_type`` transformers does
-            not know; an unparsable JSON file (one line naming the file).
+            not know; an unparsable JSON file, not a JSON object, or a size key that is not a
+            positive integer within bounds (one line naming the file and the key).
     """
     from transformers import AutoConfig
 
     resolved = resolve_source(source)
     if resolved.kind == "config_json":
-        try:
-            data = json.loads(resolved.path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ModelSourceError(f"{resolved.path}: invalid JSON ({exc})") from None
+        data = read_config_json(resolved.path)
         model_type = data.pop("model_type", None)
         if not model_type:
             raise ModelSourceError(f"{resolved.path}: config has no 'model_type' key")
+        if not isinstance(model_type, str):
+            raise ModelSourceError(
+                f"{resolved.path}: 'model_type' must be a string such as \"llama\", "
+                f"not {_short_repr(model_type)}"
+            )
         try:
             return AutoConfig.for_model(model_type, **data)
-        except ValueError as exc:
+        except (ValueError, TypeError, *_config_validation_errors()) as exc:
             raise ModelSourceError(f"{resolved.path}: {_first_sentence(exc)}") from None
     folder = weights_folder(source)
+    read_config_json(folder / "config.json")
     try:
         return AutoConfig.from_pretrained(
             str(folder), local_files_only=True, trust_remote_code=trust_remote_code
         )
-    except (OSError, ValueError) as exc:  # unparsable config.json, unknown model_type
+    except (OSError, ValueError, *_config_validation_errors()) as exc:
+        # unknown model_type, a field of the wrong type
         raise ModelSourceError(
             f"{folder / 'config.json'}: cannot read the model config ({_first_sentence(exc)})"
         ) from None
+
+
+def read_config_json(file: Path) -> dict[str, Any]:
+    """Read a model's ``config.json`` and check what every fastmid command relies on.
+
+    Args:
+        file: the ``config.json`` (of a folder, or a bare one for ``fastmid plan``).
+
+    Returns:
+        The parsed JSON object.
+
+    Raises:
+        ModelSourceError: the file cannot be read, is not JSON, is not a JSON object, or a size
+            key of :data:`CONFIG_SIZE_LIMITS` holds anything but an integer in ``[1, limit]``
+            (``null`` is allowed: transformers then uses its default). The message names the
+            file and the key.
+    """
+    try:
+        data = json.loads(Path(file).read_bytes())
+    except OSError as exc:
+        raise ModelSourceError(
+            f"{file}: cannot read the model config ({exc.strerror or exc})"
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise ModelSourceError(
+            f"{file}: invalid JSON (not UTF-8 text: {_first_sentence(exc)}); save it as UTF-8"
+        ) from None
+    except (ValueError, RecursionError) as exc:
+        raise ModelSourceError(f"{file}: invalid JSON ({_first_sentence(exc)})") from None
+    if not isinstance(data, dict):
+        raise ModelSourceError(
+            f"{file}: a model config must be a JSON object of key: value pairs, not a "
+            f"{type(data).__name__}"
+        )
+    for key, limit in CONFIG_SIZE_LIMITS.items():
+        value = data.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+            raise ModelSourceError(
+                f"{file}: '{key}' must be a positive integer of at most {limit:,}, not "
+                f"{_short_repr(value)}; fix that key of the config"
+            )
+    return data
+
+
+def _short_repr(value: Any) -> str:
+    """``repr(value)`` cut to 40 characters (a value from a file can be any size)."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _config_validation_errors() -> tuple[type[Exception], ...]:
+    """What transformers' strict config classes raise for a field of the wrong type
+    (huggingface_hub's ``StrictDataclassError``, in recent versions only)."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # pragma: no cover - older huggingface_hub
+        return ()
+    return (StrictDataclassError,)
 
 
 def _first_sentence(exc: BaseException) -> str:
@@ -350,13 +450,71 @@ def load_tokenizer(source: str | os.PathLike[str], trust_remote_code: bool = Fal
     """Load the tokenizer (with its chat template) of a model source, offline.
 
     Raises:
-        ModelSourceError: as :func:`weights_folder`.
+        ModelSourceError: as :func:`weights_folder`; a folder without tokenizer files, or whose
+            tokenizer files transformers cannot load (one line naming the folder).
     """
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(
-        str(weights_folder(source)), local_files_only=True, trust_remote_code=trust_remote_code
-    )
+    folder = weights_folder(source)
+    try:
+        return AutoTokenizer.from_pretrained(
+            str(folder), local_files_only=True, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+            raise ModelSourceError(
+                f"{folder}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); copy the "
+                "tokenizer files of the model these weights came from into the folder (or "
+                "save its tokenizer there with save_pretrained)"
+            ) from None
+        raise ModelSourceError(
+            f"{folder}: cannot load the tokenizer ({_first_sentence(exc)}); check its tokenizer "
+            "files, or copy them again from the model these weights came from"
+        ) from None
+
+
+def check_safetensors_files(folder: Path) -> None:
+    """Check every ``*.safetensors`` file of a model folder without reading its tensors: the
+    header parses and the file is exactly as long as the header says (catches a cut download).
+
+    Layout: 8-byte little-endian header length ``n``, ``n`` bytes of JSON mapping each tensor to
+    ``{"dtype", "shape", "data_offsets": [begin, end]}``, then the data (``max(end)`` bytes).
+
+    Raises:
+        ModelSourceError: naming the file, its size and what the header expects.
+    """
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        problem = _safetensors_problem(file)
+        if problem is not None:
+            raise ModelSourceError(
+                f"{file}: {problem}; the weights file is damaged or was cut short: copy or "
+                "download it again"
+            )
+
+
+def _safetensors_problem(file: Path) -> str | None:
+    """What is wrong with the safetensors file ``file`` (header and length only), or None."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as handle:
+            head = handle.read(8)
+            if len(head) < 8:
+                return f"truncated ({size} bytes, not even a safetensors header)"
+            (n,) = struct.unpack("<Q", head)
+            if n > min(_MAX_SAFETENSORS_HEADER, size - 8):
+                return f"not a safetensors file, or truncated ({size:,} bytes, header of {n:,})"
+            header = json.loads(handle.read(n))
+        end = max(
+            (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+            default=0,
+        )
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError, RecursionError):
+        return "not a safetensors file (its header does not parse)"
+    if size != 8 + n + end:
+        return f"truncated or extended: {size:,} bytes, its header says {8 + n + end:,}"
+    return None
 
 
 def default_device() -> torch.device:
@@ -404,8 +562,10 @@ def load_model_and_tokenizer(
     Raises:
         ModelSourceError: missing path, folder without ``config.json``, unsupported GGUF
             architecture or ``model_type``, a repo id not in the local cache, the default model
-            not installed. Each message is one line naming the path.
+            not installed, a damaged or truncated weights file, missing tokenizer files. Each
+            message is one line naming the path.
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     from fastmid.models.families import UnsupportedModelError, family_for_config
@@ -417,6 +577,9 @@ def load_model_and_tokenizer(
         family_for_config(config)
     except UnsupportedModelError as exc:
         raise ModelSourceError(f"{source}: {exc}") from None
+    check_safetensors_files(folder)
+    # before the weights: a folder without tokenizer files fails in a second, not after the load
+    tokenizer = load_tokenizer(folder, trust_remote_code)
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     try:
@@ -427,7 +590,7 @@ def load_model_and_tokenizer(
             attn_implementation=attention_implementation_for(device),
             trust_remote_code=trust_remote_code,
         )
-    except OSError as exc:  # no weights file in the folder, an unreadable one
+    except (OSError, SafetensorError) as exc:  # no weights file in the folder, an unreadable one
         raise ModelSourceError(
             f"{folder}: cannot load the model weights ({_first_sentence(exc)}); pass a folder "
             "with config.json and *.safetensors"
@@ -435,5 +598,4 @@ def load_model_and_tokenizer(
     strip_gguf_quantization(model)
     model.to(device)
     model.eval()
-    tokenizer = load_tokenizer(folder, trust_remote_code)
     return model, tokenizer

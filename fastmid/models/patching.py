@@ -33,9 +33,15 @@ import torch
 from torch import nn
 
 from fastmid import kernels
+from fastmid.errors import FastmidError
 from fastmid.models.families import FamilySpec, family_of
 
 KernelsFlag = Literal["auto", "on", "off"]
+
+
+class KernelsUnavailableError(FastmidError, ValueError):
+    """``--kernels`` asks for what this machine cannot run (``on`` without CUDA and Triton) or is
+    not one of auto, on, off; the message names ``--kernels`` and the value to use instead."""
 
 
 # Original apply_rotary_pos_emb per modeling module, kept to undo the global swap.
@@ -264,17 +270,17 @@ def resolve_kernels_flag(flag: KernelsFlag, device: torch.device | str) -> bool:
     ``on``: the same requirements, enforced. ``off``: False.
 
     Raises:
-        ValueError: unknown flag, or ``on`` without CUDA + Triton (the message says to use
-            ``--kernels auto`` or ``off``).
+        KernelsUnavailableError: unknown flag, or ``on`` without CUDA + Triton (the message says
+            to use ``--kernels auto`` or ``off``); a ``ValueError`` too.
     """
     if flag not in ("auto", "on", "off"):
-        raise ValueError(f"--kernels must be auto, on or off; got {flag!r}")
+        raise KernelsUnavailableError(f"--kernels must be auto, on or off; got {flag!r}")
     if flag == "off":
         return False
     usable = torch.device(device).type == "cuda" and kernels.triton_available()
     if flag == "on" and not usable:
         hint = " (TRITON_INTERPRET=1 is for tests only)" if kernels.interpreter_enabled() else ""
-        raise ValueError(
+        raise KernelsUnavailableError(
             f"--kernels on needs a CUDA device and triton; device is {device}, triton "
             f"{'installed' if kernels.triton_available() else 'missing'}{hint}: use --kernels auto or off"
         )

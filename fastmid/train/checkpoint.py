@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 import re
 import struct
@@ -71,6 +72,9 @@ _RESERVED = "__fastmid_"
 _FORMAT1_STATE_FILES = ("optimizer.pt", "scheduler.pt")
 # A safetensors header above this is not one fastmid wrote (the format itself caps it at 100 MB).
 _MAX_HEADER = 100_000_000
+# The counters of trainer_state.json stay below this: a larger one is not from a real run, and
+# the data order's generator seed (seed * 1_000_003 + epoch) must stay within 64 bits.
+MAX_COUNTER = 2**62
 
 
 class CheckpointError(FastmidError, ValueError):
@@ -450,10 +454,20 @@ def _check_trainer_state(data: Any, file: Path) -> None:
     if unknown:
         raise _Damaged(file, f"unknown keys {unknown} (written by a newer fastmid?)")
     for key in ("step", "micro_batches", "tokens", "supervised_tokens"):
-        if not isinstance(data[key], int) or isinstance(data[key], bool) or data[key] < 0:
-            raise _Damaged(file, f"'{key}' must be a non-negative integer, not {data[key]!r}")
-    if not isinstance(data["elapsed_s"], (int, float)):
-        raise _Damaged(file, f"'elapsed_s' must be a number, not {data['elapsed_s']!r}")
+        value = data[key]
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < MAX_COUNTER:
+            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+            raise _Damaged(file, f"'{key}' must be a non-negative integer below 2**62, not {shown}")
+    elapsed = data["elapsed_s"]
+    if (
+        not isinstance(elapsed, (int, float))
+        or isinstance(elapsed, bool)
+        or not math.isfinite(elapsed)
+        or elapsed < 0
+    ):
+        raise _Damaged(
+            file, f"'elapsed_s' must be a non-negative number of seconds, not {elapsed!r}"
+        )
     for key in ("plan", "config"):
         if not isinstance(data[key], dict):
             raise _Damaged(file, f"'{key}' must be a JSON object")
@@ -666,9 +680,13 @@ def load_checkpoint(
     params = dict(model.named_parameters())
     for name, value in tensors.items():
         if params[name].shape != value.shape:
-            raise CheckpointError(
-                f"{path}: tensor {name} has shape {tuple(value.shape)}, "
-                f"the model's is {tuple(params[name].shape)}"
+            raise _damaged_error(
+                path,
+                _Damaged(
+                    path / "band.safetensors",
+                    f"tensor {name} has shape {tuple(value.shape)}, the model's is "
+                    f"{tuple(params[name].shape)}",
+                ),
             )
     opt_file = path / ("optimizer.json" if (path / "optimizer.json").exists() else "optimizer.pt")
     try:

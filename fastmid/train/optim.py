@@ -15,6 +15,7 @@ global norm itself.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable
 
@@ -85,6 +86,10 @@ def build_optimizer(
                 "--optim paged_adamw8bit needs CUDA (paged states live in CUDA unified memory); "
                 "use --optim adamw8bit on CPU"
             )
+        # On AVX512-BF16 CPUs bitsandbytes' import looks for a 4-bit CPU matmul in the `kernels`
+        # hub package and logs a warning when it is absent; fastmid never runs 4-bit matmuls, and
+        # the stray line would break the one-line errors that follow.
+        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
         try:
             import bitsandbytes as bnb
         except ImportError as exc:

@@ -39,12 +39,20 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from fastmid.config import TrainConfig, dump_yaml, resume_keys
+from fastmid.config import (
+    PATH_FIELDS,
+    TrainConfig,
+    dump_yaml,
+    resolve_path_value,
+    resolve_paths,
+    resume_keys,
+)
 from fastmid.data import (
     DataError,
     LengthGroupedSampler,
     build_sft_examples,
     collate_batch,
+    load_eval_problems,
     pad_token_id,
     split_eval,
 )
@@ -68,6 +76,7 @@ from fastmid.train.checkpoint import (
     TrainerState,
     capture_rng,
     clean_partial_checkpoints,
+    list_checkpoints,
     load_checkpoint,
     resolve_resume,
     restore_rng,
@@ -76,6 +85,15 @@ from fastmid.train.checkpoint import (
 from fastmid.train.export import clean_partial_exports, export_hf_folder, save_band_delta
 from fastmid.train.optim import build_optimizer, build_scheduler
 from fastmid.train.runfolder import LOCK_NAME, acquire_run_lock, clear_run_folder
+
+# What a run writes before its first checkpoint (``.lock`` aside).
+_UNSAVED_RUN_FILES = {
+    "config.yaml",
+    "plan.json",
+    "metrics.jsonl",
+    "eval_before.json",
+    "checkpoints",
+}
 
 
 class RunFolderError(FastmidError, RuntimeError):
@@ -271,9 +289,11 @@ class MidBlockRecipe:
     """
 
     def __init__(self, cfg: TrainConfig, console: Console | None = None) -> None:
-        self.cfg = cfg
+        # Absolute paths, so config.yaml and the checkpoints work from any directory.
+        self.cfg = resolve_paths(cfg)
         self.console = console or Console(stderr=True)
-        self.out = Path(cfg.output)
+        self.out = Path(self.cfg.output)
+        self._replace_folder = False  # --overwrite, or the files of a run that saved nothing
         self.device = torch.device("cpu")
         self.model: Any = None  # a transformers *ForCausalLM once setup() ran
         self.tokenizer: Any = None
@@ -315,8 +335,8 @@ class MidBlockRecipe:
             run folder is deleted before model and data have loaded.
         """
         cfg = self.cfg
-        self._check_output()
         self._clean_partial_saves()
+        self._check_output()
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
 
@@ -369,7 +389,7 @@ class MidBlockRecipe:
 
         # Only now, with model and data loaded, may --overwrite replace an old run (keeping the
         # run lock, so no second run can take the folder meanwhile).
-        if cfg.resume is None and cfg.overwrite and self.out.exists():
+        if cfg.resume is None and self._replace_folder and self.out.exists():
             clear_run_folder(self.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.state.plan = self.plan.to_dict()
@@ -386,19 +406,26 @@ class MidBlockRecipe:
         if cfg.resume is not None:
             self._check_resume_matches()
             return
-        holds_run = (out / "config.yaml").is_file() or (out / "checkpoints").is_dir()
+        holds_run = bool(list_checkpoints(out / "checkpoints")) or (out / "final").is_dir()
         if holds_run and not cfg.overwrite:
             raise RunFolderError(
                 f"{out} already holds a run; continue it with "
                 f"`fastmid train {out / 'config.yaml'} --resume latest`, "
                 f"replace it with --overwrite, or choose another --output"
             )
-        others = out.exists() and any(p.name != LOCK_NAME for p in out.iterdir())
-        if others and not holds_run and not cfg.overwrite:
-            raise RunFolderError(
-                f"{out} exists and is not empty (and is not a fastmid run); choose another "
-                "--output or pass --overwrite"
+        names = {p.name for p in out.iterdir()} - {LOCK_NAME} if out.is_dir() else set()
+        if names and not holds_run and not cfg.overwrite:
+            if not names <= _UNSAVED_RUN_FILES:
+                raise RunFolderError(
+                    f"{out} exists and is not empty (and is not a fastmid run); choose another "
+                    "--output or pass --overwrite"
+                )
+            # A run that stopped before its first checkpoint left only these: nothing to resume
+            # and nothing to lose, so a new start replaces them.
+            self.console.print(
+                f"{out} holds a run that saved no checkpoint; starting it again", highlight=False
             )
+        self._replace_folder = cfg.overwrite or bool(names)
 
     def _clean_partial_saves(self) -> None:
         """Remove the temporary folders a killed save left behind (their complete versions,
@@ -415,6 +442,11 @@ class MidBlockRecipe:
     def _check_resume_matches(self) -> None:
         path = resolve_resume(self.cfg.resume, self.out)  # type: ignore[arg-type]
         saved = json.loads((path / "trainer_state.json").read_text())["config"]
+        # Checkpoints of older versions stored paths as typed: compare them resolved.
+        saved = {
+            k: resolve_path_value(k, v) if k in PATH_FIELDS and isinstance(v, str) else v
+            for k, v in saved.items()
+        }
         current = asdict(self.cfg)
         diff = [k for k in resume_keys() if k in saved and saved[k] != current.get(k)]
         if diff:
@@ -445,7 +477,9 @@ class MidBlockRecipe:
         )
         if cfg.eval_data:
             self.train_examples = examples
-            self.eval_examples, _ = build_sft_examples(cfg.eval_data, self.tokenizer, **opts)
+            self.eval_examples, _ = build_sft_examples(
+                cfg.eval_data, self.tokenizer, flag="--eval-data", **opts
+            )
         elif cfg.eval_fraction > 0:
             self.train_examples, self.eval_examples = split_eval(
                 examples, cfg.eval_fraction, cfg.seed
@@ -458,6 +492,15 @@ class MidBlockRecipe:
                 "(see `fastmid data inspect`)"
             )
         self.pad_id = pad_token_id(self.tokenizer)
+        if cfg.eval_accuracy:
+            # Read the accuracy problems now: a bad file must stop the run before training, not
+            # after it (a resumed run reuses the cached "before" result).
+            load_eval_problems(
+                cfg.eval_accuracy_data,
+                cfg.eval_n,
+                skip_bad_rows=cfg.skip_bad_rows,
+                flag="--eval-accuracy-data",
+            )
 
     def _resume(self) -> None:
         assert self.optimizer is not None and self.scheduler is not None
@@ -546,6 +589,8 @@ class MidBlockRecipe:
             n=cfg.eval_n,
             max_new_tokens=cfg.eval_max_new_tokens,
             batch_size=cfg.eval_batch_size,
+            skip_bad_rows=cfg.skip_bad_rows,
+            flag="--eval-accuracy-data",
         )
         lo, hi = result.ci95
         line = f"  {label}: accuracy {result.accuracy:.1%} ({result.correct}/{result.n})"
@@ -668,9 +713,15 @@ class MidBlockRecipe:
         )
 
     def _keep_and_resume(self) -> str:
+        saved = list_checkpoints(self.out / "checkpoints")
+        if not saved:
+            return (
+                "no checkpoint was saved yet; lower --lr or fix the data, then start again: "
+                f"fastmid train {self.out / 'config.yaml'} --lr <lower>"
+            )
         return (
-            f"the last good checkpoint is kept in {self.out / 'checkpoints'}; lower --lr or fix "
-            f"the data, then resume with: {self.resume_command()}"
+            f"the last good checkpoint {saved[-1]} is kept; lower --lr or fix the data, then "
+            f"resume with: {self.resume_command()}"
         )
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
@@ -682,6 +733,19 @@ class MidBlockRecipe:
     def resume_command(self) -> str:
         """The command that continues this run."""
         return f"fastmid train {self.out / 'config.yaml'} --resume latest"
+
+    def interruption(self) -> TrainingInterrupted:
+        """The error for a Ctrl-C outside the training loop, saying what there is to continue."""
+        saved = list_checkpoints(self.out / "checkpoints")
+        if saved:
+            return TrainingInterrupted(
+                f"interrupted; the last checkpoint is {saved[-1]}. Resume with: "
+                f"{self.resume_command()}"
+            )
+        return TrainingInterrupted(
+            "interrupted before the first checkpoint; nothing to resume. Start again with the "
+            "same command"
+        )
 
     # ---- save, export -------------------------------------------------------------------------
 
@@ -791,21 +855,24 @@ def run_train(cfg: TrainConfig, console: Console | None = None) -> dict[str, Any
         each message says what to do.
     """
     console = console or Console(stderr=True)
-    out = Path(cfg.output)
+    recipe = MidBlockRecipe(cfg, console)
+    out = recipe.out
     if out.exists() and not out.is_dir():
         raise RunFolderError(f"--output {out} is a file, not a folder; choose a folder")
     created = not out.exists()
     # One live run per folder: the OS drops the lock when this process ends, however it ends.
     with acquire_run_lock(out):
         try:
-            return _run(MidBlockRecipe(cfg, console), console)
-        except BaseException:
+            return _run_steps(recipe, console)
+        except KeyboardInterrupt:
+            # Ctrl-C outside the training loop (loading, evaluation, export).
+            raise recipe.interruption() from None
+        finally:
             if created and [p.name for p in out.iterdir()] == [LOCK_NAME]:
                 shutil.rmtree(out, ignore_errors=True)  # a run that never started leaves nothing
-            raise
 
 
-def _run(recipe: MidBlockRecipe, console: Console) -> dict[str, Any]:
+def _run_steps(recipe: MidBlockRecipe, console: Console) -> dict[str, Any]:
     cfg = recipe.cfg
     recipe.setup()
     assert recipe.plan is not None and recipe.counts is not None

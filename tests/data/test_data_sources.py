@@ -77,6 +77,25 @@ def test_data_spec_errors():
         load_source("builtin:zzz")
 
 
+@pytest.mark.parametrize("flag", ["--eval-data", "--eval-accuracy-data"])
+def test_data_errors_name_the_option_that_gave_the_data(tmp_path, flag):
+    """The caller says which option the data string came from (``--data`` by default)."""
+    (tmp_path / "rows.txt").write_text("x\n")
+    (tmp_path / "nothing").mkdir()
+    for call in (
+        lambda: split_data_spec(" , ", flag),
+        lambda: load_source("nope.jsonl", flag=flag),
+        lambda: load_source(str(tmp_path / "rows.txt"), flag=flag),
+        lambda: load_source(str(tmp_path / "nothing"), flag=flag),
+        lambda: load_conversations(f"{tmp_path / 'nope.jsonl'}", flag=flag),
+    ):
+        with pytest.raises(DataError) as info:
+            call()
+        assert flag in str(info.value) and "--data" not in str(info.value), str(info.value)
+    with pytest.raises(DataError, match="nope.jsonl: no such file or folder; --data takes"):
+        load_source("nope.jsonl")
+
+
 def test_unknown_suffix(tmp_path):
     (tmp_path / "x.txt").write_text("hi")
     with pytest.raises(DataError, match="unknown file type '.txt'"):

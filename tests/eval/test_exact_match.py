@@ -129,6 +129,27 @@ def test_unreadable_problem_file_is_a_fastmid_error(tmp_path) -> None:
         evaluate_accuracy(None, None, str(empty), n=3)
 
 
+def test_problem_file_errors_name_the_option_and_bad_rows_can_be_skipped(
+    tmp_path, monkeypatch
+) -> None:
+    """``fastmid train`` names its --eval-accuracy-data; ``--skip-bad-rows`` (``fastmid eval``)
+    scores the problems it can read instead of stopping at a non-UTF-8 line."""
+    with pytest.raises(FastmidError) as info:
+        evaluate_accuracy(None, None, str(tmp_path / "nope.jsonl"), flag="--eval-accuracy-data")
+    assert "--eval-accuracy-data takes" in str(info.value) and "--data" not in str(info.value)
+    data = tmp_path / "latin1.csv"
+    data.write_bytes("question,answer\ncafé?,#### 1\nWhat is 2 + 2?,#### 4\n".encode("latin-1"))
+    with pytest.raises(FastmidError, match=r"latin1\.csv: line 2 .*--skip-bad-rows"):
+        evaluate_accuracy(None, None, str(data), n=5, with_loss=False)
+
+    def canned(model, tokenizer, prompts, max_new_tokens=256, batch_size=16):
+        return ["#### 4"] * len(prompts)
+
+    monkeypatch.setattr(exact_match, "generate_answers", canned)
+    result = evaluate_accuracy(None, None, str(data), n=5, with_loss=False, skip_bad_rows=True)
+    assert (result.n, result.correct) == (1, 1)
+
+
 def test_result_dict_is_json_ready() -> None:
     result = AccuracyResult(4, 3, 0.75, wilson_interval(3, 4), 1.25, 0.5, [{"correct": True}])
     d = json.loads(json.dumps(result.to_dict()))

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +116,100 @@ def test_bad_config_json(tmp_path: Path) -> None:
     bad.write_text('{"hidden_size": 8}')
     with pytest.raises(ModelSourceError, match="no 'model_type' key"):
         load_config(bad)
+
+
+# ---- damaged folders and configs: one line naming the file (and the key) --------------------
+
+
+def test_truncated_weights_file_is_named(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, folder)
+    weights = folder / "model.safetensors"
+    with open(weights, "r+b") as handle:  # an interrupted copy or download
+        handle.truncate(100_000)
+    with pytest.raises(ModelSourceError) as err:
+        load_model_and_tokenizer(folder)
+    message = str(err.value)
+    assert message.startswith(f"{weights}: truncated or extended: 100,000 bytes"), message
+    assert "download it again" in message and "\n" not in message
+    weights.write_bytes(b"\xff" * 64)  # not a safetensors file at all
+    with pytest.raises(ModelSourceError, match=rf"{re.escape(str(weights))}: not a safetensors"):
+        load_model_and_tokenizer(folder)
+
+
+def test_folder_without_tokenizer_files(tmp_path: Path, tiny_llama_dir: Path, monkeypatch) -> None:
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_llama_dir / name, tmp_path / name)
+    import transformers
+
+    def no_weights_load(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the weights load before the tokenizer files are checked")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_weights_load)
+    for load in (load_model_and_tokenizer, loading.load_tokenizer):
+        with pytest.raises(ModelSourceError) as err:
+            load(tmp_path)
+        message = str(err.value)
+        assert message.startswith(f"{tmp_path}: no tokenizer files (tokenizer.json"), message
+        assert "\n" not in message
+
+
+def test_config_json_that_is_a_folder(tmp_path: Path) -> None:
+    (tmp_path / "config.json").mkdir()
+    with pytest.raises(ModelSourceError) as err:
+        load_model_and_tokenizer(tmp_path)
+    assert str(err.value).startswith(f"{tmp_path / 'config.json'}: is a folder, not a file")
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("num_hidden_layers", "many"),
+        ("num_hidden_layers", -4),
+        ("num_hidden_layers", 0),
+        ("num_hidden_layers", 10**12),
+        ("num_hidden_layers", True),
+        ("hidden_size", 2.5),
+        ("hidden_size", 10**7),
+        ("vocab_size", [1, 2]),
+        ("n_layer", -1),
+    ],
+)
+def test_config_sizes_must_be_positive_integers_within_bounds(
+    tmp_path: Path, tiny_llama_dir: Path, key: str, value: object
+) -> None:
+    """Checked before transformers builds anything: 10**12 layers would take minutes."""
+    from fastmid.models.plan_report import make_plan
+
+    config = json.loads((tiny_llama_dir / "config.json").read_text())
+    bare = tmp_path / "bare.json"
+    bare.write_text(json.dumps({**config, key: value}))
+    folder = tmp_path / "folder"
+    shutil.copytree(tiny_llama_dir, folder)
+    (folder / "config.json").write_text(bare.read_text())
+    for source, file in ((bare, bare), (folder, folder / "config.json")):
+        for check in (load_config, make_plan):
+            with pytest.raises(ModelSourceError) as err:
+                check(source)
+            message = str(err.value)
+            assert message.startswith(f"{file}: '{key}' must be a positive integer"), message
+            assert "\n" not in message
+
+
+def test_config_must_be_an_object_and_null_sizes_are_left_to_transformers(tmp_path: Path) -> None:
+    bad = tmp_path / "config.json"
+    bad.write_text("[1, 2]")
+    with pytest.raises(ModelSourceError, match=rf"{re.escape(str(bad))}: .*JSON object.*list"):
+        load_config(bad)
+    bad.write_text('{"model_type": ["llama"]}')
+    with pytest.raises(ModelSourceError, match="'model_type' must be a string"):
+        load_config(bad)
+    bad.write_bytes(b'{"model_type": "caf\xe9"}')
+    with pytest.raises(ModelSourceError, match="invalid JSON.*UTF-8"):
+        load_config(bad)
+    good = tmp_path / "null.json"
+    good.write_text('{"model_type": "llama", "head_dim": null, "num_hidden_layers": 3}')
+    assert load_config(good).num_hidden_layers == 3
 
 
 # ---- loads ---------------------------------------------------------------------------------

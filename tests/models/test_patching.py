@@ -15,10 +15,12 @@ from fastmid.kernels import use_backend
 from tiny import tiny_model
 from transformers import Gemma2ForCausalLM, LlamaForCausalLM
 
+from fastmid.errors import FastmidError
 from fastmid.models.families import decoder_layers, final_norm
 from fastmid.models.loss import causal_lm_loss_sum
 from fastmid.models.patching import (
     KernelRMSNorm,
+    KernelsUnavailableError,
     KernelSwiGLUMLP,
     patch_model,
     resolve_kernels_flag,
@@ -230,3 +232,12 @@ def test_kernels_flag():
         resolve_kernels_flag("on", "cpu")
     with pytest.raises(ValueError, match="auto, on or off"):
         resolve_kernels_flag("yes", "cpu")  # type: ignore[arg-type]
+
+
+def test_kernels_flag_errors_are_fastmid_errors():
+    """The CLI prints a FastmidError as one line (exit 2); any other exception is a traceback."""
+    for flag in ("on", "yes"):
+        with pytest.raises(KernelsUnavailableError) as info:
+            resolve_kernels_flag(flag, "cpu")  # type: ignore[arg-type]
+        assert isinstance(info.value, FastmidError) and info.value.exit_code == 2
+        assert str(info.value).startswith("--kernels")

@@ -7,11 +7,12 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from fastmid.errors import FastmidError
 from fastmid.train import runfolder as atomic
@@ -217,6 +218,27 @@ DAMAGE = {
         lambda p: _edit_json(p, lambda d: d.update(step="3")),
         "'step' must be a non-negative integer",
     ),
+    # far beyond any run: it overflowed the data-order seed after "resumed" was printed
+    "huge micro_batches": (
+        "trainer_state.json",
+        lambda p: _edit_json(p, lambda d: d.update(micro_batches=10**30)),
+        "'micro_batches' must be a non-negative integer below 2\\*\\*62",
+    ),
+    "step of 2**62": (
+        "trainer_state.json",
+        lambda p: _edit_json(p, lambda d: d.update(step=2**62)),
+        "'step' must be a non-negative integer",
+    ),
+    "huge tokens": (
+        "trainer_state.json",
+        lambda p: _edit_json(p, lambda d: d.update(tokens=10**40)),
+        "'tokens' must be a non-negative integer",
+    ),
+    "infinite elapsed time": (
+        "trainer_state.json",
+        lambda p: _edit_json(p, lambda d: d.update(elapsed_s=float("inf"))),
+        "'elapsed_s' must be a non-negative number",
+    ),
     "bad rng": (
         "trainer_state.json",
         lambda p: _edit_json(p, lambda d: d["rng"].update(torch=[1, 2])),
@@ -247,6 +269,26 @@ def test_damaged_checkpoint_names_the_file_and_the_older_one(tmp_path, case):
     damage(first / name)
     with pytest.raises(CheckpointError, match="no older complete checkpoint .* without --resume"):
         verify_checkpoint(second)
+
+
+def test_band_tensor_of_another_shape_names_the_older_checkpoint(tmp_path):
+    """Found only when loading into the model (the file itself is sound), and worded like every
+    damaged checkpoint: the file, what is wrong, and ``--resume <older checkpoint>``."""
+    run, first, second = _two_checkpoints(tmp_path)
+    band = second / "band.safetensors"
+    tensors = load_file(str(band))
+    name = run.names[0]
+    tensors[name] = torch.zeros(3, 3)
+    save_file(tensors, str(band))
+    resolve_resume(str(second), tmp_path)  # header and length are fine
+    expected = (
+        rf"{re.escape(str(band))}: tensor {re.escape(name)} has shape \(3, 3\), the model's is "
+        rf"\(128, 64\); .*resume from the previous complete checkpoint with "
+        rf"`--resume {re.escape(str(first))}`"
+    )
+    with pytest.raises(CheckpointError, match=expected) as info:
+        run.load(second)
+    assert "\n" not in str(info.value)
 
 
 def test_wrong_optimizer_class_or_band_is_refused(tmp_path):

@@ -252,3 +252,72 @@ def test_a_second_train_on_a_locked_folder_is_refused(make_config, tmp_path):
     assert second.returncode == 2, second.stderr
     assert f"PID {holder.pid}" in second.stderr and "Traceback" not in second.stderr
     assert len(second.stderr.strip().splitlines()) == 1, second.stderr
+
+
+def test_resume_refuses_a_new_learning_rate(make_config):
+    """The checkpoint's optimizer and scheduler state fix the learning rate: a new --lr on resume
+    would be recorded in config.yaml and never used, so it is refused, naming the key."""
+    from fastmid.train.checkpoint import CheckpointError
+
+    _run(make_config("lr", max_steps=2, save_every=0))
+    with pytest.raises(CheckpointError, match=r"lr: 0\.001 -> 0\.01"):
+        MidBlockRecipe(make_config("lr", max_steps=4, lr=1e-2, resume="latest")).setup()
+
+
+def test_a_run_that_saved_nothing_can_simply_start_again(make_config, monkeypatch):
+    """Divergence at step 1: no checkpoint exists, so the message offers no resume; the same
+    command then starts again without --overwrite."""
+    trainer = MidBlockRecipe(make_config("again", max_steps=4, save_every=1))
+    trainer.setup()
+    real = recipe_module.train_step
+
+    def infinite_lr(model, batches, optimizer, *args, **kwargs):
+        for group in optimizer.param_groups:
+            group["lr"] = float("inf")
+        return real(model, batches, optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(recipe_module, "train_step", infinite_lr)
+    with pytest.raises(NonFiniteLossError, match="no checkpoint was saved yet") as info:
+        trainer.train()
+    assert "--resume" not in str(info.value)
+    monkeypatch.setattr(recipe_module, "train_step", real)
+    again, records = _run(make_config("again", max_steps=2, save_every=0))
+    assert [r["step"] for r in records] == [1, 2]
+    assert (again.out / "checkpoints" / "step-2").is_dir()
+
+
+def test_config_yaml_holds_absolute_paths_and_resumes_from_anywhere(
+    make_config, tmp_path, monkeypatch
+):
+    """A run started with relative paths writes absolute ones, so `fastmid train
+    <run>/config.yaml --resume latest` works from another working directory."""
+    import yaml
+
+    from fastmid.config import build_config
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    model = make_config("unused").model
+    cfg = make_config("unused", max_steps=2, save_every=0)
+    cfg.output = "runs/rel"  # as typed on the command line
+    _run(cfg)
+    saved = yaml.safe_load((work / "runs/rel/config.yaml").read_text())
+    assert saved["output"] == str(work / "runs/rel") and saved["model"] == model
+    monkeypatch.chdir(tmp_path)
+    resumed = build_config(work / "runs/rel/config.yaml", {"max_steps": 3, "resume": "latest"})
+    _, records = _run(resumed)
+    assert [r["step"] for r in records] == [1, 2, 3]
+
+
+def test_ctrl_c_before_the_first_step_says_there_is_nothing_to_resume(make_config, monkeypatch):
+    from fastmid.train.recipe import run_train
+
+    def interrupted(self, label):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(MidBlockRecipe, "evaluate", interrupted)
+    cfg = make_config("early", max_steps=2)
+    with pytest.raises(TrainingInterrupted, match="before the first checkpoint; nothing to"):
+        run_train(cfg)
+    assert TrainingInterrupted.exit_code == 130
