@@ -319,7 +319,7 @@ class MidBlockRecipe:
             elapsed_s=0.0,
             rng={},
             plan={},
-            config=asdict(cfg),
+            config=asdict(self.cfg),
         )
         self._epoch_order: tuple[int, list[list[int]]] | None = None
         self._interrupted = False
