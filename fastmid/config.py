@@ -635,34 +635,42 @@ def build_config(
     values: dict[str, Any] = {}
     if yaml_path is not None:
         values.update(load_yaml(yaml_path))
+    from_yaml = set(values)
     for key, value in (overrides or {}).items():
         norm = _normalize_key(key)
         if norm not in FIELDS:
             raise _unknown(key, "command line")
         if value is not None:
             values[norm] = value
+            from_yaml.discard(norm)
+
+    def where(name: str) -> str:
+        # A bad value from the file is named by file and key, one from a flag by its flag.
+        return f"{yaml_path}: key '{name}'" if name in from_yaml else flag(name)
+
     cfg = TrainConfig()
     for key, value in values.items():
-        setattr(cfg, key, _coerce(key, value))
-    validate(cfg)
+        setattr(cfg, key, _coerce(key, value, where(key)))
+    validate(cfg, where)
     return cfg
 
 
 _EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
-def _coerce(name: str, value: Any) -> Any:
+def _coerce(name: str, value: Any, where: str | None = None) -> Any:
     """``value`` (from YAML or a flag) as field ``name``'s type.
 
     Raises:
-        ConfigError: naming the flag, the value and the expected type.
+        ConfigError: naming ``where`` (default: the flag), the value and the expected type.
     """
     base, optional = _unwrap(field_type(name))
     kind = str if get_origin(base) is Literal else base
 
     def bad(expected: str | None = None) -> ConfigError:
         return ConfigError(
-            f"{flag(name)}: invalid value {value!r} (expected {expected or _EXPECTED[kind]})"
+            f"{where or flag(name)}: invalid value {value!r} "
+            f"(expected {expected or _EXPECTED[kind]})"
         )
 
     if value is None:
@@ -823,16 +831,20 @@ def field_problem(name: str, value: Any) -> str | None:
     return None
 
 
-def validate(cfg: TrainConfig) -> None:
+def validate(cfg: TrainConfig, where: Callable[[str], str] = flag) -> None:
     """Check every field against its declaration: type, choices, finiteness, bounds, the syntax
     of ``band`` and ``layers``; then the rules that span fields.
 
+    Args:
+        where: how a message names field ``name`` (the flag by default; :func:`build_config`
+            names the YAML file and key for values that came from the file).
+
     Raises:
-        ConfigError: naming the flag and the accepted values.
+        ConfigError: naming the flag (or file and key) and the accepted values.
     """
     for name in FIELDS:
-        problem = field_problem(name, _coerce(name, getattr(cfg, name)))
+        problem = field_problem(name, _coerce(name, getattr(cfg, name), where(name)))
         if problem is not None:
-            raise ConfigError(f"{flag(name)}: {problem}")
+            raise ConfigError(f"{where(name)}: {problem}")
     if cfg.band is not None and cfg.layers is not None:
         raise ConfigError("--band: give either --band or --layers, not both")

@@ -230,28 +230,36 @@ def test_yaml_band_list_becomes_start_end(tmp_path):
     assert cfg.layers == "3,5,7-9" and cfg.data == "a.jsonl,b.jsonl"
     for bad in ("band: [0.2]\n", "band: [0.2, 0.5, 0.8]\n", "band: [a, b]\n"):
         path.write_text(bad)
-        with pytest.raises(ConfigError, match=r"^--band: invalid value .*\[0\.2, 0\.8\]"):
+        with pytest.raises(
+            ConfigError, match=r"c\.yaml: key 'band': invalid value .*\[0\.2, 0\.8\]"
+        ):
             build_config(path)
     path.write_text("lr: [1, 2]\n")
-    with pytest.raises(ConfigError, match="--lr: invalid value"):
+    with pytest.raises(ConfigError, match="c.yaml: key 'lr': invalid value"):
         build_config(path)
 
 
 def test_yaml_numbers_and_booleans(tmp_path):
+    """A bad value from the YAML file is named by file and key; the same value as a flag, by the
+    flag."""
     path = tmp_path / "c.yaml"
     path.write_text("lr: 1e-4\nmax_steps: 10.0\noverwrite: yes\nformat: null\n")
     cfg = build_config(path)
     assert cfg.lr == 1e-4 and cfg.max_steps == 10 and cfg.overwrite is True
     assert cfg.format is None
     for bad, message in (
-        ("micro_batch: true\n", "--micro-batch: invalid value True"),
-        ("overwrite: maybe\n", "--overwrite: invalid value 'maybe'"),
-        ("lr: null\n", "--lr: invalid value None"),
-        ("max_steps: 2.5\n", "--max-steps: invalid value 2.5"),
+        ("micro_batch: true\n", "c.yaml: key 'micro_batch': invalid value True"),
+        ("overwrite: maybe\n", "c.yaml: key 'overwrite': invalid value 'maybe'"),
+        ("lr: null\n", "c.yaml: key 'lr': invalid value None"),
+        ("max_steps: 2.5\n", "c.yaml: key 'max_steps': invalid value 2.5"),
     ):
         path.write_text(bad)
         with pytest.raises(ConfigError, match=message):
             build_config(path)
+    with pytest.raises(ConfigError, match=r"^--max-steps: invalid value 2\.5"):
+        build_config(None, {"max_steps": 2.5})
+    path.write_text("lr: .inf\n")
+    assert build_config(path, {"lr": 1e-3}).lr == 1e-3  # the flag replaces the file's bad value
 
 
 def test_duplicate_yaml_keys_are_named_with_lines(tmp_path):
