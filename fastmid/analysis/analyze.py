@@ -270,6 +270,13 @@ def measure_layers(
             f"--base has {L} decoder layers but --tuned has {len(decoder_layers(tuned))}: "
             "layer-wise comparison needs the same depth"
         )
+    if tuned is not None and tuned.config.hidden_size != base.config.hidden_size:
+        # CKA would compare any widths, but weight change and pooled cosine need equal shapes:
+        # a tuned model of another width is another architecture, not a fine-tune.
+        raise AnalysisError(
+            f"--base has hidden size {base.config.hidden_size} but --tuned has "
+            f"{tuned.config.hidden_size}: compare a model with a fine-tune of itself"
+        )
     device = next(base.parameters()).device
     tuned_device = next(tuned.parameters()).device if tuned is not None else device
     hidden_b = int(base.config.hidden_size)

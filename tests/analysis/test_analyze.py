@@ -17,7 +17,7 @@ from analysis_tiny import (
     tiny_llama,
 )
 from rich.console import Console
-from tiny import save_tiny
+from tiny import save_tiny, tiny_model
 
 import fastmid.data
 from fastmid.analysis.analyze import (
@@ -103,6 +103,20 @@ def test_depth_mismatch_is_refused(models):
     base, _ = models
     with pytest.raises(AnalysisError, match="same depth"):
         measure_layers(base, tiny_llama(3), batches(examples(2), 2))
+
+
+def test_width_mismatch_is_refused_naming_both_sizes(models):
+    base, _ = models
+    wider = tiny_model(
+        "llama",
+        seed=0,
+        vocab_size=base.config.vocab_size,
+        num_hidden_layers=base.config.num_hidden_layers,
+        hidden_size=48,
+        max_position_embeddings=64,
+    ).eval()
+    with pytest.raises(AnalysisError, match=r"--base has hidden size 32 but --tuned has 48"):
+        measure_layers(base, wider, batches(examples(2), 2))
 
 
 def test_token_budget_is_exact_and_truncates_the_last_example():
