@@ -507,10 +507,16 @@ def analyze(
     max_tokens: int = typer.Option(20000, help="tokens to analyse", rich_help_panel="analysis"),
     batch_size: int = typer.Option(8, help="sequences per forward", rich_help_panel="analysis"),
     mask_bos: bool = typer.Option(
-        False, "--mask-bos", help="exclude the first position", rich_help_panel="analysis"
+        False,
+        "--mask-bos/--no-mask-bos",
+        help="exclude the first position",
+        rich_help_panel="analysis",
     ),
     grad_norms: bool = typer.Option(
-        False, "--grad-norms", help="per-layer SFT grad norms", rich_help_panel="analysis"
+        False,
+        "--grad-norms/--no-grad-norms",
+        help="per-layer SFT grad norms",
+        rich_help_panel="analysis",
     ),
     entropy_tokens: int = typer.Option(
         128,

@@ -235,11 +235,11 @@ class TrainingSetup:
             ("lora_rank", self.lora_rank),
         ):
             if not isinstance(value, int) or value < 1:
-                raise MemoryPlanError(f"{flag} must be a positive integer, got {value!r}")
+                raise MemoryPlanError(f"{flag}: must be a positive integer, got {value!r}")
         # `not > 0` also refuses NaN; inf would plan against memory no GPU has.
         if not (self.gpu_memory_gib > 0 and math.isfinite(self.gpu_memory_gib)):
             raise MemoryPlanError(
-                f"--gpu-memory must be a finite positive number (GiB), got {self.gpu_memory_gib}"
+                f"--gpu-memory: must be a finite positive number (GiB), got {self.gpu_memory_gib}"
             )
         if self.optim not in OPTIMIZERS:
             raise MemoryPlanError(
