@@ -22,9 +22,32 @@ Ops (one per module, each with its ``*_reference``):
   :func:`accumulate_cka_block`: Triton on CUDA, BLAS ``dsyrk`` on CPU).
 
 Ops know no model; patching transformers modules lives in ``fastmid.models.patching``.
+
+This folder is the top-level ``kernels/`` of a checkout, installed as ``fastmid.kernels``. When a
+checkout's root is on ``sys.path`` (``python -m pytest``, ``python -c`` or a notebook started
+there), ``import kernels`` would find this folder instead of the PyPI package ``kernels``, which
+transformers (5.25 on) imports. Imported under that name, this module hands the import over to
+the installed package (or fails as if it were absent), so both can live side by side.
 """
 
-from ._dispatch import (
+import sys as _sys
+
+if __name__ != "fastmid.kernels":  # imported as top-level `kernels` from a checkout's root
+    import importlib.util as _util
+    from importlib.machinery import PathFinder as _PathFinder
+    from pathlib import Path as _Path
+
+    _root = _Path(__file__).resolve().parent.parent
+    _elsewhere = [p for p in _sys.path if _Path(p or ".").resolve() != _root]
+    _spec = _PathFinder.find_spec(__name__, _elsewhere)
+    if _spec is None or _spec.loader is None:
+        raise ModuleNotFoundError(f"No module named {__name__!r}", name=__name__)
+    _installed = _util.module_from_spec(_spec)
+    # The import system returns sys.modules[name] once this body ends: the installed package.
+    _sys.modules[__name__] = _installed
+    _spec.loader.exec_module(_installed)
+
+from fastmid.kernels._dispatch import (
     Backend,
     KernelBackendError,
     interpreter_enabled,
@@ -33,7 +56,7 @@ from ._dispatch import (
     triton_available,
     use_backend,
 )
-from .cka_stats import (
+from fastmid.kernels.cka_stats import (
     CKABlock,
     CKABlockStats,
     CKAPath,
@@ -51,14 +74,14 @@ from .cka_stats import (
     prepare_cka_block,
     syrk_accumulate,
 )
-from .linear_cross_entropy import (
+from fastmid.kernels.linear_cross_entropy import (
     default_chunk_size,
     linear_cross_entropy,
     linear_cross_entropy_reference,
 )
-from .rms_norm import rms_norm, rms_norm_reference
-from .rope import rope, rope_reference
-from .swiglu import swiglu, swiglu_reference
+from fastmid.kernels.rms_norm import rms_norm, rms_norm_reference
+from fastmid.kernels.rope import rope, rope_reference
+from fastmid.kernels.swiglu import swiglu, swiglu_reference
 
 __all__ = [
     "Backend",
