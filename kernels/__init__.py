@@ -27,7 +27,7 @@ This folder is the top-level ``kernels/`` of a checkout, installed as ``fastmid.
 checkout's root is on ``sys.path`` (``python -m pytest``, ``python -c`` or a notebook started
 there), ``import kernels`` would find this folder instead of the PyPI package ``kernels``, which
 transformers (5.25 on) imports. Imported under that name, this module hands the import over to
-the installed package (or fails as if it were absent), so both can live side by side.
+the installed package, so both can live side by side.
 """
 
 import sys as _sys
@@ -40,12 +40,13 @@ if __name__ != "fastmid.kernels":  # imported as top-level `kernels` from a chec
     _root = _Path(__file__).resolve().parent.parent
     _elsewhere = [p for p in _sys.path if _Path(p or ".").resolve() != _root]
     _spec = _PathFinder.find_spec(__name__, _elsewhere)
-    if _spec is None or _spec.loader is None:
-        raise ModuleNotFoundError(f"No module named {__name__!r}", name=__name__)
-    _installed = _util.module_from_spec(_spec)
-    # The import system returns sys.modules[name] once this body ends: the installed package.
-    _sys.modules[__name__] = _installed
-    _spec.loader.exec_module(_installed)
+    if _spec is not None and _spec.loader is not None:
+        _installed = _util.module_from_spec(_spec)
+        # The import system returns sys.modules[name] once this body ends: the installed package.
+        _sys.modules[__name__] = _installed
+        _spec.loader.exec_module(_installed)
+    # Without an installed package this module stays a second name for fastmid.kernels' API
+    # (transformers < 5.25 imports it while probing, finds no version and leaves it unused).
 
 from fastmid.kernels._dispatch import (
     Backend,
