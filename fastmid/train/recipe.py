@@ -626,6 +626,7 @@ class MidBlockRecipe:
             "{task.fields[tps]} tok/s",
             label="[bold]train[/]",
             eta=True,
+            plain_every=cfg.log_every,  # a log file gets a line every --log-every steps
         )
         try:
             with progress:

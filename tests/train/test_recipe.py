@@ -321,3 +321,21 @@ def test_ctrl_c_before_the_first_step_says_there_is_nothing_to_resume(make_confi
     with pytest.raises(TrainingInterrupted, match="before the first checkpoint; nothing to"):
         run_train(cfg)
     assert TrainingInterrupted.exit_code == 130
+
+
+def test_progress_is_plain_lines_when_the_console_is_not_a_terminal(make_config):
+    """stderr in a file (CI, nohup, a cluster log): one line per --log-every steps and at the
+    end, with step/total, loss, lr, tokens/s, elapsed and ETA, instead of a silent live bar."""
+    import re
+    from io import StringIO
+
+    from rich.console import Console
+
+    log = StringIO()
+    trainer = MidBlockRecipe(make_config("plain", max_steps=5, log_every=2), Console(file=log))
+    trainer.setup()
+    trainer.train()
+    lines = [line for line in log.getvalue().splitlines() if line.startswith("train ")]
+    assert [line.split()[1] for line in lines] == ["2/5", "4/5", "5/5"]
+    pattern = r"^train \d/5 loss \d+\.\d{4} lr \S+ \d+ tok/s elapsed \d:\d\d:\d\d ETA \d:\d\d:\d\d$"
+    assert all(re.match(pattern, line) for line in lines), lines
