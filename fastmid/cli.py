@@ -390,7 +390,7 @@ def plan(
     ),
     gpus: int = typer.Option(
         1,
-        help="GPUs (FSDP2 shards weights, grads, states)",
+        help="GPUs to estimate for (FSDP2 sharding; an estimate: train runs on one device today)",
         rich_help_panel="hardware",
     ),
     gpu_memory: float = typer.Option(141.0, help="memory per GPU, GiB", rich_help_panel="hardware"),
