@@ -37,7 +37,8 @@ class ConfigError(FastmidError, ValueError):
 # The --help panels, in the order they are shown.
 GROUPS = ("model", "data", "band", "optimization", "checkpointing", "evaluation", "output")
 
-Optimizer = Literal["adamw8bit", "adamw", "paged_adamw8bit"]
+Optimizer = Literal["auto", "adamw8bit", "adamw", "paged_adamw8bit", "ao_adamw8bit", "ao_adamw4bit"]
+Precision = Literal["auto", "fp32", "bf16-master", "bf16"]
 Schedule = Literal["cosine", "constant"]
 Truncation = Literal["prompt-left", "drop"]
 KernelMode = Literal["auto", "on", "off"]
@@ -49,6 +50,33 @@ OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 SCHEDULES: tuple[str, ...] = get_args(Schedule)
 TRUNCATIONS: tuple[str, ...] = get_args(Truncation)
 KERNEL_MODES: tuple[str, ...] = get_args(KernelMode)
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+# The optimizers that write bf16 weights back with stochastic rounding (torchao's, with
+# ``bf16_stochastic_round=True``): the only ones --precision bf16 accepts. Must equal
+# fastmid.train.optim.STOCHASTIC_ROUNDING (a test checks it); config imports nothing from train.
+STOCHASTIC_ROUNDING_OPTIMIZERS: tuple[str, ...] = ("ao_adamw8bit", "ao_adamw4bit")
+
+
+def resolve_precision(precision: str, device_type: str) -> str:
+    """``auto`` -> ``bf16-master`` on CUDA, ``fp32`` elsewhere; any other value unchanged."""
+    if precision != "auto":
+        return precision
+    return "bf16-master" if device_type == "cuda" else "fp32"
+
+
+def resolve_optim(optim: str, precision: str) -> str:
+    """``auto`` -> torchao's ``ao_adamw8bit`` under ``bf16`` (stochastic rounding), else
+    bitsandbytes' ``adamw8bit``; any other value unchanged."""
+    if optim != "auto":
+        return optim
+    return "ao_adamw8bit" if precision == "bf16" else "adamw8bit"
+
+
+def resolve_auto(cfg: TrainConfig, device_type: str) -> TrainConfig:
+    """A copy of ``cfg`` with ``precision`` and ``optim`` resolved for ``device_type``
+    (``"cpu"``, ``"cuda"``), as ``config.yaml`` records them."""
+    precision = resolve_precision(cfg.precision, device_type)
+    return dataclasses.replace(cfg, precision=precision, optim=resolve_optim(cfg.optim, precision))
 
 
 def _meta(
@@ -307,8 +335,24 @@ class TrainConfig:
             note="(0 disables clipping)",
         ),
     )
+    precision: Precision = field(
+        default="auto",
+        metadata=_meta(
+            "weights and compute: fp32; bf16-master (bf16 autocast, fp32 band weights); bf16 "
+            "(all weights bf16, stochastic rounding); auto: bf16-master on CUDA, else fp32",
+            "optimization",
+            resume_must_match=True,
+        ),
+    )
     optim: Optimizer = field(
-        default="adamw8bit", metadata=_meta("optimizer", "optimization", resume_must_match=True)
+        default="auto",
+        metadata=_meta(
+            "optimizer: adamw8bit, paged_adamw8bit (bitsandbytes), ao_adamw8bit, ao_adamw4bit "
+            "(torchao), adamw (fp32 states); auto: ao_adamw8bit under --precision bf16, else "
+            "adamw8bit",
+            "optimization",
+            resume_must_match=True,
+        ),
     )
     seed: int = field(
         default=0,
@@ -848,3 +892,11 @@ def validate(cfg: TrainConfig, where: Callable[[str], str] = flag) -> None:
             raise ConfigError(f"{where(name)}: {problem}")
     if cfg.band is not None and cfg.layers is not None:
         raise ConfigError("--band: give either --band or --layers, not both")
+    if cfg.precision == "bf16" and cfg.optim not in ("auto", *STOCHASTIC_ROUNDING_OPTIMIZERS):
+        # Round-to-nearest bf16 updates lose most small steps (README, "Precision"): never a
+        # silent option.
+        raise ConfigError(
+            f"{where('optim')}: {cfg.optim} cannot write bf16 weights back with stochastic "
+            f"rounding, so under --precision bf16 small updates would be lost; use "
+            f"{' or '.join(STOCHASTIC_ROUNDING_OPTIMIZERS)}, or --precision bf16-master"
+        )

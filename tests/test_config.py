@@ -16,6 +16,7 @@ from fastmid.config import (
     choices,
     config_yaml,
     dump_yaml,
+    resolve_auto,
     field_type,
     resume_keys,
     validate,
@@ -27,7 +28,10 @@ def test_precedence_defaults_yaml_flags(tmp_path):
     path.write_text("lr: 0.001\nmicro-batch: 3\nmax_steps: 7\n")
     cfg = build_config(path, {"max_steps": 9, "lr": None})
     assert cfg.lr == 0.001 and cfg.micro_batch == 3 and cfg.max_steps == 9
-    assert cfg.optim == "adamw8bit" and cfg.model == "default"
+    assert cfg.optim == "auto" and cfg.model == "default"
+    # auto resolves to bitsandbytes' AdamW8bit outside --precision bf16
+    assert resolve_auto(cfg, "cpu").optim == "adamw8bit"
+    assert resolve_auto(cfg, "cuda").precision == "bf16-master"
 
 
 def test_unknown_yaml_key_is_named_with_file(tmp_path):

@@ -6,6 +6,16 @@
   (``min_8bit_size=4096``).
 * ``paged_adamw8bit``: the same with paged (CUDA unified-memory) states; CUDA only.
 * ``adamw``: ``torch.optim.AdamW`` with fp32 states, ``fused`` on CUDA, ``foreach`` elsewhere.
+* ``ao_adamw8bit`` / ``ao_adamw4bit``: torchao's ``AdamW8bit`` (block-wise 8-bit states, blocks of
+  256) and ``AdamW4bit`` (4-bit states, blocks of 128; Li et al. 2023, "Memory Efficient
+  Optimizers with 4-bit States"), CPU and CUDA, and the ones that work under FSDP2 (their states
+  live inside ``DTensor``). Tensors whose local size is under 4096 elements or not a multiple of
+  the block size keep fp32 states (torchao 0.18 ``_AdamBase._new_buffer``). The update is computed
+  in fp32 and, for bf16 parameters, written back with stochastic rounding
+  (``bf16_stochastic_round=True``): the only optimizers ``--precision bf16`` accepts
+  (:data:`STOCHASTIC_ROUNDING`). torchao compiles its per-parameter step with ``torch.compile``
+  (``dynamic=False``): the first step compiles one kernel per parameter shape and dtype, about
+  40 s on 2 CPU cores (a few seconds once inductor's on-disk cache holds them).
 
 States exist only for the parameters handed in (the band's). Weight decay never applies to norm
 weights or biases (parameters with fewer than 2 dimensions), following common practice (e.g.
@@ -17,17 +27,61 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
 from fastmid.errors import FastmidError
 
 MIN_8BIT_SIZE = 4096
+# The optimizers whose step writes bf16 weights back with stochastic rounding (equals
+# fastmid.config.STOCHASTIC_ROUNDING_OPTIMIZERS; a test checks it).
+STOCHASTIC_ROUNDING: tuple[str, ...] = ("ao_adamw8bit", "ao_adamw4bit")
+TORCHAO_OPTIMIZERS: dict[str, str] = {"ao_adamw8bit": "AdamW8bit", "ao_adamw4bit": "AdamW4bit"}
 
 
 class OptimizerError(FastmidError, ValueError):
     """An optimizer that cannot run here (named, with what to use instead)."""
+
+
+def import_torchao_optim() -> Any:
+    """``torchao.optim``, imported without its noise.
+
+    torchao 0.18's import logs a warning for every optional CUDA extension it cannot load (all of
+    them on a CPU build of torch) and torch warns about one of its enums; neither matters to the
+    optimizers, and stray lines would break fastmid's one-line errors.
+
+    Raises:
+        OptimizerError: torchao is not installed or does not import.
+    """
+    torchao_log = logging.getLogger("torchao")
+    pytree_log = logging.getLogger("torch.utils._pytree")
+    levels = torchao_log.level, pytree_log.level
+    torchao_log.setLevel(logging.ERROR)
+    pytree_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import torchao.optim
+    except Exception as exc:  # ImportError, or an extension that fails to initialize
+        raise OptimizerError(
+            f"the ao_* optimizers need torchao>=0.18 ({str(exc).splitlines()[0] if str(exc) else exc!r}); "
+            "pip install 'torchao>=0.18,<0.19', or use --optim adamw8bit"
+        ) from None
+    finally:
+        torchao_log.setLevel(levels[0])
+        pytree_log.setLevel(levels[1])
+    # torch warns once per compiled graph that torchao's state subclasses lack a stable hash for
+    # its autograd cache; the optimizer step has no autograd, so the warning says nothing here.
+    warnings.filterwarnings("ignore", message=".*_stable_hash_for_caching.*")
+    return torchao.optim
+
+
+def is_compiled_optimizer(optimizer: torch.optim.Optimizer) -> bool:
+    """True for torchao's optimizers, whose first step compiles (``torch.compile``)."""
+    return type(optimizer).__module__.startswith("torchao.")
 
 
 def param_groups(
@@ -62,15 +116,23 @@ def build_optimizer(
 
     Args:
         named_params: ``(name, parameter)`` pairs; only those with ``requires_grad`` get state.
-        name: ``adamw8bit``, ``paged_adamw8bit`` or ``adamw``.
+        name: ``adamw8bit``, ``paged_adamw8bit``, ``adamw``, ``ao_adamw8bit`` or
+            ``ao_adamw4bit`` (resolved: not ``auto``).
         lr: peak learning rate.
         weight_decay: decoupled weight decay (AdamW, Loshchilov & Hutter 2019) for matrices.
 
-    State memory per trained element: 2 bytes (8-bit m and v) plus one fp32 absmax per block
-    and state for ``adamw8bit``; 8 bytes (fp32 m and v) for ``adamw``.
+    State memory per trained element: 2 bytes (8-bit m and v) plus one fp32 scale per block and
+    state for ``adamw8bit`` and ``ao_adamw8bit`` (blocks of 256); 1 byte plus one fp32 scale per
+    128 elements and state for ``ao_adamw4bit``; 8 bytes (fp32 m and v) for ``adamw``. Smaller
+    tensors keep fp32 states (module docstring).
+
+    Bf16 parameters: torchao's optimizers round the fp32 update stochastically into them; the
+    others round to nearest, which loses small updates, so the recipe never gives them bf16
+    parameters (``--precision bf16`` refuses them in :func:`fastmid.config.validate`).
 
     Raises:
-        OptimizerError: unknown name; ``paged_adamw8bit`` without CUDA; bitsandbytes missing.
+        OptimizerError: unknown name; ``paged_adamw8bit`` without CUDA; bitsandbytes or
+            torchao missing.
     """
     named_params = list(named_params)
     groups = param_groups(named_params, weight_decay)
@@ -99,7 +161,14 @@ def build_optimizer(
             ) from None
         cls = bnb.optim.PagedAdamW8bit if name == "paged_adamw8bit" else bnb.optim.AdamW8bit
         return cls(groups, lr=lr, betas=betas, eps=eps, min_8bit_size=MIN_8BIT_SIZE)
-    raise OptimizerError(f"--optim: unknown optimizer '{name}' (adamw8bit, paged_adamw8bit, adamw)")
+    if name in TORCHAO_OPTIMIZERS:
+        cls = getattr(import_torchao_optim(), TORCHAO_OPTIMIZERS[name])
+        # torchao's default weight decay is 0.01: every group here sets its own.
+        return cls(groups, lr=lr, betas=betas, eps=eps, bf16_stochastic_round=True)
+    raise OptimizerError(
+        f"--optim: unknown optimizer '{name}' "
+        "(adamw8bit, paged_adamw8bit, adamw, ao_adamw8bit, ao_adamw4bit)"
+    )
 
 
 def lr_factor(
