@@ -115,7 +115,7 @@ OLD_RESUME_KEYS = {
 # Added since: the optimizer and schedule settings live in the checkpoint's optimizer and
 # scheduler state, which a resume loads (a new --lr on resume was written to config.yaml but
 # never used).
-OPTIMIZER_RESUME_KEYS = {"lr", "warmup_steps", "schedule", "min_lr_ratio", "weight_decay", "optim"}  # fmt: skip
+OPTIMIZER_RESUME_KEYS = {"lr", "warmup_steps", "schedule", "min_lr_ratio", "weight_decay", "optim", "precision"}  # fmt: skip
 
 
 def test_every_field_has_help_group_and_bounds_metadata():
@@ -136,7 +136,10 @@ def test_resume_keys_come_from_metadata():
 def test_literal_choices_and_format_matches_the_data_layer():
     from fastmid.data.formats import FORMATS
 
-    assert choices("optim") == ("adamw8bit", "adamw", "paged_adamw8bit")
+    assert choices("optim") == (
+        "auto", "adamw8bit", "adamw", "paged_adamw8bit", "ao_adamw8bit", "ao_adamw4bit"
+    )  # fmt: skip
+    assert choices("precision") == ("auto", "fp32", "bf16-master", "bf16")
     assert choices("format") == FORMATS
     assert choices("placement") == ("first", "last", "middle", "random")
     assert choices("lr") is None
