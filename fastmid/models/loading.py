@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import logging
 import os
 import shutil
 import struct
@@ -306,8 +307,31 @@ def gguf_to_hf_folder(path: str | os.PathLike[str]) -> Path:
     return target
 
 
+class _DeprecatedEnumFilter(logging.Filter):
+    """Drops torch's notice that torchao registers its enums the old way (torchao's to fix)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "register_constant()" not in record.getMessage()
+
+
+def quiet_torchao() -> None:
+    """Silence what importing torchao 0.18 prints and nobody can act on.
+
+    torchao logs a warning for every optional CUDA extension it cannot load (all of them on a CPU
+    build of torch), and torch warns that torchao registers two enums the deprecated way.
+    transformers imports torchao while loading any model when it is installed, and stray lines
+    would break fastmid's one-line errors. Errors still show.
+    """
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    pytree_log = logging.getLogger("torch.utils._pytree")
+    if not any(isinstance(f, _DeprecatedEnumFilter) for f in pytree_log.filters):
+        pytree_log.addFilter(_DeprecatedEnumFilter())
+
+
 def _quiet_transformers() -> None:
-    """Silence transformers' per-tensor progress bars; fastmid prints its own progress."""
+    """Silence transformers' per-tensor progress bars (fastmid prints its own progress) and
+    torchao's import notices (:func:`quiet_torchao`)."""
+    quiet_torchao()
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -565,12 +589,12 @@ def load_model_and_tokenizer(
             not installed, a damaged or truncated weights file, missing tokenizer files. Each
             message is one line naming the path.
     """
+    _quiet_transformers()
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     from fastmid.models.families import UnsupportedModelError, family_for_config
 
-    _quiet_transformers()
     folder = weights_folder(source)
     config = load_config(folder, trust_remote_code)
     try:

@@ -29,15 +29,33 @@ with ``torch.load(weights_only=True)``: PyTorch's restricted unpickler, which bu
 containers and scalars and refuses any other global; a file it refuses (e.g. a pickle whose
 ``__reduce__`` would call ``os.system``) is a :class:`CheckpointError`, and nothing in it runs.
 
-Tensor subclasses (the coming torchao ``AdamW8bit``/``AdamW4bit`` states, ``DTensor``): a subclass
-maps to flat tensors through its own ``__tensor_flatten__()``, which returns the names of its
-plain inner tensors (torchao's ``OptimState8bit``: ``codes`` uint8, ``scale`` float32 per block,
-``qmap`` float32 ``[256]``) and a small context (``signed``, the outer shape). The plan: store
-each inner tensor under ``<key>.<inner name>`` in ``optimizer.safetensors`` and, in the JSON,
-``{"__fastmid_subclass__": "<qualified class name>", "inner": {...tensor refs...}, "ctx": [...],
-"shape": [...], "stride": [...]}``; load through ``cls.__tensor_unflatten__(inner, ctx, shape,
-stride)`` with ``cls`` looked up in a fixed allow-list in this module, never imported by a name
-read from the file. Until that is written, saving a subclass raises :class:`CheckpointError`.
+Tensor subclasses (torchao's ``AdamW8bit``/``AdamW4bit`` states) are stored through their own
+``__tensor_flatten__()``, which names the subclass's plain inner tensors and returns a small
+context; each inner tensor is written to ``optimizer.safetensors`` under ``<key>.<inner name>``
+and the JSON holds, in place of the tensor::
+
+    {"__fastmid_subclass__": "torchao.optim.subclass_8bit.OptimState8bit",
+     "inner": {"codes": {"__fastmid_tensor__": "state.0.exp_avg.codes"},
+               "scale": {"__fastmid_tensor__": "state.0.exp_avg.scale"},
+               "qmap": {"__fastmid_tensor__": "state.0.exp_avg.qmap"}},
+     "ctx": [true, {"__fastmid_dtype__": "float32"}], "shape": [64, 128], "stride": [128, 1]}
+
+torchao 0.18's layouts: ``OptimState8bit`` ``codes`` uint8 of the parameter's shape, ``scale``
+float32 ``[numel / 256]``, ``qmap`` float32 ``[256]``, ctx ``[signed, dtype]``; ``OptimState4bit``
+``codes`` uint8 ``[numel / 2]`` (two codes a byte), ``scale`` float32 ``[numel / 128]``, ``qmap``
+float32 ``[16]``, ctx ``[signed, shape, dtype]``; ``OptimStateFp8`` ``codes`` float8_e4m3fn,
+``scale``, ctx ``[dtype]``. The context goes through the same JSON encoding as the rest (tuples,
+non-string-keyed dicts; ``torch.Size`` as ``{"__fastmid_size__": [...]}``, a dtype as
+``{"__fastmid_dtype__": "<name>"}``); an inner tensor shared by several states is written once and
+shared again on load, like bitsandbytes' ``qmap``. Loading rebuilds each one with
+``cls.__tensor_unflatten__(inner, ctx, shape, stride)``, ``cls`` looked up by the stored name in
+this module's fixed allow-list (:data:`_SUBCLASSES`, imported lazily, torchao only when a file holds
+its states); no class is ever imported by a name read from a file, and a name not on the list is a
+:class:`CheckpointError` naming the file and the class. Saving any other subclass (``DTensor``
+under FSDP2 among them, for now) raises :class:`CheckpointError`. torchao keeps ``lr`` (and
+``LambdaLR``'s ``initial_lr``, ``base_lrs``, ``_last_lr``) as 0-d float32 tensors and ``step`` as a
+0-d float tensor: they are stored as tensors and come back as tensors (torchao refuses a float
+``lr``; ``LambdaLR`` fills the loaded tensor in place).
 
 Writes go through :func:`fastmid.train.runfolder.atomic_folder`: ``step-<N>.tmp-*``, fsync of every
 file and the folder, rename, fsync of ``checkpoints/``, so a crash never leaves a folder that looks
@@ -48,6 +66,8 @@ valid; :func:`clean_partial_checkpoints` removes what a ``kill -9`` left. Only t
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
 import json
 import math
 import random
@@ -67,7 +87,16 @@ from fastmid.train.runfolder import atomic_folder, clean_partial, pause_point, r
 FORMAT = 2
 _STEP_RE = re.compile(r"^step-(\d+)$")
 _TENSOR, _TUPLE, _DICT = "__fastmid_tensor__", "__fastmid_tuple__", "__fastmid_dict__"
+_SIZE, _DTYPE, _SUBCLASS = "__fastmid_size__", "__fastmid_dtype__", "__fastmid_subclass__"
 _RESERVED = "__fastmid_"
+_SUBCLASS_KEYS = {_SUBCLASS, "inner", "ctx", "shape", "stride"}
+# The tensor subclasses a checkpoint may hold: qualified name -> (module, class), imported only
+# when a file holds one. A class is never imported by a name read from a file.
+_SUBCLASSES: dict[str, tuple[str, str]] = {
+    "torchao.optim.subclass_8bit.OptimState8bit": ("torchao.optim.subclass_8bit", "OptimState8bit"),
+    "torchao.optim.subclass_4bit.OptimState4bit": ("torchao.optim.subclass_4bit", "OptimState4bit"),
+    "torchao.optim.subclass_fp8.OptimStateFp8": ("torchao.optim.subclass_fp8", "OptimStateFp8"),
+}
 # Format 1 (before 2): the optimizer and scheduler state as torch.save pickles.
 _FORMAT1_STATE_FILES = ("optimizer.pt", "scheduler.pt")
 # A safetensors header above this is not one fastmid wrote (the format itself caps it at 100 MB).
@@ -164,10 +193,16 @@ class _Encoder:
 
     def encode(self, obj: Any, key: str) -> Any:
         if isinstance(obj, torch.Tensor):
-            return {_TENSOR: self._add(obj, key)}
+            if type(obj) in (torch.Tensor, torch.nn.Parameter):
+                return {_TENSOR: self._add(obj, key)}
+            return self._subclass(obj, key)
         if obj is None or isinstance(obj, (bool, int, float, str)):
             return obj
-        if isinstance(obj, tuple):  # betas are a tuple; torch.Size is one too
+        if isinstance(obj, torch.dtype):  # in the context of torchao's state subclasses
+            return {_DTYPE: _dtype_name(obj)}
+        if isinstance(obj, torch.Size):  # OptimState4bit's context holds the outer shape
+            return {_SIZE: list(obj)}
+        if isinstance(obj, tuple):  # betas are a tuple
             return {_TUPLE: [self.encode(v, f"{key}.{i}") for i, v in enumerate(obj)]}
         if isinstance(obj, list):
             return [self.encode(v, f"{key}.{i}") for i, v in enumerate(obj)]
@@ -186,13 +221,34 @@ class _Encoder:
             f"{type(obj).__module__}.{type(obj).__qualname__}"
         )
 
-    def _add(self, t: torch.Tensor, key: str) -> str:
-        if type(t) not in (torch.Tensor, torch.nn.Parameter):
+    def _subclass(self, t: torch.Tensor, key: str) -> dict[str, Any]:
+        """A tensor subclass on the allow-list, as its inner tensors (see the module docstring)."""
+        name = f"{type(t).__module__}.{type(t).__qualname__}"
+        if name not in _SUBCLASSES:
             raise CheckpointError(
-                f"cannot store the {self.what} state: '{key}' is a tensor subclass "
-                f"({type(t).__qualname__}) with no checkpoint mapping yet (see "
+                f"cannot store the {self.what} state: '{key}' is a tensor subclass ({name}) with "
+                f"no checkpoint mapping (fastmid stores {_subclass_names()}; see "
                 "fastmid.train.checkpoint's docstring)"
             )
+        attrs, ctx = t.__tensor_flatten__()
+        inner = {}
+        for attr in attrs:
+            value = getattr(t, attr)
+            if type(value) not in (torch.Tensor, torch.nn.Parameter):
+                raise CheckpointError(
+                    f"cannot store the {self.what} state: '{key}' ({name}) holds '{attr}', a "
+                    f"{type(value).__module__}.{type(value).__qualname__}, not a plain tensor"
+                )
+            inner[attr] = {_TENSOR: self._add(value, f"{key}.{attr}")}
+        return {
+            _SUBCLASS: name,
+            "inner": inner,
+            "ctx": self.encode(ctx, f"{key}.ctx"),
+            "shape": list(t.shape),
+            "stride": list(t.stride()),
+        }
+
+    def _add(self, t: torch.Tensor, key: str) -> str:
         t = t.detach()
         view = (str(t.device), t.untyped_storage().data_ptr(), t.storage_offset(),
                 tuple(t.shape), t.stride(), t.dtype)  # fmt: skip
@@ -215,6 +271,90 @@ def _join(prefix: str, key: str) -> str:
     return f"{prefix}.{key}" if prefix else key
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@functools.cache
+def _dtypes() -> dict[str, torch.dtype]:
+    """Every dtype torch names, by :func:`_dtype_name` (the only dtypes a file can name)."""
+    return {_dtype_name(v): v for v in vars(torch).values() if isinstance(v, torch.dtype)}
+
+
+def _subclass_names() -> str:
+    return ", ".join(name.rsplit(".", 1)[1] for name in _SUBCLASSES)
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters (one line: repr escapes newlines)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _subclass_problem(entry: dict[str, Any]) -> str | None:
+    """Why a ``__fastmid_subclass__`` entry of a JSON tree cannot be loaded, or None."""
+    name = entry[_SUBCLASS]
+    if not isinstance(name, str) or name not in _SUBCLASSES:
+        return (
+            f"is a tensor subclass {_shown(name)} that fastmid does not load (it loads "
+            f"{_subclass_names()}; no class is imported by a name read from a checkpoint)"
+        )
+    if set(entry) != _SUBCLASS_KEYS:
+        return f"holds keys {sorted(entry)}, not {sorted(_SUBCLASS_KEYS)}"
+    inner = entry["inner"]
+    if not isinstance(inner, dict) or not all(
+        isinstance(v, dict) and set(v) == {_TENSOR} for v in inner.values()
+    ):
+        return "'inner' is not an object of tensor references"
+    for field in ("shape", "stride"):
+        value = entry[field]
+        if not isinstance(value, list) or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in value
+        ):
+            return f"'{field}' is not a list of non-negative integers"
+    if len(entry["shape"]) != len(entry["stride"]):
+        return "'shape' and 'stride' differ in length"
+    return None
+
+
+def _subclass_class(name: str, file: Path, where: str) -> type:
+    """The allow-listed class ``name`` (already checked by :func:`_subclass_problem`), imported
+    now; torchao through :func:`fastmid.train.optim.import_torchao_optim`, which silences it."""
+    module, attr = _SUBCLASSES[name]
+    if module.startswith("torchao."):
+        from fastmid.train.optim import OptimizerError, import_torchao_optim
+
+        try:
+            import_torchao_optim()
+        except OptimizerError as exc:
+            raise CheckpointError(
+                f"{file}: '{where}' is torchao optimizer state ({name.rsplit('.', 1)[1]}): {exc}"
+            ) from None
+    return getattr(importlib.import_module(module), attr)
+
+
+def _decode_subclass(
+    obj: dict[str, Any], tensors: dict[str, torch.Tensor], file: Path, where: str
+) -> torch.Tensor:
+    problem = _subclass_problem(obj)
+    if problem:
+        raise _Damaged(file, f"'{where}' {problem}")
+    name = obj[_SUBCLASS]
+    cls = _subclass_class(name, file, where)
+    inner = {k: _decode(v, tensors, file, _join(where, k)) for k, v in obj["inner"].items()}
+    ctx = _decode(obj["ctx"], tensors, file, f"{where}.ctx")
+    shape, stride = torch.Size(obj["shape"]), tuple(obj["stride"])
+    try:
+        value = cls.__tensor_unflatten__(inner, ctx, shape, stride)
+    except Exception as exc:  # the subclass's own checks (asserts, TypeErrors): a damaged entry
+        raise _Damaged(file, f"'{where}' does not rebuild a {name} ({_first_line(exc)})") from None
+    if type(value) is not cls or value.shape != shape:
+        raise _Damaged(
+            file, f"'{where}' rebuilds a {type(value).__qualname__} of shape {tuple(value.shape)}"
+        )
+    return value
+
+
 def _decode(obj: Any, tensors: dict[str, torch.Tensor], file: Path, where: str = "") -> Any:
     """Inverse of :meth:`_Encoder.encode`; raises CheckpointError naming ``file`` and the key."""
     if isinstance(obj, list):
@@ -225,12 +365,22 @@ def _decode(obj: Any, tensors: dict[str, torch.Tensor], file: Path, where: str =
         ((k, v),) = obj.items()
         if k == _TENSOR:
             if not isinstance(v, str) or v not in tensors:
-                raise _Damaged(file, f"'{where}' refers to tensor {v!r}, which is not stored")
+                raise _Damaged(file, f"'{where}' refers to tensor {_shown(v)}, which is not stored")
             return tensors[v]
         if k == _TUPLE:
             if not isinstance(v, list):
                 raise _Damaged(file, f"'{where}' is not a list")
             return tuple(_decode(x, tensors, file, f"{where}.{i}") for i, x in enumerate(v))
+        if k == _SIZE:
+            if not isinstance(v, list) or not all(
+                isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in v
+            ):
+                raise _Damaged(file, f"'{where}' is not a list of non-negative integers")
+            return torch.Size(v)
+        if k == _DTYPE:
+            if not isinstance(v, str) or v not in _dtypes():
+                raise _Damaged(file, f"'{where}' names dtype {_shown(v)}, which torch lacks")
+            return _dtypes()[v]
         if k == _DICT:
             if not isinstance(v, list) or not all(
                 isinstance(p, list) and len(p) == 2 and not isinstance(p[0], (list, dict))
@@ -238,6 +388,8 @@ def _decode(obj: Any, tensors: dict[str, torch.Tensor], file: Path, where: str =
             ):
                 raise _Damaged(file, f"'{where}' is not a list of [key, value] pairs")
             return {p[0]: _decode(p[1], tensors, file, _join(where, str(p[0]))) for p in v}
+    if _SUBCLASS in obj:
+        return _decode_subclass(obj, tensors, file, where)
     if any(k.startswith(_RESERVED) for k in obj):
         raise _Damaged(file, f"'{where}' holds an unknown marker {sorted(obj)[:3]}")
     return {k: _decode(v, tensors, file, _join(where, k)) for k, v in obj.items()}
@@ -428,17 +580,37 @@ def _check_safetensors(file: Path) -> set[str]:
     return {k for k in header if k != "__metadata__"}
 
 
-def _tensor_refs(tree: Any, where: str = "") -> Iterator[tuple[str, Any]]:
-    """``(where, referenced key)`` of every tensor reference in an encoded JSON tree."""
+def _tensor_refs(tree: Any, file: Path, where: str = "") -> Iterator[tuple[str, Any]]:
+    """``(where, referenced key)`` of every tensor reference in an encoded JSON tree, those inside
+    tensor-subclass entries included; ``where`` is the key path as :func:`_decode` names it.
+
+    Raises:
+        _Damaged: a subclass entry that is malformed or names a class not on the allow-list.
+    """
     if isinstance(tree, list):
         for i, v in enumerate(tree):
-            yield from _tensor_refs(v, f"{where}.{i}")
+            yield from _tensor_refs(v, file, f"{where}.{i}")
     elif isinstance(tree, dict):
         if set(tree) == {_TENSOR}:
             yield where, tree[_TENSOR]
-            return
-        for k, v in tree.items():
-            yield from _tensor_refs(v, _join(where, str(k)))
+        elif _SUBCLASS in tree:
+            problem = _subclass_problem(tree)
+            if problem:
+                raise _Damaged(file, f"'{where}' {problem}")
+            for k, v in tree["inner"].items():
+                yield _join(where, k), v[_TENSOR]
+            yield from _tensor_refs(tree["ctx"], file, f"{where}.ctx")
+        elif set(tree) == {_TUPLE}:
+            yield from _tensor_refs(tree[_TUPLE], file, where)
+        elif set(tree) == {_DICT} and isinstance(tree[_DICT], list):
+            for i, pair in enumerate(tree[_DICT]):
+                if isinstance(pair, list) and len(pair) == 2:
+                    yield from _tensor_refs(pair[1], file, _join(where, str(pair[0])))
+                else:  # found by _decode, which names it
+                    yield from _tensor_refs(pair, file, f"{where}.{i}")
+        else:
+            for k, v in tree.items():
+                yield from _tensor_refs(v, file, _join(where, str(k)))
 
 
 def _check_trainer_state(data: Any, file: Path) -> None:
@@ -502,9 +674,11 @@ def _find_problem(path: Path) -> _Damaged | None:
             stored = set()
             if stem == "optimizer" or tensor_file.exists():
                 stored = _check_safetensors(tensor_file)
-            for where, key in _tensor_refs(data["state_dict"]):
-                if key not in stored:
-                    raise _Damaged(file, f"'{where}' refers to tensor {key!r}, which is not stored")
+            for where, key in _tensor_refs(data["state_dict"], file):
+                if not isinstance(key, str) or key not in stored:
+                    raise _Damaged(
+                        file, f"'{where}' refers to tensor {_shown(key)}, which is not stored"
+                    )
     except _Damaged as damaged:
         return damaged
     return None

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from fastmid.errors import FastmidError
+from fastmid.models.loading import quiet_torchao
 
 MIN_8BIT_SIZE = 4096
 # The optimizers whose step writes bf16 weights back with stochastic rounding (equals
@@ -49,18 +50,12 @@ class OptimizerError(FastmidError, ValueError):
 def import_torchao_optim() -> Any:
     """``torchao.optim``, imported without its noise.
 
-    torchao 0.18's import logs a warning for every optional CUDA extension it cannot load (all of
-    them on a CPU build of torch) and torch warns about one of its enums; neither matters to the
-    optimizers, and stray lines would break fastmid's one-line errors.
+    Its import notices are silenced first (:func:`fastmid.models.loading.quiet_torchao`).
 
     Raises:
         OptimizerError: torchao is not installed or does not import.
     """
-    torchao_log = logging.getLogger("torchao")
-    pytree_log = logging.getLogger("torch.utils._pytree")
-    levels = torchao_log.level, pytree_log.level
-    torchao_log.setLevel(logging.ERROR)
-    pytree_log.setLevel(logging.ERROR)
+    quiet_torchao()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -70,9 +65,6 @@ def import_torchao_optim() -> Any:
             f"the ao_* optimizers need torchao>=0.18 ({str(exc).splitlines()[0] if str(exc) else exc!r}); "
             "pip install 'torchao>=0.18,<0.19', or use --optim adamw8bit"
         ) from None
-    finally:
-        torchao_log.setLevel(levels[0])
-        pytree_log.setLevel(levels[1])
     # torch warns once per compiled graph that torchao's state subclasses lack a stable hash for
     # its autograd cache; the optimizer step has no autograd, so the warning says nothing here.
     warnings.filterwarnings("ignore", message=".*_stable_hash_for_caching.*")

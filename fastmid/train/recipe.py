@@ -43,6 +43,7 @@ from fastmid.config import (
     PATH_FIELDS,
     TrainConfig,
     dump_yaml,
+    resolve_auto,
     resolve_path_value,
     resolve_paths,
     resume_keys,
@@ -67,9 +68,10 @@ from fastmid.models.band import (
     install_execution_policy,
 )
 from fastmid.models.families import decoder_layers
-from fastmid.models.loading import load_model_and_tokenizer
+from fastmid.models.loading import default_device, load_model_and_tokenizer
 from fastmid.models.loss import batch_loss_sum, count_supervised
 from fastmid.models.patching import PatchReport, patch_model, resolve_kernels_flag
+from fastmid.models.precision import PrecisionPolicy
 from fastmid.progress import make_progress
 from fastmid.train.checkpoint import (
     CheckpointError,
@@ -83,7 +85,7 @@ from fastmid.train.checkpoint import (
     save_checkpoint,
 )
 from fastmid.train.export import clean_partial_exports, export_hf_folder, save_band_delta
-from fastmid.train.optim import build_optimizer, build_scheduler
+from fastmid.train.optim import build_optimizer, build_scheduler, is_compiled_optimizer
 from fastmid.train.runfolder import LOCK_NAME, acquire_run_lock, clear_run_folder
 
 # What a run writes before its first checkpoint (``.lock`` aside).
@@ -198,6 +200,7 @@ def train_step(
     clip_params: list[torch.nn.Parameter],
     grad_clip: float,
     fused: bool = False,
+    precision: PrecisionPolicy | None = None,
 ) -> StepResult:
     """One optimizer step over a window of micro-batches (gradient accumulation).
 
@@ -213,6 +216,8 @@ def train_step(
         clip_params: the parameters whose gradients are clipped and checked (the band).
         grad_clip: global L2 clip; 0 disables clipping (the norm is still measured).
         fused: run the loss through the fused linear cross-entropy kernel.
+        precision: the forward passes run under its autocast (``bf16-master``); backward runs
+            outside it, as ``torch.autocast`` requires. None: no autocast.
 
     Returns:
         The step's :class:`StepResult`.
@@ -226,7 +231,11 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     loss_total = 0.0
     for k, batch in enumerate(micro_batches):
-        loss_sum, _n = micro_batch_loss(model, batch, fused)
+        if precision is not None:
+            with precision.autocast(batch["input_ids"].device):
+                loss_sum, _n = micro_batch_loss(model, batch, fused)
+        else:
+            loss_sum, _n = micro_batch_loss(model, batch, fused)
         if not torch.isfinite(loss_sum):
             raise NonFiniteStep("loss", float(loss_sum.detach()), k)
         if supervised > 0:
@@ -239,7 +248,7 @@ def train_step(
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
     if not math.isfinite(grad_norm):
         raise NonFiniteStep("gradient norm", grad_norm)
-    lr = optimizer.param_groups[0]["lr"]
+    lr = float(optimizer.param_groups[0]["lr"])  # torchao keeps it as a 0-d tensor
     if supervised > 0:
         optimizer.step()
         # An infinite learning rate or an overflowing update leaves finite gradients but NaN
@@ -289,8 +298,10 @@ class MidBlockRecipe:
     """
 
     def __init__(self, cfg: TrainConfig, console: Console | None = None) -> None:
-        # Absolute paths, so config.yaml and the checkpoints work from any directory.
-        self.cfg = resolve_paths(cfg)
+        # Absolute paths, so config.yaml and the checkpoints work from any directory; precision
+        # and optimizer resolved for this machine, so config.yaml records what ran.
+        self.cfg = resolve_auto(resolve_paths(cfg), default_device().type)
+        self.precision = PrecisionPolicy.from_name(self.cfg.precision)
         self.console = console or Console(stderr=True)
         self.out = Path(self.cfg.output)
         self._replace_folder = False  # --overwrite, or the files of a run that saved nothing
@@ -341,7 +352,7 @@ class MidBlockRecipe:
         torch.manual_seed(cfg.seed)
 
         self.model, self.tokenizer = load_model_and_tokenizer(
-            cfg.model, trust_remote_code=cfg.trust_remote_code
+            cfg.model, dtype=self.precision.weight_dtype, trust_remote_code=cfg.trust_remote_code
         )
         self.device = next(self.model.parameters()).device
         self.plan = BandPlan.parse(
@@ -354,10 +365,8 @@ class MidBlockRecipe:
         )
         self.trainable = apply_band(self.model, self.plan, **extras)
         self.counts = count_parameters(self.model, self.plan, **extras)
-        if self.device.type == "cuda":
-            # fp32 master weights for what trains; bf16 for the frozen rest (design section 4).
-            for p in self.trainable:
-                p.data = p.data.float()
+        # bf16-master: fp32 master weights for what trains, bf16 for the frozen rest.
+        self.precision.cast_trainable(self.trainable)
         ids = {id(p) for p in self.trainable}
         self.trainable_names = [n for n, p in self.model.named_parameters() if id(p) in ids]
         self.policy = install_execution_policy(
@@ -552,14 +561,15 @@ class MidBlockRecipe:
         """Token-mean loss over up to ``eval_batches`` micro-batches of the held-out split."""
         if not self.eval_examples:
             return None
-        return token_mean_loss(
-            self.model,
-            self.eval_examples,
-            self.cfg.micro_batch,
-            self.pad_id,
-            max_batches=self.cfg.eval_batches,
-            fused=self.fused_loss,
-        )
+        with self.precision.autocast(self.device):
+            return token_mean_loss(
+                self.model,
+                self.eval_examples,
+                self.cfg.micro_batch,
+                self.pad_id,
+                max_batches=self.cfg.eval_batches,
+                fused=self.fused_loss,
+            )
 
     def evaluate(self, label: str) -> dict[str, Any] | None:
         """Exact-match accuracy (with answer loss) on ``eval_accuracy_data``, or None when
@@ -572,6 +582,7 @@ class MidBlockRecipe:
             "data": cfg.eval_accuracy_data,
             "n": cfg.eval_n,
             "max_new_tokens": cfg.eval_max_new_tokens,
+            "precision": cfg.precision,
         }
         cache = self.out / "eval_before.json"
         if label == "before" and cache.is_file():
@@ -582,16 +593,17 @@ class MidBlockRecipe:
             f"[bold]eval[/] {label}: exact match on {cfg.eval_n} problems of "
             f"{cfg.eval_accuracy_data}"
         )
-        result = evaluate_accuracy(
-            self.model,
-            self.tokenizer,
-            cfg.eval_accuracy_data,
-            n=cfg.eval_n,
-            max_new_tokens=cfg.eval_max_new_tokens,
-            batch_size=cfg.eval_batch_size,
-            skip_bad_rows=cfg.skip_bad_rows,
-            flag="--eval-accuracy-data",
-        )
+        with self.precision.autocast(self.device):
+            result = evaluate_accuracy(
+                self.model,
+                self.tokenizer,
+                cfg.eval_accuracy_data,
+                n=cfg.eval_n,
+                max_new_tokens=cfg.eval_max_new_tokens,
+                batch_size=cfg.eval_batch_size,
+                skip_bad_rows=cfg.skip_bad_rows,
+                flag="--eval-accuracy-data",
+            )
         lo, hi = result.ci95
         line = f"  {label}: accuracy {result.accuracy:.1%} ({result.correct}/{result.n})"
         if result.eval_loss is not None:
@@ -628,6 +640,12 @@ class MidBlockRecipe:
             eta=True,
             plain_every=cfg.log_every,  # a log file gets a line every --log-every steps
         )
+        if is_compiled_optimizer(self.optimizer) and state.step < self.total_steps:
+            self.console.print(
+                f"compiling the optimizer step ({cfg.optim}: torch.compile, once per parameter "
+                "shape; about 40 s on 2 CPU cores, seconds once cached)",
+                highlight=False,
+            )
         try:
             with progress:
                 task = progress.add_task(
@@ -647,6 +665,7 @@ class MidBlockRecipe:
                             self.trainable,
                             cfg.grad_clip,
                             self.fused_loss,
+                            self.precision,
                         )
                     except NonFiniteStep as exc:
                         raise self._non_finite(exc, refs) from None
@@ -765,11 +784,13 @@ class MidBlockRecipe:
         )
 
     def export(self) -> Path:
-        """Write ``final/`` (an HF folder ``from_pretrained`` loads, in the model's own dtype on
-        CUDA) and ``band_delta.safetensors``; returns ``final/``."""
+        """Write ``final/`` (an HF folder ``from_pretrained`` loads, in the run's model dtype:
+        fp32 under ``--precision fp32``, else bf16) and ``band_delta.safetensors`` (the band in
+        its training dtype); returns ``final/``."""
         assert self.plan is not None
-        dtype = self.model.config.dtype if self.device.type == "cuda" else None
-        final = export_hf_folder(self.model, self.tokenizer, self.out / "final", dtype=dtype)
+        final = export_hf_folder(
+            self.model, self.tokenizer, self.out / "final", dtype=self.precision.export_dtype
+        )
         save_band_delta(
             self.model,
             self.trainable_names,
@@ -835,6 +856,7 @@ class MidBlockRecipe:
             "peak_memory_bytes": peak_memory_bytes(self.device),
             "device": str(self.device),
             "optimizer": self.cfg.optim,
+            "precision": self.cfg.precision,
             "kernels": self.kernel_report.to_dict(),
             "attention": str(getattr(self.model.config, "_attn_implementation", "unknown")),
             "final_loss": last.get("loss"),
@@ -882,7 +904,8 @@ def _run_steps(recipe: MidBlockRecipe, console: Console) -> dict[str, Any]:
         f"[bold]fastmid train[/] {cfg.model} ({recipe.model.config.model_type}): band "
         f"{recipe.plan.describe()}, trainable {counts.trainable:,} of {counts.total:,} "
         f"({counts.trainable_share:.1f}%), {len(recipe.train_examples)} train / "
-        f"{len(recipe.eval_examples)} eval examples, {recipe.total_steps} steps"
+        f"{len(recipe.eval_examples)} eval examples, {recipe.total_steps} steps, precision "
+        f"{cfg.precision}, optimizer {cfg.optim}"
     )
     before = recipe.evaluate("before")
     last = recipe.train()
