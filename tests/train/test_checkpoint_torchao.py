@@ -41,9 +41,9 @@ from fastmid.train.optim import (
 
 # torchao is a dependency (pyproject.toml): its absence fails here rather than skipping.
 import_torchao_optim()  # torchao's import, silenced, before the subclass modules below
-from torchao.optim.subclass_4bit import OptimState4bit
-from torchao.optim.subclass_8bit import OptimState8bit, get_qmap_signed
-from torchao.optim.subclass_fp8 import OptimStateFp8
+from torchao.optim.subclass_4bit import OptimState4bit  # noqa: E402
+from torchao.optim.subclass_8bit import OptimState8bit, get_qmap_signed  # noqa: E402
+from torchao.optim.subclass_fp8 import OptimStateFp8  # noqa: E402
 
 LR, TOTAL, WARMUP = 1e-3, 20, 2
 # torchao 0.18's layouts for a 64x128 fp32 weight (8192 elements).
