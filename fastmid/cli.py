@@ -382,6 +382,12 @@ def plan(
         1, help="sequences per micro-batch", rich_help_panel="optimization"
     ),
     optim: Optimizer = config_option("optim"),
+    precision: str = config_option(
+        "precision",
+        help="weights and compute: fp32; bf16-master (bf16 autocast, fp32 band weights); bf16 "
+        "(all weights bf16, stochastic rounding); auto: bf16-master, the CUDA default (plan "
+        "estimates GPU memory)",
+    ),
     checkpointing: bool = typer.Option(
         True,
         "--checkpointing/--no-checkpointing",
@@ -399,10 +405,22 @@ def plan(
     """Show which layers train and whether the run fits in GPU memory."""
 
     def go() -> None:
+        from fastmid.config import resolve_optim, resolve_precision
         from fastmid.models.plan_report import make_plan, print_plan
 
+        # A plan estimates GPU memory: auto resolves as on CUDA.
+        resolved = resolve_precision(precision, "cuda")
         result = make_plan(
-            model, band, layers, seq_len, micro_batch, gpus, gpu_memory, optim, checkpointing
+            model,
+            band,
+            layers,
+            seq_len,
+            micro_batch,
+            gpus,
+            gpu_memory,
+            optim=resolve_optim(optim, resolved),
+            checkpointing=checkpointing,
+            precision=resolved,
         )
         if as_json:
             sys.stdout.write(json.dumps(result, indent=1) + "\n")

@@ -82,6 +82,37 @@ def test_plan_of_a_config_json_exits_0(tiny_config_json: Path) -> None:
     assert "2..7" in table.stdout
 
 
+def test_plan_precision_bf16_is_shown(tiny_config_json: Path) -> None:
+    default = json.loads(invoke("plan", "--model", str(tiny_config_json), "--json").stdout)
+    # A plan is a GPU estimate: auto means the CUDA default.
+    assert (default["setup"]["precision"], default["setup"]["optim"]) == (
+        "bf16-master",
+        "adamw8bit",
+    )
+
+    args = ("plan", "--model", str(tiny_config_json), "--seq-len", "64", "--precision", "bf16")
+    result = invoke(*args, "--json")
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    assert (plan["setup"]["precision"], plan["setup"]["optim"]) == ("bf16", "ao_adamw8bit")
+    mid, full = plan["memory"]["mid_block"], plan["memory"]["full"]
+    # bf16 weights everywhere: 2 bytes per parameter, Mid-Block and full fine-tuning alike.
+    assert mid["bytes"]["weights"] == full["bytes"]["weights"] == 2 * plan["parameters"]["total"]
+    assert mid["bytes"]["gradients"] == 2 * plan["parameters"]["trainable"]
+
+    table = invoke(*args)
+    assert table.exit_code == 0, table.output
+    assert "precision bf16, ao_adamw8bit" in " ".join(table.stdout.split())  # rich may wrap
+
+
+def test_plan_bf16_with_a_round_to_nearest_optimizer_is_one_line(tiny_config_json: Path) -> None:
+    result = invoke(
+        "plan", "--model", str(tiny_config_json), "--precision", "bf16", "--optim", "adamw8bit"
+    )
+    message = assert_one_line_error(result)
+    assert "--optim adamw8bit" in message and "--precision bf16" in message
+
+
 def test_train_passes_its_flags_to_the_recipe_and_exits_0(monkeypatch, tmp_path: Path) -> None:
     seen = []
 

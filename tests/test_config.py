@@ -16,8 +16,8 @@ from fastmid.config import (
     choices,
     config_yaml,
     dump_yaml,
-    resolve_auto,
     field_type,
+    resolve_auto,
     resume_keys,
     validate,
 )

@@ -4,24 +4,65 @@ Everything is counted in bytes and reported in GiB (2^30 bytes). The model is ne
 parameter counts come from transformers' real module tree built on the ``meta`` device
 (:func:`build_meta_model`), so they are exact; the activation terms follow from the config.
 
-Precision policy (design section 4, CUDA): bf16 compute under ``torch.autocast``; frozen weights
-stored in bf16; trained weights kept as fp32 master copies. Bytes per parameter:
+Precision policy (``--precision``, design section 4, :mod:`fastmid.models.precision`). ``fp32``:
+every weight fp32, no autocast. ``bf16-master`` (the CUDA default, so what ``auto`` means here:
+the plan is a GPU estimate): bf16 compute under ``torch.autocast``, frozen weights stored in bf16,
+trained weights kept as fp32 master copies. ``bf16``: every weight bf16, trained ones too, no
+autocast; the optimizer writes the update back with stochastic rounding, so only ``ao_adamw8bit``
+and ``ao_adamw4bit`` are accepted (:data:`STOCHASTIC_ROUNDING_OPTIMIZERS`). Bytes per parameter:
 
-==========================  ===========================================================
-frozen weight               2 (bf16)
-trained weight              4 (fp32 master) + 2 (bf16 copy autocast caches in forward and
-                            the matmuls save for backward; a slight over-count for norm
-                            vectors, which are not cast)
-gradient                    4 (fp32, trained parameters only)
-AdamW (``adamw``)           8 (``exp_avg`` + ``exp_avg_sq`` in fp32)
-AdamW8bit (``adamw8bit``)   tensors of >= 4096 elements: 2 (two uint8 states) plus two fp32
-                            absmax values per block of 256 elements; smaller tensors keep
-                            fp32 states, 8 (bitsandbytes 0.50 ``Optimizer2State.init_state``:
-                            ``min_8bit_size=4096``, ``blocksize = 256``; torchao's
-                            ``AdamW8bit``, used under FSDP2, also uses ``block_size=256``)
-LoRA (r=16, all linears)    base frozen bf16 (2); adapters fp32 (4 + 2 autocast copy) with
-                            fp32 gradients (4) and fp32 AdamW states (8), peft's usual setup
-==========================  ===========================================================
+==============  ======  ===============  ======
+parameter       fp32    bf16-master      bf16
+==============  ======  ===============  ======
+frozen weight   4       2                2
+trained weight  4       4 + 2 (a)        2
+gradient        4       4                2
+==============  ======  ===============  ======
+
+(a) the fp32 master plus the bf16 copy autocast caches in forward and the matmuls save for
+backward (a slight over-count for norm vectors, which are not cast). Gradients take the trained
+weight's dtype.
+
+Optimizer states per trained element (``--optim``; ``auto`` is ``ao_adamw8bit`` under ``bf16``,
+else ``adamw8bit``, as :func:`fastmid.config.resolve_optim`):
+
+===================================  ======================================================
+AdamW (``adamw``)                    8 (``exp_avg`` + ``exp_avg_sq`` in fp32)
+``adamw8bit``, ``paged_adamw8bit``   tensors of >= 4096 elements: 2 (two uint8 states) plus
+                                     two fp32 absmax values per block of 256 elements;
+                                     smaller tensors keep fp32 states, 8 (bitsandbytes 0.50
+                                     ``Optimizer2State.init_state``: ``min_8bit_size=4096``,
+                                     ``blocksize = 256``; the paged variant pages the same
+                                     states to host memory under pressure). The two shared
+                                     256-entry quantization maps are not counted
+``ao_adamw8bit`` (torchao 0.18       tensors of >= 4096 elements whose size is a multiple of
+``AdamW8bit``)                       256: 2 (uint8 codes of both states) plus one fp32 scale
+                                     per block of 256 per state, plus one fp32[256]
+                                     quantization map per state, 2 KiB per tensor (each
+                                     ``OptimState8bit.zeros`` builds its own
+                                     ``torch.tensor(qmap)``: not shared); other tensors keep
+                                     two plain states in the parameter's dtype
+                                     (``torch.zeros_like(p)`` in ``_AdamBase._new_buffer``):
+                                     8 for fp32 weights, 4 for bf16 weights
+``ao_adamw4bit`` (torchao 0.18       tensors of >= 4096 elements whose size is a multiple of
+``AdamW4bit``)                       128: 1 (two 4-bit codes per uint8, ``numel / 2`` bytes
+                                     per state) plus one fp32 scale per block of 128 per
+                                     state, plus one fp32[16] map per state (128 bytes per
+                                     tensor); other tensors as for ``ao_adamw8bit``
+LoRA (r=16, all linears)             base frozen bf16 (2); adapters fp32 (4 + 2 autocast
+                                     copy) with fp32 gradients (4) and fp32 AdamW states
+                                     (8), peft's usual setup, whatever ``--precision`` and
+                                     ``--optim`` say
+===================================  ======================================================
+
+Not counted in the states: the per-tensor ``step`` scalars. torchao computes each update in fp32
+inside one compiled kernel per parameter (``single_param_adam``: fp32 copies of the weight, the
+gradient and both states of that one parameter): a transient of a few fp32 copies of the largest
+trained tensor (Qwen2.5-32B's 5120 x 27648 MLP matrices: 0.53 GiB per copy) that exists only in
+the optimizer step, after backward has freed the activations and logits; it is not added.
+
+Full fine-tuning uses the same precision and optimizer as the band (under ``bf16`` every weight
+and gradient is bf16, embeddings included).
 
 Activations (bytes per token per decoder layer) are counted the way Korthikanti et al. 2022,
 "Reducing Activation Recomputation in Large Transformer Models" (arXiv 2205.05198, Sec. 4.1)
@@ -44,8 +85,9 @@ and no s x s matrix. Notation: ``h`` hidden size, ``q = num_attention_heads * he
 * SwiGLU: SiLU saves ``gate`` (``2I``); ``silu(gate) * up`` saves both factors (``4I``);
   ``down_proj`` saves its input (``2I``) when it trains.
 
-Per token and layer this gives (the band, first-band, frozen, full and LoRA layer totals are
-checked against autograd's saved tensors in ``tests/models/test_memory.py``):
+Per token and layer this gives, under ``bf16-master`` (the band, first-band, frozen, full and
+head totals of every precision, and the LoRA totals, are checked against autograd's saved
+tensors in ``tests/models/test_memory.py``):
 
 ==============================  ==========================================================
 band layer                      ``22h + 4q + 4kv + 8I + 4n + 8``
@@ -65,15 +107,40 @@ head                            final norm ``4h + 4``; full fine-tuning also its
                                 ``lm_head`` input: ``10h + 12`` (with the embedding's indices)
 ==============================  ==========================================================
 
-Logits: the eager path materializes ``tokens x vocab`` logits in bf16 (kept in the model output),
-upcasts them to fp32 for the loss (``log_softmax`` saves its fp32 output) and backward creates
-their fp32 gradient: ``10 * vocab_size`` bytes per token. A chunked cross-entropy avoids this.
+Without autocast (``fp32``, ``bf16``) every saved tensor has the weights' dtype, ``a`` bytes (4
+under ``fp32``, 2 under ``bf16``), except inside RMSNorm, which upcasts to fp32 in every mode
+(``4h + 4`` per norm whose input needs a gradient). There are no per-call casts: q, k and v save
+one shared norm output (``ah``), gate and up another (``ah``); the residual stream, the normalized
+inputs and the attention and MLP tensors are ``a`` bytes wide; the residual of full fine-tuning
+has the same dtype as the band's (no fp32 embeddings under ``bf16``).
+
+In general the band layer saves ``8h + 8 + 4ah + 2a(q + kv) + 4n + 4aI``, a frozen layer
+``8h + 8 + 2a(q + kv) + 4n + 3aI`` and the head of full fine-tuning ``4h + 4 + 2ah + 8``:
+
+==============================  ==================================  ================================
+per token                       ``fp32`` (``a = 4``)                ``bf16`` (``a = 2``)
+==============================  ==================================  ================================
+band layer                      ``24h + 8q + 8kv + 16I + 4n + 8``   ``16h + 4q + 4kv + 8I + 4n + 8``
+first band layer, input frozen  band layer ``- 4h - 4``             band layer ``- 4h - 4``
+frozen layer above the band     ``8h + 8q + 8kv + 12I + 4n + 8``    ``8h + 4q + 4kv + 6I + 4n + 8``
+                                                                    (as under ``bf16-master``)
+full fine-tuning layer          the band layer                      the band layer
+checkpointed layer              its input, ``4h``                   its input, ``2h``
+head                            ``4h + 4``; full FT ``12h + 12``    ``4h + 4``; full FT ``8h + 12``
+==============================  ==================================  ================================
+
+Logits: the eager path materializes ``tokens x vocab`` logits in the compute dtype (kept in the
+model output), upcasts them to fp32 for the loss (``log_softmax`` saves its fp32 output; under
+``fp32`` the upcast is the same tensor) and backward creates their fp32 gradient: ``10 *
+vocab_size`` bytes per token (``12 * vocab_size`` under ``fp32``). A chunked cross-entropy avoids
+this.
 
 Several GPUs (``gpus = N``): FSDP2 (``fully_shard`` per decoder layer) shards weights, gradients
-and optimizer states over N; activations and logits are per GPU and not sharded. Under FSDP2 the
-mixed-precision policy all-gathers bf16 weights one layer at a time, so the autocast copy is
-replaced by the all-gather buffers of the current and the prefetched layer (``2 * 2 *
-params_per_layer``).
+and optimizer states over N (the 8-bit/4-bit rules are applied to whole tensors, then divided;
+torchao decides per local shard); activations and logits are per GPU and not sharded. FSDP2
+all-gathers one layer at a time in the compute dtype (bf16 under ``bf16-master``, whose
+mixed-precision policy replaces the autocast copy; fp32 under ``fp32``; bf16 under ``bf16``): the
+all-gather buffers of the current and the prefetched layer, ``2 * a * params_per_layer``.
 
 Not counted: the CUDA context and cuBLAS workspaces (about 0.5-1 GiB), allocator fragmentation,
 transient gradient buffers inside one layer's backward, the ``s x s`` boolean padding mask of a
@@ -82,9 +149,10 @@ padded batch (shared by all layers). Leave some headroom.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -97,14 +165,83 @@ BF16_BYTES = 2
 FP32_BYTES = 4
 BNB_BLOCKSIZE = 256
 BNB_MIN_8BIT_SIZE = 4096
+# torchao 0.18 (torchao/optim/adam.py, _AdamBase._new_buffer; subclass_8bit.py, subclass_4bit.py):
+# quantized states only for tensors of >= 4096 elements whose size is a multiple of the block.
+AO_MIN_QUANT_SIZE = 4096
+AO8_BLOCKSIZE = 256
+AO4_BLOCKSIZE = 128
+AO8_QMAP_ENTRIES = 256  # fp32 entries of one state's quantization map (one map per state)
+AO4_QMAP_ENTRIES = 16
 LORA_RANK = 16
 # Families whose decoder layer is the Llama-style block the activation formulas describe.
 EXACT_ACTIVATION_FAMILIES = ("llama", "mistral", "qwen2")
 
-Optim = Literal["adamw8bit", "paged_adamw8bit", "adamw"]
-Method = Literal["mid_block", "full", "lora"]
+# The resolved --precision values (fastmid.config.PRECISIONS without "auto"; models/ cannot import
+# config, so a test checks that the two agree).
+Precision = Literal["fp32", "bf16-master", "bf16"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+# The resolved --optim values (fastmid.config.OPTIMIZERS without "auto"; a test checks it).
 # paged_adamw8bit keeps the same 8-bit states, paged to host memory under pressure: same bytes.
-OPTIMIZERS: tuple[str, ...] = ("adamw8bit", "paged_adamw8bit", "adamw")
+Optim = Literal["adamw8bit", "adamw", "paged_adamw8bit", "ao_adamw8bit", "ao_adamw4bit"]
+OPTIMIZERS: tuple[str, ...] = get_args(Optim)
+# The only optimizers --precision bf16 accepts (= fastmid.config.STOCHASTIC_ROUNDING_OPTIMIZERS).
+STOCHASTIC_ROUNDING_OPTIMIZERS: tuple[str, ...] = ("ao_adamw8bit", "ao_adamw4bit")
+# What "auto" means in a plan: the plan is a GPU estimate, so the CUDA default.
+AUTO_PRECISION = "bf16-master"
+Method = Literal["mid_block", "full", "lora"]
+
+
+@dataclass(frozen=True)
+class PrecisionBytes:
+    """Bytes per parameter and per activation element of one ``--precision`` (module docstring).
+
+    Attributes:
+        frozen: a frozen weight.
+        trained: a trained weight as stored (the fp32 master under ``bf16-master``).
+        autocast_copy: the bf16 copy autocast caches per trained weight (``bf16-master`` only).
+        gradient: a gradient element (the trained weight's dtype).
+        compute: an activation element (and an FSDP2 all-gathered weight).
+    """
+
+    frozen: int
+    trained: int
+    autocast_copy: int
+    gradient: int
+    compute: int
+
+
+PRECISION_BYTES: dict[str, PrecisionBytes] = {
+    "fp32": PrecisionBytes(FP32_BYTES, FP32_BYTES, 0, FP32_BYTES, FP32_BYTES),
+    "bf16-master": PrecisionBytes(BF16_BYTES, FP32_BYTES, BF16_BYTES, FP32_BYTES, BF16_BYTES),
+    "bf16": PrecisionBytes(BF16_BYTES, BF16_BYTES, 0, BF16_BYTES, BF16_BYTES),
+}
+
+
+def resolve_plan_precision(precision: str) -> str:
+    """``auto`` -> ``bf16-master`` (the CUDA default: a plan estimates GPU memory); any other
+    value unchanged (:func:`fastmid.config.resolve_precision` with ``device_type="cuda"``)."""
+    return AUTO_PRECISION if precision == "auto" else precision
+
+
+def resolve_plan_optim(optim: str, precision: str) -> str:
+    """``auto`` -> ``ao_adamw8bit`` under ``bf16``, else ``adamw8bit``; any other value unchanged
+    (the rule of :func:`fastmid.config.resolve_optim`, which models/ cannot import)."""
+    if optim != "auto":
+        return optim
+    return "ao_adamw8bit" if precision == "bf16" else "adamw8bit"
+
+
+def precision_bytes(precision: str) -> PrecisionBytes:
+    """The :class:`PrecisionBytes` of a resolved precision.
+
+    Raises:
+        MemoryPlanError: not ``fp32``, ``bf16-master`` or ``bf16``.
+    """
+    if precision not in PRECISION_BYTES:
+        raise MemoryPlanError(
+            f"--precision '{precision}' is not known (choose auto, {', '.join(PRECISIONS)})"
+        )
+    return PRECISION_BYTES[precision]
 
 
 class MemoryPlanError(FastmidError, ValueError):
@@ -155,32 +292,68 @@ class BlockShape:
         )
         return cls(h, n * head_dim, n_kv * head_dim, int(inter), n, vocab)
 
-    def _attention(self) -> int:
-        # q, k after RoPE; v; output; fp32 logsumexp per head.
-        return 4 * self.q_width + 4 * self.kv_width + 4 * self.num_attention_heads
+    def _attention(self, a: int = BF16_BYTES) -> int:
+        # q, k after RoPE; v; output (a bytes each); fp32 logsumexp per head.
+        return 2 * a * self.q_width + 2 * a * self.kv_width + 4 * self.num_attention_heads
 
-    def band_layer(self, input_requires_grad: bool = True) -> int:
-        """Bytes per token saved by a trained layer: ``22h + 4q + 4kv + 8I + 4n + 8``.
+    def band_layer(self, input_requires_grad: bool = True, precision: str = "bf16-master") -> int:
+        """Bytes per token saved by a trained layer: ``22h + 4q + 4kv + 8I + 4n + 8`` under
+        ``bf16-master``, ``24h + 8q + 8kv + 16I + 4n + 8`` under ``fp32``,
+        ``16h + 4q + 4kv + 8I + 4n + 8`` under ``bf16``.
 
         With ``input_requires_grad=False`` (first band layer above a frozen, no-grad prefix) the
         first norm's fp32 input and ``rsqrt`` are not saved: ``- 4h - 4``. Source: module
         docstring (Korthikanti et al. 2022 method).
+
+        Raises:
+            MemoryPlanError: unknown ``precision``.
         """
+        a = precision_bytes(precision).compute
         h, i = self.hidden_size, self.intermediate_size
         first_norm = 4 * h + 4 if input_requires_grad else 0
-        norms = first_norm + (4 * h + 4) + 2 * (2 * h)  # + bf16 normalized input per norm weight
-        return norms + 3 * 2 * h + self._attention() + 2 * 2 * h + 8 * i
+        norms = first_norm + (4 * h + 4) + 2 * (a * h)  # + normalized input per norm weight
+        if precision == "bf16-master":
+            # autocast casts the fp32 norm output once per linear: q, k, v | gate, up.
+            linear_inputs = 3 * 2 * h + 2 * 2 * h
+        else:
+            linear_inputs = 2 * a * h  # one shared norm output each for q/k/v and gate/up
+        return norms + linear_inputs + self._attention(a) + 4 * a * i
 
-    def frozen_layer(self) -> int:
+    def frozen_layer(self, precision: str = "bf16-master") -> int:
         """Bytes per token saved by a frozen layer that passes gradients down:
-        ``8h + 4q + 4kv + 6I + 4n + 8`` (norm inputs, attention tensors, gate/silu/up)."""
-        h, i = self.hidden_size, self.intermediate_size
-        return 2 * (4 * h + 4) + self._attention() + 6 * i
+        ``8h + 4q + 4kv + 6I + 4n + 8`` (norm inputs, attention tensors, gate/silu/up) under
+        ``bf16-master`` and ``bf16``, ``8h + 8q + 8kv + 12I + 4n + 8`` under ``fp32``.
 
-    def full_layer(self) -> int:
-        """Bytes per token saved by a layer under full fine-tuning:
-        ``26h + 4q + 4kv + 8I + 4n + 8`` (fp32 residual stream: normalized inputs are fp32)."""
-        return self.band_layer(True) + 2 * 2 * self.hidden_size
+        Raises:
+            MemoryPlanError: unknown ``precision``.
+        """
+        a = precision_bytes(precision).compute
+        h, i = self.hidden_size, self.intermediate_size
+        return 2 * (4 * h + 4) + self._attention(a) + 3 * a * i
+
+    def full_layer(self, precision: str = "bf16-master") -> int:
+        """Bytes per token saved by a layer under full fine-tuning: under ``bf16-master``
+        ``26h + 4q + 4kv + 8I + 4n + 8`` (fp32 embeddings make the residual stream fp32, so the
+        normalized inputs are fp32); under ``fp32`` and ``bf16`` the band layer (the residual
+        has the weights' dtype either way).
+
+        Raises:
+            MemoryPlanError: unknown ``precision``.
+        """
+        extra = 2 * 2 * self.hidden_size if precision == "bf16-master" else 0
+        return self.band_layer(True, precision) + extra
+
+    def checkpoint_input(self, full: bool = False, precision: str = "bf16-master") -> int:
+        """Bytes per token a checkpointed layer keeps (its input, the residual stream): ``2h``
+        (``4h`` under ``fp32``, and for full fine-tuning under ``bf16-master``).
+
+        Raises:
+            MemoryPlanError: unknown ``precision``.
+        """
+        a = precision_bytes(precision).compute
+        if full and precision == "bf16-master":
+            a = FP32_BYTES
+        return a * self.hidden_size
 
     def lora_layer(self, rank: int, input_requires_grad: bool = True) -> int:
         """Bytes per token saved by a frozen layer with LoRA on its 7 linears:
@@ -191,16 +364,32 @@ class BlockShape:
         adapter_inputs = 2 * (3 * h + self.q_width + 2 * h + i)  # q,k,v | o | gate,up | down
         return base + adapter_inputs + 7 * 2 * rank
 
-    def head(self, full: bool = False) -> int:
+    def head(self, full: bool = False, precision: str = "bf16-master") -> int:
         """Bytes per token saved after the last layer: final norm ``4h + 4``; under full
-        fine-tuning ``10h + 12`` (trained norm weight, ``lm_head`` input, embedding indices)."""
-        h = self.hidden_size
-        return 10 * h + 12 if full else 4 * h + 4
+        fine-tuning (trained norm weight, ``lm_head`` input, embedding indices) ``10h + 12``
+        under ``bf16-master``, ``12h + 12`` under ``fp32``, ``8h + 12`` under ``bf16``.
 
-    def logits(self) -> int:
+        Raises:
+            MemoryPlanError: unknown ``precision``.
+        """
+        a = precision_bytes(precision).compute
+        h = self.hidden_size
+        if not full:
+            return 4 * h + 4
+        if precision == "bf16-master":
+            # fp32 residual: fp32 normalized input (4h), bf16 autocast copy for lm_head (2h).
+            return 4 * h + 4 + 4 * h + 2 * h + 8
+        return 4 * h + 4 + 2 * a * h + 8
+
+    def logits(self, precision: str = "bf16-master") -> int:
         """Bytes per token of the eager loss path: ``10 V`` (bf16 logits, fp32 log-probabilities
-        saved by ``log_softmax``, their fp32 gradient)."""
-        return (BF16_BYTES + FP32_BYTES + FP32_BYTES) * self.vocab_size
+        saved by ``log_softmax``, their fp32 gradient); ``12 V`` under ``fp32`` (fp32 logits).
+
+        Raises:
+            MemoryPlanError: unknown ``precision``.
+        """
+        a = precision_bytes(precision).compute
+        return (a + FP32_BYTES + FP32_BYTES) * self.vocab_size
 
 
 @dataclass(frozen=True)
@@ -213,19 +402,23 @@ class TrainingSetup:
         gpus: GPUs sharing weights, gradients and optimizer states (FSDP2 when > 1).
         gpu_memory_gib: memory of one GPU in GiB (2^30 bytes); an H200 "141 GB" shows about
             140 GiB to CUDA.
-        optim: ``adamw8bit`` (bitsandbytes / torchao 8-bit states) or ``adamw`` (fp32 states).
+        optim: one of :data:`OPTIMIZERS` or ``auto`` (``ao_adamw8bit`` under ``bf16``, else
+            ``adamw8bit``); resolved on construction, so the attribute never reads ``auto``.
         checkpointing: non-reentrant activation checkpointing of every layer that stores
             activations (band and layers above it).
         lora_rank: rank of the LoRA baseline.
+        precision: ``fp32``, ``bf16-master``, ``bf16`` or ``auto`` (``bf16-master``, the CUDA
+            default: a plan estimates GPU memory); resolved on construction.
     """
 
     seq_len: int = 4096
     micro_batch: int = 1
     gpus: int = 1
     gpu_memory_gib: float = 141.0
-    optim: Optim = "adamw8bit"
+    optim: Optim | Literal["auto"] = "auto"
     checkpointing: bool = True
     lora_rank: int = LORA_RANK
+    precision: Precision | Literal["auto"] = "auto"
 
     def __post_init__(self) -> None:
         for flag, value in (
@@ -241,10 +434,27 @@ class TrainingSetup:
             raise MemoryPlanError(
                 f"--gpu-memory: must be a finite positive number (GiB), got {self.gpu_memory_gib}"
             )
-        if self.optim not in OPTIMIZERS:
+        precision = resolve_plan_precision(self.precision)
+        precision_bytes(precision)  # refuses an unknown precision, naming --precision
+        optim = resolve_plan_optim(self.optim, precision)
+        if optim not in OPTIMIZERS:
             raise MemoryPlanError(
-                f"--optim '{self.optim}' is not known (choose {' or '.join(OPTIMIZERS)})"
+                f"--optim '{self.optim}' is not known (choose auto, {', '.join(OPTIMIZERS)})"
             )
+        if precision == "bf16" and optim not in STOCHASTIC_ROUNDING_OPTIMIZERS:
+            # The rule of fastmid.config.validate: round-to-nearest bf16 updates lose small steps.
+            raise MemoryPlanError(
+                f"--optim {optim} cannot write bf16 weights back with stochastic rounding, so "
+                f"--precision bf16 does not train with it; use "
+                f"{' or '.join(STOCHASTIC_ROUNDING_OPTIMIZERS)}, or --precision bf16-master"
+            )
+        object.__setattr__(self, "precision", precision)  # frozen dataclass: resolve once
+        object.__setattr__(self, "optim", optim)
+
+    @property
+    def dtype_bytes(self) -> PrecisionBytes:
+        """The :class:`PrecisionBytes` of :attr:`precision`."""
+        return PRECISION_BYTES[self.precision]
 
     @property
     def tokens(self) -> int:
@@ -313,13 +523,26 @@ def build_meta_model(config: Any) -> torch.nn.Module:
     Returns:
         The model; its parameters are meta tensors with exact shapes (tied weights tied).
 
+    transformers imports its torchao quantizer while building a model when torchao is installed;
+    torchao 0.18 then logs one line per CUDA extension it cannot load and torch one per enum it
+    registers. Those loggers are held at ERROR meanwhile, so ``fastmid plan`` prints only its
+    report.
+
     Raises:
         ValueError: transformers knows no causal LM for the config.
     """
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.ERROR)
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    finally:
+        for log, level in zip(loggers, levels, strict=True):
+            log.setLevel(level)
 
 
 def adamw_state_bytes(numel: int) -> int:
@@ -340,8 +563,47 @@ def adamw8bit_state_bytes(numel: int) -> int:
     return 2 * numel + 2 * FP32_BYTES * math.ceil(numel / BNB_BLOCKSIZE)
 
 
-def optimizer_state_bytes(numels: list[int], optim: Optim) -> int:
+def ao_adamw8bit_state_bytes(numel: int, param_bytes: int = FP32_BYTES) -> int:
+    """torchao ``AdamW8bit`` state of one tensor, bytes.
+
+    ``numel >= 4096`` and a multiple of 256: per state (``exp_avg``, ``exp_avg_sq``) uint8 codes
+    (``numel``), one fp32 scale per block of 256 and its own fp32[256] quantization map:
+    ``2 * numel + 8 * numel / 256 + 2048``. Otherwise two plain states in the parameter's dtype
+    (``param_bytes``): ``2 * param_bytes * numel``. Source: torchao 0.18
+    ``torchao/optim/adam.py`` (``_AdamBase._new_buffer``: ``numel() >= 4096 and numel() %
+    block_size == 0``, else ``torch.zeros_like(p)``) and ``subclass_8bit.py``
+    (``OptimState8bit.zeros``).
+    """
+    if numel < AO_MIN_QUANT_SIZE or numel % AO8_BLOCKSIZE:
+        return 2 * param_bytes * numel
+    per_state = numel + FP32_BYTES * (numel // AO8_BLOCKSIZE) + FP32_BYTES * AO8_QMAP_ENTRIES
+    return 2 * per_state
+
+
+def ao_adamw4bit_state_bytes(numel: int, param_bytes: int = FP32_BYTES) -> int:
+    """torchao ``AdamW4bit`` state of one tensor, bytes.
+
+    ``numel >= 4096`` and a multiple of 128: per state two 4-bit codes per uint8 (``numel / 2``),
+    one fp32 scale per block of 128 and its own fp32[16] map: ``numel + 8 * numel / 128 + 128``.
+    Otherwise two plain states in the parameter's dtype: ``2 * param_bytes * numel``. Source:
+    torchao 0.18 ``torchao/optim/adam.py`` (``_AdamBase._new_buffer``) and ``subclass_4bit.py``
+    (``OptimState4bit.zeros``).
+    """
+    if numel < AO_MIN_QUANT_SIZE or numel % AO4_BLOCKSIZE:
+        return 2 * param_bytes * numel
+    per_state = numel // 2 + FP32_BYTES * (numel // AO4_BLOCKSIZE) + FP32_BYTES * AO4_QMAP_ENTRIES
+    return 2 * per_state
+
+
+def optimizer_state_bytes(numels: list[int], optim: str, param_bytes: int = FP32_BYTES) -> int:
     """Optimizer state of a list of tensors (their element counts), bytes.
+
+    Args:
+        numels: element counts of the trained tensors.
+        optim: a resolved optimizer (:data:`OPTIMIZERS`).
+        param_bytes: bytes per element of the trained weights (4 for fp32, 2 for bf16): the
+            dtype of torchao's unquantized states. bitsandbytes keeps fp32 states for small
+            tensors, and ``adamw`` is only used with fp32 weights, so neither depends on it.
 
     Raises:
         MemoryPlanError: unknown ``optim``.
@@ -350,7 +612,11 @@ def optimizer_state_bytes(numels: list[int], optim: Optim) -> int:
         return sum(adamw_state_bytes(n) for n in numels)
     if optim in ("adamw8bit", "paged_adamw8bit"):
         return sum(adamw8bit_state_bytes(n) for n in numels)
-    raise MemoryPlanError(f"--optim '{optim}' is not known (choose {' or '.join(OPTIMIZERS)})")
+    if optim == "ao_adamw8bit":
+        return sum(ao_adamw8bit_state_bytes(n, param_bytes) for n in numels)
+    if optim == "ao_adamw4bit":
+        return sum(ao_adamw4bit_state_bytes(n, param_bytes) for n in numels)
+    raise MemoryPlanError(f"--optim '{optim}' is not known (choose {', '.join(OPTIMIZERS)})")
 
 
 def lora_adapter_numels(model: torch.nn.Module, rank: int) -> list[int]:
@@ -381,12 +647,15 @@ def _sharded(nbytes: float, gpus: int) -> int:
     return math.ceil(nbytes / gpus)
 
 
-def _weights_bytes(frozen: int, trained: int, max_layer: int, gpus: int) -> int:
+def _weights_bytes(
+    frozen: int, trained: int, max_layer: int, gpus: int, precision: str = "bf16-master"
+) -> int:
     """Per-GPU weight bytes (module docstring: precision policy, FSDP2)."""
+    b = precision_bytes(precision)
     if gpus == 1:
-        return frozen * BF16_BYTES + trained * (FP32_BYTES + BF16_BYTES)
-    stored = _sharded(frozen * BF16_BYTES + trained * FP32_BYTES, gpus)
-    return stored + 2 * BF16_BYTES * max_layer
+        return frozen * b.frozen + trained * (b.trained + b.autocast_copy)
+    stored = _sharded(frozen * b.frozen + trained * b.trained, gpus)
+    return stored + 2 * b.compute * max_layer
 
 
 def _activation_bytes(
@@ -428,59 +697,61 @@ def estimate_mid_block(
     n_total = sum(p.numel() for p in model.parameters())
     shape = BlockShape.from_config(model.config)
     layer_params = _layer_params(model, spec)
+    prec, b = setup.precision, setup.dtype_bytes
     per_layer: list[int] = []
     for i in range(plan.num_hidden_layers):
         role = plan.role(i)
         if role == "band":
-            per_layer.append(shape.band_layer(input_requires_grad=i != plan.first))
+            per_layer.append(shape.band_layer(input_requires_grad=i != plan.first, precision=prec))
         else:
-            per_layer.append(0 if role == "frozen-prefix" else shape.frozen_layer())
+            per_layer.append(0 if role == "frozen-prefix" else shape.frozen_layer(prec))
     stored = [plan.role(i) != "frozen-prefix" for i in range(plan.num_hidden_layers)]
+    states = optimizer_state_bytes([p.numel() for p in trainable], setup.optim, b.trained)
     return MemoryEstimate(
         method="mid_block",
         trainable_parameters=n_trained,
-        weights=_weights_bytes(n_total - n_trained, n_trained, max(layer_params), setup.gpus),
-        gradients=_sharded(n_trained * FP32_BYTES, setup.gpus),
-        optimizer_states=_sharded(
-            optimizer_state_bytes([p.numel() for p in trainable], setup.optim), setup.gpus
-        ),
+        weights=_weights_bytes(n_total - n_trained, n_trained, max(layer_params), setup.gpus, prec),
+        gradients=_sharded(n_trained * b.gradient, setup.gpus),
+        optimizer_states=_sharded(states, setup.gpus),
         activations=_activation_bytes(
-            per_layer, stored, setup, 2 * shape.hidden_size, shape.head()
+            per_layer, stored, setup, shape.checkpoint_input(False, prec), shape.head(False, prec)
         ),
-        logits=setup.tokens * shape.logits(),
+        logits=setup.tokens * shape.logits(prec),
         gpu_memory_gib=setup.gpu_memory_gib,
     )
 
 
 def estimate_full(model: torch.nn.Module, setup: TrainingSetup) -> MemoryEstimate:
-    """Memory of full fine-tuning (every parameter trains, fp32 master weights).
+    """Memory of full fine-tuning: every parameter trains, in ``setup.precision`` (fp32 master
+    weights under ``bf16-master``, every weight and gradient bf16 under ``bf16``).
 
     Args:
         model: the ``*ForCausalLM`` (meta tensors are fine); not modified.
         setup: as :func:`estimate_mid_block`; the optimizer is ``setup.optim``.
 
     Returns:
-        The :class:`MemoryEstimate`; the checkpointed input of a layer is the fp32 residual
-        (``4h`` bytes per token).
+        The :class:`MemoryEstimate`; the checkpointed input of a layer is the residual (``4h``
+        bytes per token under ``bf16-master``, whose trained embeddings are fp32, and ``fp32``;
+        ``2h`` under ``bf16``).
     """
     spec = family_of(model)
     params = list(model.parameters())
     n_total = sum(p.numel() for p in params)
     shape = BlockShape.from_config(model.config)
     L = len(model.get_submodule(spec.layers))
-    per_layer = [shape.full_layer()] * L
+    prec, b = setup.precision, setup.dtype_bytes
+    per_layer = [shape.full_layer(prec)] * L
+    states = optimizer_state_bytes([p.numel() for p in params], setup.optim, b.trained)
     return MemoryEstimate(
         method="full",
         trainable_parameters=n_total,
-        weights=_weights_bytes(0, n_total, max(_layer_params(model, spec)), setup.gpus),
-        gradients=_sharded(n_total * FP32_BYTES, setup.gpus),
-        optimizer_states=_sharded(
-            optimizer_state_bytes([p.numel() for p in params], setup.optim), setup.gpus
-        ),
+        weights=_weights_bytes(0, n_total, max(_layer_params(model, spec)), setup.gpus, prec),
+        gradients=_sharded(n_total * b.gradient, setup.gpus),
+        optimizer_states=_sharded(states, setup.gpus),
         activations=_activation_bytes(
-            per_layer, [True] * L, setup, FP32_BYTES * shape.hidden_size, shape.head(full=True)
+            per_layer, [True] * L, setup, shape.checkpoint_input(True, prec), shape.head(True, prec)
         ),
-        logits=setup.tokens * shape.logits(),
+        logits=setup.tokens * shape.logits(prec),
         gpu_memory_gib=setup.gpu_memory_gib,
     )
 
@@ -488,8 +759,9 @@ def estimate_full(model: torch.nn.Module, setup: TrainingSetup) -> MemoryEstimat
 def estimate_lora(model: torch.nn.Module, setup: TrainingSetup) -> MemoryEstimate:
     """Memory of LoRA (rank ``setup.lora_rank``) on every linear of every decoder layer.
 
-    Base weights frozen in bf16; adapters fp32 with fp32 gradients and fp32 AdamW states,
-    whatever ``setup.optim`` says (peft's usual setup).
+    Base weights frozen in bf16; adapters fp32 with fp32 gradients and fp32 AdamW states, under
+    bf16 autocast, whatever ``setup.optim`` and ``setup.precision`` say (peft's usual setup: the
+    comparison column is the same for every precision).
 
     Args:
         model: the ``*ForCausalLM`` (meta tensors are fine); not modified.

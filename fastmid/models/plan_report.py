@@ -51,9 +51,10 @@ def make_plan(
     micro_batch: int = 1,
     gpus: int = 1,
     gpu_memory_gib: float = 141.0,
-    optim: str = "adamw8bit",
+    optim: str = "auto",
     checkpointing: bool = True,
     lora_rank: int = 16,
+    precision: str = "auto",
 ) -> dict[str, Any]:
     """Plan a Mid-Block run: band, parameter counts and per-GPU memory, loading no weights.
 
@@ -66,22 +67,28 @@ def make_plan(
         micro_batch: sequences per GPU per step.
         gpus: GPUs sharing weights, gradients and optimizer states (FSDP2).
         gpu_memory_gib: memory of one GPU, GiB (2^30 bytes).
-        optim: ``adamw8bit`` or ``adamw`` (Mid-Block and full fine-tuning; LoRA uses fp32 AdamW).
+        optim: ``auto`` (``ao_adamw8bit`` under ``bf16``, else ``adamw8bit``), ``adamw8bit``,
+            ``paged_adamw8bit``, ``adamw``, ``ao_adamw8bit`` or ``ao_adamw4bit`` (Mid-Block and
+            full fine-tuning; LoRA uses fp32 AdamW).
         checkpointing: activation checkpointing of every layer that stores activations.
         lora_rank: rank of the LoRA comparison column.
+        precision: ``auto`` (``bf16-master``, the CUDA default), ``fp32``, ``bf16-master`` or
+            ``bf16`` (Mid-Block and full fine-tuning; LoRA keeps its own setup).
 
     Returns:
         JSON-ready dict with keys ``model`` (source, model_type, sizes), ``band``
         (:meth:`BandPlan.to_dict` plus ``describe``), ``layers`` (per layer: index, role,
         parameters, trainable), ``parameters`` (:meth:`ParameterCounts.to_dict`), ``setup``
-        (the settings, ``tokens_per_gpu``), ``memory`` (``mid_block``, ``full``, ``lora``:
-        :meth:`MemoryEstimate.to_dict`, bytes and GiB) and ``activation_model`` (``exact`` for
-        Llama-style families, else ``approximate``).
+        (the settings with ``precision`` and ``optim`` resolved, ``tokens_per_gpu``),
+        ``memory`` (``mid_block``, ``full``, ``lora``: :meth:`MemoryEstimate.to_dict`, bytes
+        and GiB) and ``activation_model`` (``exact`` for Llama-style families, else
+        ``approximate``).
 
     Raises:
         ModelSourceError: the source cannot be read, or its ``model_type`` is unsupported.
         BandError: an invalid ``band`` / ``layers`` string (message names the flag).
-        MemoryPlanError: a non-positive size, unknown ``optim``.
+        MemoryPlanError: a non-positive size, unknown ``optim`` or ``precision``, ``bf16`` with
+            an optimizer that cannot round stochastically.
     """
     setup = TrainingSetup(
         seq_len=seq_len,
@@ -91,6 +98,7 @@ def make_plan(
         optim=optim,  # type: ignore[arg-type]
         checkpointing=checkpointing,
         lora_rank=lora_rank,
+        precision=precision,  # type: ignore[arg-type]
     )
     config = load_config(model_source)
     try:
@@ -135,6 +143,7 @@ def make_plan(
             "tokens_per_gpu": setup.tokens,
             "gpus": setup.gpus,
             "gpu_memory_gib": setup.gpu_memory_gib,
+            "precision": setup.precision,
             "optim": setup.optim,
             "checkpointing": setup.checkpointing,
             "lora_rank": setup.lora_rank,
@@ -240,7 +249,8 @@ def print_plan(plan_dict: dict[str, Any], console: Any = None) -> None:
     ckpt = "on" if setup["checkpointing"] else "off"
     title = (
         f"Memory per GPU, GiB: seq {setup['seq_len']} x micro-batch {setup['micro_batch']}, "
-        f"{setup['gpus']} GPU(s), {setup['optim']}, checkpointing {ckpt}"
+        f"{setup['gpus']} GPU(s), precision {setup['precision']}, {setup['optim']}, "
+        f"checkpointing {ckpt}"
     )
     table = Table(title=title)
     table.add_column("")

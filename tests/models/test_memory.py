@@ -1,8 +1,11 @@
-"""Memory estimator: hand formulas on a small config, autograd's saved tensors, bitsandbytes' state."""
+"""Memory estimator: hand formulas on a small config, autograd's saved tensors, bitsandbytes' and
+torchao's optimizer states, every --precision."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -12,6 +15,8 @@ import torch
 from tiny import tiny_config, tiny_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from fastmid import config as train_config
+from fastmid.models import memory
 from fastmid.models.band import BandPlan
 from fastmid.models.memory import (
     GIB,
@@ -19,6 +24,8 @@ from fastmid.models.memory import (
     MemoryPlanError,
     TrainingSetup,
     adamw8bit_state_bytes,
+    ao_adamw4bit_state_bytes,
+    ao_adamw8bit_state_bytes,
     build_meta_model,
     estimate_all,
     estimate_full,
@@ -26,6 +33,7 @@ from fastmid.models.memory import (
     estimate_mid_block,
 )
 from fastmid.models.plan_report import make_plan, print_plan
+from fastmid.train.optim import import_torchao_optim
 
 CONFIGS = Path(__file__).resolve().parents[2] / "bench" / "configs"
 
@@ -170,15 +178,125 @@ def test_adamw8bit_bytes_match_bitsandbytes_state() -> None:
         assert adamw8bit_state_bytes(n) == nbytes, n
 
 
+# ---- precisions and optimizers (bytes per parameter: the module docstring's tables) ----------
+
+# --precision -> bytes per frozen weight, per trained weight (with the bf16 autocast copy under
+# bf16-master: 4 + 2), per stored trained weight (what FSDP2 shards), per gradient element.
+PRECISION_BYTES = {
+    "fp32": (4, 4, 4, 4),
+    "bf16-master": (2, 4 + 2, 4, 4),
+    "bf16": (2, 2, 2, 2),
+}
+
+
+def ao8_bytes(n: int, param_bytes: int) -> int:
+    """torchao AdamW8bit state by hand: quantized only for n >= 4096 and a multiple of 256, then
+    per state uint8 codes + an fp32 scale per 256 + its own fp32[256] map; else two states of
+    the parameter's dtype."""
+    if n >= 4096 and n % 256 == 0:
+        return 2 * (n + 4 * (n // 256) + 4 * 256)
+    return 2 * param_bytes * n
+
+
+def test_plan_choices_mirror_the_config() -> None:
+    """models/ cannot import fastmid.config: its copies of the choices and of the auto rules
+    must agree with it (auto precision: the CUDA default)."""
+    assert memory.OPTIMIZERS == tuple(o for o in train_config.OPTIMIZERS if o != "auto")
+    assert memory.PRECISIONS == tuple(p for p in train_config.PRECISIONS if p != "auto")
+    assert memory.STOCHASTIC_ROUNDING_OPTIMIZERS == train_config.STOCHASTIC_ROUNDING_OPTIMIZERS
+    for precision in train_config.PRECISIONS:
+        resolved = train_config.resolve_precision(precision, "cuda")
+        for optim in train_config.OPTIMIZERS:
+            expected = train_config.resolve_optim(optim, resolved)
+            if resolved == "bf16" and expected not in train_config.STOCHASTIC_ROUNDING_OPTIMIZERS:
+                continue  # refused (next test)
+            setup = TrainingSetup(precision=precision, optim=optim)  # type: ignore[arg-type]
+            assert (setup.precision, setup.optim) == (resolved, expected), (precision, optim)
+    assert (TrainingSetup().precision, TrainingSetup().optim) == ("bf16-master", "adamw8bit")
+
+
+def test_bf16_refuses_optimizers_without_stochastic_rounding() -> None:
+    for optim in ("adamw8bit", "paged_adamw8bit", "adamw"):
+        with pytest.raises(MemoryPlanError, match=f"--optim {optim} .*--precision bf16"):
+            TrainingSetup(precision="bf16", optim=optim)  # type: ignore[arg-type]
+    assert TrainingSetup(precision="bf16").optim == "ao_adamw8bit"
+    with pytest.raises(MemoryPlanError, match="--precision 'fp16'"):
+        TrainingSetup(precision="fp16")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16-master", "bf16"])
+def test_weights_gradients_and_states_per_precision_by_hand(precision: str) -> None:
+    frozen_b, trained_b, stored_b, grad_b = PRECISION_BYTES[precision]
+    compute_b = 4 if precision == "fp32" else 2
+    model = build_meta_model(small_config())
+    plan = BandPlan.from_fractions(L, 0.2, 0.8)  # layers 2..7
+    trained = 6 * P_LAYER
+    frozen = P_TOTAL - trained
+    setup = TrainingSetup(seq_len=16, precision=precision, optim="ao_adamw8bit")  # type: ignore[arg-type]
+    mid = estimate_mid_block(model, plan, setup)
+    assert mid.weights == frozen * frozen_b + trained * trained_b
+    assert mid.gradients == trained * grad_b
+    # torchao's unquantized states (k/v 2048, norms 64) take the trained weight's dtype.
+    assert mid.optimizer_states == 6 * sum(ao8_bytes(n, stored_b) for n in LAYER_TENSORS.values())
+
+    # Full fine-tuning in the same precision: every parameter trains.
+    full = estimate_full(model, setup)
+    assert full.weights == P_TOTAL * trained_b
+    assert full.gradients == P_TOTAL * grad_b
+
+    # FSDP2 over 4 GPUs: stored weights sharded, two all-gathered layers in the compute dtype.
+    four = estimate_mid_block(model, plan, dataclasses.replace(setup, gpus=4))
+    assert four.weights == math.ceil((frozen * frozen_b + trained * stored_b) / 4) + (
+        2 * compute_b * P_LAYER
+    )
+    assert four.gradients == math.ceil(trained * grad_b / 4)
+
+    # LoRA keeps its own setup (bf16 base, fp32 adapters) whatever the precision.
+    master = TrainingSetup(seq_len=16, precision="bf16-master", optim="ao_adamw8bit")
+    assert estimate_lora(model, setup) == estimate_lora(model, master)
+
+
+def _state_nbytes(state: torch.Tensor) -> int:
+    """Bytes of one optimizer state: a plain tensor, or the inner tensors of torchao's subclass."""
+    if type(state) is torch.Tensor:
+        return state.nbytes
+    names, _ = state.__tensor_flatten__()
+    return sum(getattr(state, name).nbytes for name in names)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_torchao_state_bytes_match_real_states(dtype: torch.dtype) -> None:
+    """torchao's states as its step() creates them (``_new_buffer``: exp_avg signed, exp_avg_sq
+    unsigned), without calling step() (which compiles per shape)."""
+    ao = import_torchao_optim()
+    # 4095: too small; 33 x 128 = 4224: a multiple of 128, not of 256 (4-bit quantized, 8-bit
+    # plain); 5000: a multiple of neither; the rest quantized by both.
+    shapes = [(100,), (4095,), (64, 64), (33, 128), (5000,), (64, 160), (20, 256)]
+    params = [torch.nn.Parameter(torch.zeros(shape, dtype=dtype)) for shape in shapes]
+    for cls, estimate in (
+        (ao.AdamW8bit, ao_adamw8bit_state_bytes),
+        (ao.AdamW4bit, ao_adamw4bit_state_bytes),
+    ):
+        opt = cls(params, lr=1e-3, bf16_stochastic_round=True)
+        for p in params:
+            real = sum(_state_nbytes(opt._new_buffer(p, signed)) for signed in (True, False))
+            assert estimate(p.numel(), p.element_size()) == real, (cls.__name__, tuple(p.shape))
+
+
 # ---- activation formulas against autograd's saved tensors ------------------------------------
 
 
-def _saved_bytes_per_token(model, layers, layer: int, seq: int = 24) -> float:
-    """Bytes autograd saves inside ``layers[layer]`` per token, under CPU bf16 autocast.
+def _saved_bytes_per_token(
+    model, layers, layer: int, seq: int = 24, autocast: bool = True, end=None
+) -> float:
+    """Bytes autograd saves inside ``layers[layer]`` per token, under CPU bf16 autocast (or none,
+    as ``--precision fp32`` and ``bf16`` run). With ``end``, from ``layers[layer]``'s input to
+    the output of module ``end`` (the final norm through ``lm_head``).
 
     Two batch sizes with the same sequence length: the difference removes everything that does
     not scale with tokens (autocast's bf16 weight copies, RoPE cos/sin shared by the batch).
     """
+    end = layers[layer] if end is None else end
 
     def run(batch: int) -> int:
         seen: dict[int, int] = {}
@@ -190,13 +308,11 @@ def _saved_bytes_per_token(model, layers, layer: int, seq: int = 24) -> float:
             return t
 
         pre = layers[layer].register_forward_pre_hook(lambda *a: inside.__setitem__(0, True))
-        post = layers[layer].register_forward_hook(lambda *a: inside.__setitem__(0, False))
+        post = end.register_forward_hook(lambda *a: inside.__setitem__(0, False))
         ids = torch.randint(0, V, (batch, seq), generator=torch.Generator().manual_seed(batch))
+        cast = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
         try:
-            with (
-                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
-                torch.autocast("cpu", dtype=torch.bfloat16),
-            ):
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), cast:
                 model(input_ids=ids)
         finally:
             pre.remove()
@@ -253,6 +369,78 @@ def test_lora_activation_formula_matches_saved_tensors(base_model) -> None:
     )
 
 
+def _uniform_precision(model: torch.nn.Module, dtype: torch.dtype, trained: set) -> torch.nn.Module:
+    """--precision fp32 / bf16 on CPU: every weight in ``dtype``; layers in ``trained`` train
+    (``None`` in ``trained``: embeddings, final norm and lm_head too)."""
+    model = copy.deepcopy(model).to(dtype)
+    for name, p in model.named_parameters():
+        idx = int(name.split(".")[2]) if name.startswith("model.layers.") else None
+        p.requires_grad_(idx in trained)
+    return model
+
+
+# Per token, h=64, q=64, kv=32, I=160, n=4 (hand arithmetic of the docstring's formulas):
+#   bf16-master band 22h+4q+4kv+8I+4n+8 = 3096, full 26h+... = 3352, frozen 8h+4q+4kv+6I+4n+8
+#   = 1880, full head 10h+12 = 652; fp32 band 24h+8q+8kv+16I+4n+8 = 4888, frozen
+#   8h+8q+8kv+12I+4n+8 = 3224, full head 12h+12 = 780; bf16 band 16h+4q+4kv+8I+4n+8 = 2712,
+#   frozen 1880, full head 8h+12 = 524. First band layer: band - (4h+4); Mid-Block head 4h+4.
+@pytest.mark.parametrize(
+    ("precision", "band", "frozen", "full", "full_head"),
+    [
+        ("bf16-master", 3096, 1880, 3352, 652),
+        ("fp32", 4888, 3224, 4888, 780),
+        ("bf16", 2712, 1880, 2712, 524),
+    ],
+)
+def test_activation_formulas_per_precision_match_saved_tensors(
+    base_model, precision: str, band: int, frozen: int, full: int, full_head: int
+) -> None:
+    shape = BlockShape.from_config(base_model.config)
+    autocast = precision == "bf16-master"
+    if autocast:
+        mid = _mixed_precision(base_model, {0, 1})
+        everything = copy.deepcopy(base_model).float()
+    else:
+        dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+        mid = _uniform_precision(base_model, dtype, {0, 1})
+        everything = _uniform_precision(base_model, dtype, {None, 0, 1, 2})
+
+    def saved(model, layer: int) -> float:
+        return _saved_bytes_per_token(model, model.model.layers, layer, autocast=autocast)
+
+    def saved_head(model) -> float:  # final norm through lm_head (the embedding's indices: 8)
+        norm = [model.model.norm]
+        return _saved_bytes_per_token(model, norm, 0, autocast=autocast, end=model.lm_head)
+
+    h = shape.hidden_size
+    assert saved(mid, 1) == shape.band_layer(precision=precision) == band
+    assert saved(mid, 0) == shape.band_layer(False, precision) == band - (4 * h + 4)
+    assert saved(mid, 2) == shape.frozen_layer(precision) == frozen
+    assert saved_head(mid) == shape.head(False, precision) == 4 * h + 4
+    assert saved(everything, 1) == shape.full_layer(precision) == full
+    assert saved_head(everything) + 8 == shape.head(True, precision) == full_head
+
+
+@pytest.mark.parametrize(
+    ("precision", "a", "band", "full_head"), [("fp32", 4, 4888, 780), ("bf16", 2, 2712, 524)]
+)
+def test_activations_and_logits_per_precision_by_hand(
+    precision: str, a: int, band: int, full_head: int
+) -> None:
+    """Without autocast a checkpointed layer keeps its input in the weights' dtype (``a`` bytes),
+    the logits are ``a`` bytes wide, then fp32 log-probabilities and their fp32 gradient."""
+    model = build_meta_model(small_config())
+    plan = BandPlan.from_fractions(L, 0.2, 0.8)  # band 2..7, suffix 8, 9
+    tokens = 3 * 50
+    setup = TrainingSetup(seq_len=50, micro_batch=3, precision=precision)  # type: ignore[arg-type]
+    est = estimate_mid_block(model, plan, setup)
+    assert est.activations == tokens * (8 * a * H + band + 4 * H + 4)
+    assert est.logits == tokens * V * (a + 4 + 4)
+    full = estimate_full(model, setup)
+    assert full.activations == tokens * (L * a * H + band + full_head)
+    assert full.logits == est.logits
+
+
 # ---- published models ----------------------------------------------------------------------
 
 
@@ -286,6 +474,28 @@ def test_qwen25_32b_default_band_and_report(capsys) -> None:
     print_plan(plan, console)
     text = console.export_text()
     assert "13..50" in text and "LoRA r=16" in text and "fits in 141 GiB" in text
+
+
+def test_qwen25_32b_bf16_band() -> None:
+    """The issue's numbers: under --precision bf16 the 32.76 B weights take 61 GiB, the band's
+    18.53 B bf16 gradients 34.5 GiB and its 8-bit states 35 GiB."""
+    plan = make_plan(CONFIGS / "qwen2.5-32b.json", precision="bf16")
+    assert (plan["setup"]["precision"], plan["setup"]["optim"]) == ("bf16", "ao_adamw8bit")
+    h, kv, inter, vocab = 5120, 1024, 27648, 152064
+    # One Qwen2 layer's tensors: q/k/v weights and biases, o, gate/up/down, two norms.
+    tensors = [h * h, h, h * kv, kv, h * kv, kv, h * h, h * inter, h * inter, inter * h, h, h]
+    per_layer = sum(tensors)
+    total = 64 * per_layer + 2 * vocab * h + h
+    mid = plan["memory"]["mid_block"]
+    assert mid["bytes"]["weights"] == 2 * total
+    assert mid["bytes"]["gradients"] == 2 * 38 * per_layer
+    assert mid["bytes"]["optimizer_states"] == 38 * sum(ao8_bytes(n, 2) for n in tensors)
+    gib = mid["gib"]
+    assert (round(gib["weights"]), round(gib["gradients"], 1), round(gib["optimizer_states"])) == (
+        61,
+        34.5,
+        35,
+    )
 
 
 def test_bad_settings_name_the_flag(tmp_path) -> None:
