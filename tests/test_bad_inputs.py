@@ -79,6 +79,7 @@ BAD_FILES: dict[str, bytes] = {
     "huge-seed.yaml": b"seed: 1180591620717411303424\n",
     "utf16.yaml": "lr: 0.001\n".encode("utf-16"),  # starts with the byte-order mark ff fe
     "latin1.yaml": "model: café\n".encode("latin-1"),  # é is byte 10
+    "bf16-adamw.yaml": b"precision: bf16\noptim: adamw\n",
     # model paths
     "a-text-file.txt": b"hello\n",
     "fake.gguf": b"not a gguf file\n",
@@ -233,6 +234,20 @@ CASES = [
     case("usage-unknown-data-command", "data inspekt", "inspekt"),
     case("usage-analyze-without-base", "analyze", "--base"),
     case("usage-plan-optim-not-a-choice", "plan --model {tiny} --optim sgd", "--optim", "sgd"),
+    case(
+        "bf16-with-round-to-nearest-optimizer",
+        "train --precision bf16 --optim adamw8bit --print-config",
+        "--optim",
+        "--precision bf16",
+        "ao_adamw8bit",
+    ),
+    case(
+        "yaml-bf16-with-round-to-nearest-optimizer",
+        "train {files}/bf16-adamw.yaml --print-config",
+        "optim",
+        "ao_adamw4bit",
+    ),
+    case("usage-precision-not-a-choice", "train --precision fp16", "--precision", "fp16"),
     # -- flag values: bounds and finiteness -----------------------------------------------------
     case("lr-inf", "train --lr inf --print-config", "--lr"),
     case("lr-nan", "train --lr nan --print-config", "--lr"),

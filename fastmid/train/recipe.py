@@ -925,6 +925,7 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
     table.add_row("band", f"layers {summary['band']['first']}..{summary['band']['last']}")
     p = summary["parameters"]
     table.add_row("trainable", f"{p['trainable']:,} ({p['trainable_share_percent']:.1f}%)")
+    table.add_row("precision / optimizer", f"{summary['precision']} / {summary['optimizer']}")
     table.add_row("steps / tokens", f"{summary['steps']} / {summary['tokens']:,}")
     if summary["tokens_per_s"]:
         table.add_row("tokens/s", f"{summary['tokens_per_s']:.0f}")

@@ -10,6 +10,7 @@ SmolLM2 runs one bf16 run per optimizer family. Graphs are cached per process an
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
@@ -180,12 +181,18 @@ def test_each_precision_and_optimizer_trains_resumes_exactly_and_exports(
 
 
 def test_bf16_without_optim_picks_torchao_8bit_and_records_it(square_llama_dir, tmp_path):
-    recipe = MidBlockRecipe(_config(str(square_llama_dir), tmp_path / "auto", precision="bf16"))
+    from rich.console import Console
+
+    console = Console(file=io.StringIO(), width=200)
+    cfg = _config(str(square_llama_dir), tmp_path / "auto", precision="bf16", max_steps=1)
+    recipe = MidBlockRecipe(cfg, console)
     assert recipe.cfg.optim == "ao_adamw8bit"
     recipe.setup()
     assert type(recipe.optimizer).__name__ == "AdamW8bit"
     assert recipe.optimizer.bf16_stochastic_round is True
     assert "optim: ao_adamw8bit\n" in (recipe.out / "config.yaml").read_text()
+    recipe.train()  # the first step compiles torchao's step: the console says so first
+    assert "compiling the optimizer step (ao_adamw8bit" in console.file.getvalue()
 
 
 def test_resume_with_another_precision_or_optimizer_is_refused(square_llama_dir, tmp_path):
