@@ -338,8 +338,8 @@ class TrainConfig:
     precision: Precision = field(
         default="auto",
         metadata=_meta(
-            "weights and compute: fp32; bf16-master (bf16 autocast, fp32 band weights); bf16 "
-            "(all weights bf16, stochastic rounding); auto: bf16-master on CUDA, else fp32",
+            "weights and compute (bf16-master: bf16 autocast, fp32 band weights; bf16: all "
+            "weights bf16, stochastic rounding; auto: bf16-master on CUDA, else fp32)",
             "optimization",
             resume_must_match=True,
         ),
@@ -347,9 +347,8 @@ class TrainConfig:
     optim: Optimizer = field(
         default="auto",
         metadata=_meta(
-            "optimizer: adamw8bit, paged_adamw8bit (bitsandbytes), ao_adamw8bit, ao_adamw4bit "
-            "(torchao), adamw (fp32 states); auto: ao_adamw8bit under --precision bf16, else "
-            "adamw8bit",
+            "optimizer (adamw8bit, paged_adamw8bit: bitsandbytes; ao_*: torchao; adamw: fp32 "
+            "states; auto: ao_adamw8bit under --precision bf16, else adamw8bit)",
             "optimization",
             resume_must_match=True,
         ),
