@@ -388,6 +388,16 @@ def plan(
         "(all weights bf16, stochastic rounding); auto: bf16-master, the CUDA default (plan "
         "estimates GPU memory)",
     ),
+    optimizer_in_backward: bool = config_option(
+        "optimizer_in_backward",
+        help="estimate with each band parameter stepped inside backward and its gradient freed "
+        "at once: one parameter's gradient at a time",
+    ),
+    optimizer_offload: bool = config_option(
+        "optimizer_offload",
+        help="estimate with the optimizer states of tensors of >= 4096 elements in pinned CPU "
+        "memory (CUDA): a host-memory row, outside the GPU total",
+    ),
     checkpointing: bool = typer.Option(
         True,
         "--checkpointing/--no-checkpointing",
@@ -421,6 +431,8 @@ def plan(
             optim=resolve_optim(optim, resolved),
             checkpointing=checkpointing,
             precision=resolved,
+            optimizer_in_backward=optimizer_in_backward,
+            optimizer_offload=optimizer_offload,
         )
         if as_json:
             sys.stdout.write(json.dumps(result, indent=1) + "\n")

@@ -353,6 +353,23 @@ class TrainConfig:
             resume_must_match=True,
         ),
     )
+    optimizer_in_backward: bool = field(
+        default=False,
+        metadata=_meta(
+            "step each band parameter inside backward and free its gradient at once (needs "
+            "--grad-accum 1 and --grad-clip 0)",
+            "optimization",
+            resume_must_match=True,
+        ),
+    )
+    optimizer_offload: bool = field(
+        default=False,
+        metadata=_meta(
+            "keep optimizer states in pinned CPU memory and step there (CUDA; needs --grad-clip 0)",
+            "optimization",
+            resume_must_match=True,
+        ),
+    )
     seed: int = field(
         default=0,
         metadata=_meta(
@@ -891,6 +908,31 @@ def validate(cfg: TrainConfig, where: Callable[[str], str] = flag) -> None:
             raise ConfigError(f"{where(name)}: {problem}")
     if cfg.band is not None and cfg.layers is not None:
         raise ConfigError("--band: give either --band or --layers, not both")
+    for name in ("optimizer_in_backward", "optimizer_offload"):
+        # Both step a parameter as soon as its gradient exists (offload: copies it to the host
+        # then), before the global norm over the band is known.
+        if getattr(cfg, name) and cfg.grad_clip > 0:
+            raise ConfigError(
+                f"{where(name)}: global gradient-norm clipping (--grad-clip {_fmt(cfg.grad_clip)}) "
+                f"needs every gradient of the step before any parameter steps; pass --grad-clip "
+                f"0 with {flag(name)}, or drop {flag(name)} to keep clipping"
+            )
+    if cfg.optimizer_in_backward and cfg.grad_accum > 1:
+        raise ConfigError(
+            f"{where('optimizer_in_backward')}: the step in backward runs once per backward, so "
+            f"it cannot accumulate {cfg.grad_accum} micro-batches; use --grad-accum 1 and raise "
+            "--micro-batch instead, or drop --optimizer-in-backward"
+        )
+    if cfg.optimizer_in_backward and cfg.optimizer_offload:
+        raise ConfigError(
+            f"{where('optimizer_offload')}: --optimizer-offload already steps on the host while "
+            "backward runs; use one of --optimizer-offload and --optimizer-in-backward"
+        )
+    if cfg.optimizer_offload and cfg.optim == "paged_adamw8bit":
+        raise ConfigError(
+            f"{where('optim')}: paged_adamw8bit pages its states itself; with "
+            "--optimizer-offload use adamw, adamw8bit, ao_adamw8bit or ao_adamw4bit"
+        )
     if cfg.precision == "bf16" and cfg.optim not in ("auto", *STOCHASTIC_ROUNDING_OPTIMIZERS):
         # Round-to-nearest bf16 updates lose most small steps (README, "Precision"): never a
         # silent option.

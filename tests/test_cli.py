@@ -113,6 +113,73 @@ def test_plan_bf16_with_a_round_to_nearest_optimizer_is_one_line(tiny_config_jso
     assert "--optim adamw8bit" in message and "--precision bf16" in message
 
 
+def test_plan_optimizer_options_are_shown(tmp_path: Path) -> None:
+    # 10 layers, h=64, 4 heads of 16 (q, o: 64 x 64 = 4096), 2 kv heads (k, v: 64 x 32 = 2048),
+    # I=128 (gate, up, down: 64 x 128 = 8192), norms 64; band 2..7 (6 layers).
+    path = tmp_path / "config.json"
+    tiny_config(
+        "llama", num_hidden_layers=10, hidden_size=64, intermediate_size=128, vocab_size=64
+    ).to_json_file(path)
+    base = ("plan", "--model", str(path), "--seq-len", "64", "--optim", "adamw")
+
+    default = json.loads(invoke(*base, "--json").stdout)
+    assert (default["setup"]["optimizer_in_backward"], default["setup"]["optimizer_offload"]) == (
+        False,
+        False,
+    )
+    assert default["memory"]["mid_block"]["bytes"]["host_memory"] == 0
+
+    result = invoke(*base, "--optimizer-in-backward", "--json")
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    assert plan["setup"]["optimizer_in_backward"] is True
+    # bf16-master: fp32 gradients, one gate/up/down gradient at a time.
+    assert plan["memory"]["mid_block"]["bytes"]["gradients"] == 8192 * 4
+    table = invoke(*base, "--optimizer-in-backward")
+    assert table.exit_code == 0, table.output
+    text = " ".join(table.stdout.split())  # rich may wrap
+    assert "optimizer in backward" in text and "host memory" not in text
+
+    result = invoke(*base, "--optimizer-offload", "--json")
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    assert plan["setup"]["optimizer_offload"] is True
+    mid = plan["memory"]["mid_block"]["bytes"]
+    # fp32 AdamW states (8 bytes) of k, v and the norms stay on the GPU; q, o, gate, up, down
+    # get a pinned fp32 copy (4), a pinned fp32 gradient buffer (4) and host states (8).
+    assert mid["optimizer_states"] == 6 * 8 * (2 * 2048 + 2 * 64) == 202752
+    assert mid["host_memory"] == 6 * 16 * (2 * 4096 + 3 * 8192) == 3145728
+    gpu_terms = ("weights", "gradients", "optimizer_states", "activations", "logits")
+    assert mid["total"] == sum(mid[k] for k in gpu_terms)
+    table = invoke(*base, "--optimizer-offload")
+    assert table.exit_code == 0, table.output
+    text = " ".join(table.stdout.split())
+    assert "optimizer offload" in text and "host memory (offload)" in text
+    assert "host memory" not in " ".join(invoke(*base).stdout.split())
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (
+            ["--optimizer-in-backward", "--optimizer-offload"],
+            ["--optimizer-in-backward", "--optimizer-offload"],
+        ),
+        (
+            ["--optimizer-offload", "--optim", "paged_adamw8bit"],
+            ["paged_adamw8bit", "--optimizer-offload"],
+        ),
+    ],
+    ids=["both", "offload-paged"],
+)
+def test_plan_refused_optimizer_options_are_one_line(
+    args: list[str], needles: list[str], tiny_config_json: Path
+) -> None:
+    message = assert_one_line_error(invoke("plan", "--model", str(tiny_config_json), *args))
+    for needle in needles:
+        assert needle in message, needle
+
+
 def test_train_passes_its_flags_to_the_recipe_and_exits_0(monkeypatch, tmp_path: Path) -> None:
     seen = []
 

@@ -115,7 +115,7 @@ OLD_RESUME_KEYS = {
 # Added since: the optimizer and schedule settings live in the checkpoint's optimizer and
 # scheduler state, which a resume loads (a new --lr on resume was written to config.yaml but
 # never used).
-OPTIMIZER_RESUME_KEYS = {"lr", "warmup_steps", "schedule", "min_lr_ratio", "weight_decay", "optim", "precision"}  # fmt: skip
+OPTIMIZER_RESUME_KEYS = {"lr", "warmup_steps", "schedule", "min_lr_ratio", "weight_decay", "optim", "precision", "optimizer_in_backward", "optimizer_offload"}  # fmt: skip
 
 
 def test_every_field_has_help_group_and_bounds_metadata():

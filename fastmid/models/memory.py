@@ -59,10 +59,56 @@ Not counted in the states: the per-tensor ``step`` scalars. torchao computes eac
 inside one compiled kernel per parameter (``single_param_adam``: fp32 copies of the weight, the
 gradient and both states of that one parameter): a transient of a few fp32 copies of the largest
 trained tensor (Qwen2.5-32B's 5120 x 27648 MLP matrices: 0.53 GiB per copy) that exists only in
-the optimizer step, after backward has freed the activations and logits; it is not added.
+the optimizer step, after backward has freed the activations and logits; it is not added (under
+``--optimizer-in-backward`` the step runs inside backward: see below).
 
-Full fine-tuning uses the same precision and optimizer as the band (under ``bf16`` every weight
-and gradient is bf16, embeddings included).
+Optimizer in backward and optimizer offload (``--optimizer-in-backward``, ``--optimizer-offload``;
+at most one of them, and no offload with ``paged_adamw8bit``, the rules of
+:func:`fastmid.config.validate`) change two lines and add a host figure:
+
+=========================  ============================  ========================================
+option                     gradients (GPU)               optimizer states (GPU); host memory
+=========================  ============================  ========================================
+neither                    every trained tensor's        every state on the GPU; host 0
+                           gradient
+``--optimizer-in-          the largest trained tensor's  unchanged; host 0
+backward``                 gradient (b)
+``--optimizer-offload``    unchanged (c)                 GPU: the states of the trained tensors of
+                                                         < 4096 elements only; host: for every
+                                                         trained tensor of >= 4096 elements a
+                                                         pinned copy of the weight and a pinned
+                                                         gradient buffer, both in the trained
+                                                         weight's dtype (``2 * trained`` bytes
+                                                         per element), plus its states (d)
+=========================  ============================  ========================================
+
+(b) ``fastmid.train.optim.OptimizerInBackward``: one optimizer per trained tensor, stepped in the
+tensor's ``register_post_accumulate_grad_hook``, which then frees the gradient. Autograd sets a
+``.grad`` just before that hook runs, so one gradient (in the gradient dtype of the precision)
+lives at a time. Under FSDP2 (``gpus = N``) the hook gets the local shard:
+``ceil(largest * gradient bytes / N)`` (dim-0 sharding may round a shard up by a row: not counted).
+The states are unchanged: the per-tensor rules above apply per tensor either way.
+(c) torchao 0.18 ``CPUOffloadOptimizer(params, optimizer_class, offload_gradients=False,
+minimal_size=4096)`` (``torchao/optim/cpu_offload.py``): the GPU keeps every gradient; tensors of
+< 4096 elements stay on the GPU, stepped by an on-device optimizer of the same class.
+(d) One host optimizer of the same class per offloaded tensor, on its pinned copy (the trained
+dtype), so the per-tensor rules above give its states. The host figure is per GPU (a machine with
+N GPUs pins N times as much); it is not part of the GPU total and not in ``fits``. Under FSDP2 it
+is sharded like the states (torchao documents the offload optimizer for one GPU: an estimate).
+
+The LoRA column keeps its own setup under both options (no step in backward, no offload).
+
+Not counted under ``--optimizer-in-backward``: each hook's transients, which now exist during
+backward, beside the activations. The hook checks one gradient: ``grad.float().pow(2).sum()``
+(under ``bf16`` an fp32 copy plus its fp32 square: 8 bytes per element of that tensor; with fp32
+gradients the square only, 4) then ``torch.isfinite`` (composite ``(g == g) * (g.abs() != inf)``:
+a copy in the gradient's dtype and two bool masks, 6 bytes per element with fp32 gradients, 4 with
+bf16 ones). So 8 (``bf16``) or 6 (``fp32``, ``bf16-master``) bytes per element of the largest
+trained tensor: 1.05 or 0.79 GiB for Qwen2.5-32B's 5120 x 27648 MLP matrices. torchao's fp32
+working copies of one tensor (above) come on top while its step runs. Leave headroom for them.
+
+Full fine-tuning uses the same precision, optimizer and options as the band (under ``bf16`` every
+weight and gradient is bf16, embeddings included; its largest tensor is usually the embedding).
 
 Activations (bytes per token per decoder layer) are counted the way Korthikanti et al. 2022,
 "Reducing Activation Recomputation in Large Transformer Models" (arXiv 2205.05198, Sec. 4.1)
@@ -172,6 +218,9 @@ AO8_BLOCKSIZE = 256
 AO4_BLOCKSIZE = 128
 AO8_QMAP_ENTRIES = 256  # fp32 entries of one state's quantization map (one map per state)
 AO4_QMAP_ENTRIES = 16
+# torchao 0.18 CPUOffloadOptimizer's default minimal_size (fastmid.train.optim keeps it): tensors of
+# fewer elements stay on the GPU with an on-device optimizer.
+OFFLOAD_MIN_SIZE = 4096
 LORA_RANK = 16
 # Families whose decoder layer is the Llama-style block the activation formulas describe.
 EXACT_ACTIVATION_FAMILIES = ("llama", "mistral", "qwen2")
@@ -409,6 +458,10 @@ class TrainingSetup:
         lora_rank: rank of the LoRA baseline.
         precision: ``fp32``, ``bf16-master``, ``bf16`` or ``auto`` (``bf16-master``, the CUDA
             default: a plan estimates GPU memory); resolved on construction.
+        optimizer_in_backward: ``--optimizer-in-backward``: each trained tensor steps in its
+            gradient hook, which frees the gradient (module docstring).
+        optimizer_offload: ``--optimizer-offload``: torchao's ``CPUOffloadOptimizer``, states of
+            tensors of >= 4096 elements in pinned host memory (module docstring).
     """
 
     seq_len: int = 4096
@@ -419,6 +472,8 @@ class TrainingSetup:
     checkpointing: bool = True
     lora_rank: int = LORA_RANK
     precision: Precision | Literal["auto"] = "auto"
+    optimizer_in_backward: bool = False
+    optimizer_offload: bool = False
 
     def __post_init__(self) -> None:
         for flag, value in (
@@ -448,6 +503,17 @@ class TrainingSetup:
                 f"--precision bf16 does not train with it; use "
                 f"{' or '.join(STOCHASTIC_ROUNDING_OPTIMIZERS)}, or --precision bf16-master"
             )
+        # The rules of fastmid.config.validate (grad clipping and accumulation are no plan input).
+        if self.optimizer_in_backward and self.optimizer_offload:
+            raise MemoryPlanError(
+                "--optimizer-offload already steps on the host while backward runs; use one of "
+                "--optimizer-offload and --optimizer-in-backward"
+            )
+        if self.optimizer_offload and optim == "paged_adamw8bit":
+            raise MemoryPlanError(
+                "--optim paged_adamw8bit pages its states itself; with --optimizer-offload use "
+                "adamw, adamw8bit, ao_adamw8bit or ao_adamw4bit"
+            )
         object.__setattr__(self, "precision", precision)  # frozen dataclass: resolve once
         object.__setattr__(self, "optim", optim)
 
@@ -471,6 +537,9 @@ class MemoryEstimate:
         trainable_parameters: parameters that receive updates.
         weights, gradients, optimizer_states, activations, logits: bytes per GPU.
         gpu_memory_gib: the GPU's memory in GiB, for :attr:`fits`.
+        host_memory: pinned host bytes per GPU of ``--optimizer-offload`` (weight copies,
+            gradient buffers and states of the offloaded tensors); 0 without offload. Not part
+            of :attr:`total` nor of :attr:`fits`.
     """
 
     method: Method
@@ -481,10 +550,11 @@ class MemoryEstimate:
     activations: int
     logits: int
     gpu_memory_gib: float
+    host_memory: int = 0
 
     @property
     def total(self) -> int:
-        """Sum of all terms, bytes."""
+        """Sum of the GPU terms, bytes (not :attr:`host_memory`)."""
         return (
             self.weights + self.gradients + self.optimizer_states + self.activations + self.logits
         )
@@ -495,7 +565,10 @@ class MemoryEstimate:
         return self.total <= self.gpu_memory_gib * GIB
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready view: bytes and GiB (rounded to 3 decimals) per term, ``fits``."""
+        """JSON-ready view: bytes and GiB (rounded to 3 decimals) per term, ``fits``.
+
+        ``host_memory`` follows ``total`` and is not part of it (pinned host memory).
+        """
         terms = {
             "weights": self.weights,
             "gradients": self.gradients,
@@ -503,6 +576,7 @@ class MemoryEstimate:
             "activations": self.activations,
             "logits": self.logits,
             "total": self.total,
+            "host_memory": self.host_memory,
         }
         return {
             "method": self.method,
@@ -619,6 +693,48 @@ def optimizer_state_bytes(numels: list[int], optim: str, param_bytes: int = FP32
     raise MemoryPlanError(f"--optim '{optim}' is not known (choose {', '.join(OPTIMIZERS)})")
 
 
+def offload_bytes(numels: list[int], optim: str, param_bytes: int = FP32_BYTES) -> tuple[int, int]:
+    """Optimizer memory under ``--optimizer-offload``: ``(GPU state bytes, host bytes)``.
+
+    torchao 0.18 ``CPUOffloadOptimizer(..., offload_gradients=False, minimal_size=4096)``:
+    tensors of fewer than 4096 elements keep their states on the GPU; every other one gets a
+    pinned host copy of the weight and a pinned host gradient buffer (``torch.empty_like``: the
+    weight's dtype, ``param_bytes``) and one host optimizer of the same class, whose states follow
+    :func:`optimizer_state_bytes`.
+
+    Args:
+        numels: element counts of the trained tensors.
+        optim: a resolved optimizer (:data:`OPTIMIZERS`).
+        param_bytes: bytes per element of the trained weights.
+
+    Raises:
+        MemoryPlanError: unknown ``optim``.
+    """
+    kept = [n for n in numels if n < OFFLOAD_MIN_SIZE]
+    moved = [n for n in numels if n >= OFFLOAD_MIN_SIZE]
+    host = 2 * param_bytes * sum(moved) + optimizer_state_bytes(moved, optim, param_bytes)
+    return optimizer_state_bytes(kept, optim, param_bytes), host
+
+
+def _gradients_and_optimizer(numels: list[int], setup: TrainingSetup) -> tuple[int, int, int]:
+    """Per-GPU ``(gradients, optimizer states, host memory)`` of the trained tensors ``numels``
+    under ``setup``'s precision, optimizer and options (module docstring)."""
+    b = setup.dtype_bytes
+    if setup.optimizer_in_backward:
+        gradients = max(numels, default=0) * b.gradient
+    else:
+        gradients = sum(numels) * b.gradient
+    if setup.optimizer_offload:
+        states, host = offload_bytes(numels, setup.optim, b.trained)
+    else:
+        states, host = optimizer_state_bytes(numels, setup.optim, b.trained), 0
+    return (
+        _sharded(gradients, setup.gpus),
+        _sharded(states, setup.gpus),
+        _sharded(host, setup.gpus),
+    )
+
+
 def lora_adapter_numels(model: torch.nn.Module, rank: int) -> list[int]:
     """Element counts of the LoRA ``A`` (``r x in``) and ``B`` (``out x r``) matrices for every
     linear layer (``nn.Linear`` or GPT-2's ``Conv1D``) inside the decoder layers."""
@@ -683,10 +799,13 @@ def estimate_mid_block(
         model: the ``*ForCausalLM`` (meta tensors are fine); its ``requires_grad`` flags are
             reset by :func:`fastmid.models.band.apply_band`.
         plan: the band; embeddings, final norm and ``lm_head`` stay frozen.
-        setup: sequence length, batch, GPUs, optimizer, checkpointing.
+        setup: sequence length, batch, GPUs, optimizer, checkpointing, precision, and
+            ``--optimizer-in-backward`` / ``--optimizer-offload``.
 
     Returns:
-        The :class:`MemoryEstimate` (formulas in the module docstring).
+        The :class:`MemoryEstimate` (formulas in the module docstring): under in-backward the
+        gradients are the largest band tensor's; under offload the optimizer states are the
+        GPU-resident ones (tensors of < 4096 elements) and ``host_memory`` holds the rest.
 
     Raises:
         BandError: the plan's layer count differs from the model's.
@@ -697,7 +816,7 @@ def estimate_mid_block(
     n_total = sum(p.numel() for p in model.parameters())
     shape = BlockShape.from_config(model.config)
     layer_params = _layer_params(model, spec)
-    prec, b = setup.precision, setup.dtype_bytes
+    prec = setup.precision
     per_layer: list[int] = []
     for i in range(plan.num_hidden_layers):
         role = plan.role(i)
@@ -706,18 +825,19 @@ def estimate_mid_block(
         else:
             per_layer.append(0 if role == "frozen-prefix" else shape.frozen_layer(prec))
     stored = [plan.role(i) != "frozen-prefix" for i in range(plan.num_hidden_layers)]
-    states = optimizer_state_bytes([p.numel() for p in trainable], setup.optim, b.trained)
+    gradients, states, host = _gradients_and_optimizer([p.numel() for p in trainable], setup)
     return MemoryEstimate(
         method="mid_block",
         trainable_parameters=n_trained,
         weights=_weights_bytes(n_total - n_trained, n_trained, max(layer_params), setup.gpus, prec),
-        gradients=_sharded(n_trained * b.gradient, setup.gpus),
-        optimizer_states=_sharded(states, setup.gpus),
+        gradients=gradients,
+        optimizer_states=states,
         activations=_activation_bytes(
             per_layer, stored, setup, shape.checkpoint_input(False, prec), shape.head(False, prec)
         ),
         logits=setup.tokens * shape.logits(prec),
         gpu_memory_gib=setup.gpu_memory_gib,
+        host_memory=host,
     )
 
 
@@ -727,7 +847,8 @@ def estimate_full(model: torch.nn.Module, setup: TrainingSetup) -> MemoryEstimat
 
     Args:
         model: the ``*ForCausalLM`` (meta tensors are fine); not modified.
-        setup: as :func:`estimate_mid_block`; the optimizer is ``setup.optim``.
+        setup: as :func:`estimate_mid_block`; the optimizer is ``setup.optim``, with the same
+            in-backward and offload options (the largest tensor is usually the embedding).
 
     Returns:
         The :class:`MemoryEstimate`; the checkpointed input of a layer is the residual (``4h``
@@ -739,20 +860,21 @@ def estimate_full(model: torch.nn.Module, setup: TrainingSetup) -> MemoryEstimat
     n_total = sum(p.numel() for p in params)
     shape = BlockShape.from_config(model.config)
     L = len(model.get_submodule(spec.layers))
-    prec, b = setup.precision, setup.dtype_bytes
+    prec = setup.precision
     per_layer = [shape.full_layer(prec)] * L
-    states = optimizer_state_bytes([p.numel() for p in params], setup.optim, b.trained)
+    gradients, states, host = _gradients_and_optimizer([p.numel() for p in params], setup)
     return MemoryEstimate(
         method="full",
         trainable_parameters=n_total,
         weights=_weights_bytes(0, n_total, max(_layer_params(model, spec)), setup.gpus, prec),
-        gradients=_sharded(n_total * b.gradient, setup.gpus),
-        optimizer_states=_sharded(states, setup.gpus),
+        gradients=gradients,
+        optimizer_states=states,
         activations=_activation_bytes(
             per_layer, [True] * L, setup, shape.checkpoint_input(True, prec), shape.head(True, prec)
         ),
         logits=setup.tokens * shape.logits(prec),
         gpu_memory_gib=setup.gpu_memory_gib,
+        host_memory=host,
     )
 
 
@@ -761,7 +883,8 @@ def estimate_lora(model: torch.nn.Module, setup: TrainingSetup) -> MemoryEstimat
 
     Base weights frozen in bf16; adapters fp32 with fp32 gradients and fp32 AdamW states, under
     bf16 autocast, whatever ``setup.optim`` and ``setup.precision`` say (peft's usual setup: the
-    comparison column is the same for every precision).
+    comparison column is the same for every precision), and an ordinary optimizer step whatever
+    ``setup.optimizer_in_backward`` and ``setup.optimizer_offload`` say (``host_memory`` 0).
 
     Args:
         model: the ``*ForCausalLM`` (meta tensors are fine); not modified.

@@ -55,6 +55,8 @@ def make_plan(
     checkpointing: bool = True,
     lora_rank: int = 16,
     precision: str = "auto",
+    optimizer_in_backward: bool = False,
+    optimizer_offload: bool = False,
 ) -> dict[str, Any]:
     """Plan a Mid-Block run: band, parameter counts and per-GPU memory, loading no weights.
 
@@ -74,21 +76,27 @@ def make_plan(
         lora_rank: rank of the LoRA comparison column.
         precision: ``auto`` (``bf16-master``, the CUDA default), ``fp32``, ``bf16-master`` or
             ``bf16`` (Mid-Block and full fine-tuning; LoRA keeps its own setup).
+        optimizer_in_backward: ``--optimizer-in-backward``: each trained tensor steps in its
+            gradient hook, so one gradient lives at a time (Mid-Block and full fine-tuning).
+        optimizer_offload: ``--optimizer-offload``: optimizer states of tensors of >= 4096
+            elements in pinned host memory, reported as ``host_memory`` outside the GPU total
+            (Mid-Block and full fine-tuning).
 
     Returns:
         JSON-ready dict with keys ``model`` (source, model_type, sizes), ``band``
         (:meth:`BandPlan.to_dict` plus ``describe``), ``layers`` (per layer: index, role,
         parameters, trainable), ``parameters`` (:meth:`ParameterCounts.to_dict`), ``setup``
-        (the settings with ``precision`` and ``optim`` resolved, ``tokens_per_gpu``),
-        ``memory`` (``mid_block``, ``full``, ``lora``: :meth:`MemoryEstimate.to_dict`, bytes
-        and GiB) and ``activation_model`` (``exact`` for Llama-style families, else
-        ``approximate``).
+        (the settings with ``precision`` and ``optim`` resolved, ``tokens_per_gpu``, the two
+        optimizer options), ``memory`` (``mid_block``, ``full``, ``lora``:
+        :meth:`MemoryEstimate.to_dict`, bytes and GiB, ``host_memory`` beside ``total``) and
+        ``activation_model`` (``exact`` for Llama-style families, else ``approximate``).
 
     Raises:
         ModelSourceError: the source cannot be read, or its ``model_type`` is unsupported.
         BandError: an invalid ``band`` / ``layers`` string (message names the flag).
         MemoryPlanError: a non-positive size, unknown ``optim`` or ``precision``, ``bf16`` with
-            an optimizer that cannot round stochastically.
+            an optimizer that cannot round stochastically, both optimizer options, offload with
+            ``paged_adamw8bit``.
     """
     setup = TrainingSetup(
         seq_len=seq_len,
@@ -99,6 +107,8 @@ def make_plan(
         checkpointing=checkpointing,
         lora_rank=lora_rank,
         precision=precision,  # type: ignore[arg-type]
+        optimizer_in_backward=optimizer_in_backward,
+        optimizer_offload=optimizer_offload,
     )
     config = load_config(model_source)
     try:
@@ -147,6 +157,8 @@ def make_plan(
             "optim": setup.optim,
             "checkpointing": setup.checkpointing,
             "lora_rank": setup.lora_rank,
+            "optimizer_in_backward": setup.optimizer_in_backward,
+            "optimizer_offload": setup.optimizer_offload,
         },
         "memory": {name: est.to_dict() for name, est in memory.items()},
         "activation_model": "exact"
@@ -247,10 +259,16 @@ def print_plan(plan_dict: dict[str, Any], console: Any = None) -> None:
 
     mem = plan_dict["memory"]
     ckpt = "on" if setup["checkpointing"] else "off"
+    # .get: a plan dict written before these options existed has neither key.
+    in_backward = bool(setup.get("optimizer_in_backward"))
+    offload = bool(setup.get("optimizer_offload"))
+    options = (", optimizer in backward" if in_backward else "") + (
+        ", optimizer offload" if offload else ""
+    )
     title = (
         f"Memory per GPU, GiB: seq {setup['seq_len']} x micro-batch {setup['micro_batch']}, "
         f"{setup['gpus']} GPU(s), precision {setup['precision']}, {setup['optim']}, "
-        f"checkpointing {ckpt}"
+        f"checkpointing {ckpt}{options}"
     )
     table = Table(title=title)
     table.add_column("")
@@ -265,8 +283,21 @@ def print_plan(plan_dict: dict[str, Any], console: Any = None) -> None:
     table.add_row(
         f"fits in {setup['gpu_memory_gib']:g} GiB",
         *("[green]yes[/green]" if mem[n]["fits"] else "[red]no[/red]" for n in order),
+        end_section=offload,
     )
+    if offload:
+        # Pinned host memory: below the GPU total and the fits row, not part of either. LoRA keeps
+        # its own setup (no offload).
+        table.add_row(
+            "host memory (offload)",
+            *("-" if n == "lora" else f"{mem[n]['gib']['host_memory']:.2f}" for n in order),
+        )
     console.print(table)
+    if offload:
+        console.print(
+            "note: host memory (offload) is pinned CPU memory per GPU (weight copies, gradient "
+            "buffers and optimizer states of tensors of >= 4096 elements), not in the GPU total"
+        )
     if setup["gpus"] > 1:
         console.print(
             f"note: the {setup['gpus']}-GPU figures are estimates for FSDP2 sharding, which "

@@ -72,8 +72,15 @@ def import_torchao_optim() -> Any:
 
 
 def is_compiled_optimizer(optimizer: torch.optim.Optimizer) -> bool:
-    """True for torchao's optimizers, whose first step compiles (``torch.compile``)."""
-    return type(optimizer).__module__.startswith("torchao.")
+    """True for torchao's AdamW optimizers, whose first step compiles (``torch.compile``), also
+    inside :class:`OptimizerInBackward` or torchao's ``CPUOffloadOptimizer``."""
+    inner = getattr(optimizer, "optimizers", None) or [
+        *getattr(optimizer, "optim_dict", {}).values(),
+        *([optimizer.d_opt] if getattr(optimizer, "d_opt", None) is not None else []),
+    ]
+    if inner:
+        return any(is_compiled_optimizer(o) for o in inner[:1])
+    return type(optimizer).__module__.startswith("torchao.optim.adam")
 
 
 def param_groups(
@@ -103,6 +110,7 @@ def build_optimizer(
     weight_decay: float = 0.0,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
+    offload: bool = False,
 ) -> torch.optim.Optimizer:
     """Build the optimizer over the trainable parameters.
 
@@ -112,6 +120,11 @@ def build_optimizer(
             ``ao_adamw4bit`` (resolved: not ``auto``).
         lr: peak learning rate.
         weight_decay: decoupled weight decay (AdamW, Loshchilov & Hutter 2019) for matrices.
+        offload: ``--optimizer-offload``: torchao's ``CPUOffloadOptimizer`` around the same
+            optimizer class: tensors of >= 4096 elements get a pinned host copy, a pinned host
+            gradient buffer and host-resident states, and step on the host after backward
+            (gradients copied as backward produces them, on a side stream); smaller ones step on
+            the GPU. CUDA only.
 
     State memory per trained element: 2 bytes (8-bit m and v) plus one fp32 scale per block and
     state for ``adamw8bit`` and ``ao_adamw8bit`` (blocks of 256); 1 byte plus one fp32 scale per
@@ -123,17 +136,37 @@ def build_optimizer(
     parameters (``--precision bf16`` refuses them in :func:`fastmid.config.validate`).
 
     Raises:
-        OptimizerError: unknown name; ``paged_adamw8bit`` without CUDA; bitsandbytes or
-            torchao missing.
+        OptimizerError: unknown name; ``paged_adamw8bit`` or ``offload`` without CUDA;
+            bitsandbytes or torchao missing.
     """
     named_params = list(named_params)
     groups = param_groups(named_params, weight_decay)
     if not groups:
         raise OptimizerError("no trainable parameters: the band is empty or everything is frozen")
     on_cuda = any(p.is_cuda for g in groups for p in g["params"])
+    if offload and not on_cuda:
+        raise OptimizerError(
+            "--optimizer-offload needs CUDA (it moves optimizer states from the GPU to pinned "
+            "host memory); on CPU the states are in host memory already: drop the flag"
+        )
+    cls, kwargs = _optimizer_class(name, on_cuda and not offload)
+    if not offload:
+        return cls(groups, lr=lr, betas=betas, eps=eps, **kwargs)
+    offload_cls = import_torchao_optim().CPUOffloadOptimizer
     if name == "adamw":
-        kwargs = {"fused": True} if on_cuda else {"foreach": True}
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **kwargs)
+        kwargs = {}  # CPUOffloadOptimizer picks torch's fused CPU AdamW itself
+    # offload_gradients=False: the GPU keeps the gradients, so the global norm and the
+    # finiteness check see them before the host steps (and accumulation stays possible).
+    return offload_cls(
+        groups, optimizer_class=cls, offload_gradients=False, lr=lr, betas=betas, eps=eps,
+        **kwargs,
+    )  # fmt: skip
+
+
+def _optimizer_class(name: str, on_cuda: bool) -> tuple[type, dict[str, Any]]:
+    """The optimizer class of ``name`` and its keyword arguments besides lr, betas and eps."""
+    if name == "adamw":
+        return torch.optim.AdamW, ({"fused": True} if on_cuda else {"foreach": True})
     if name in ("adamw8bit", "paged_adamw8bit"):
         if name == "paged_adamw8bit" and not on_cuda:
             raise OptimizerError(
@@ -152,11 +185,11 @@ def build_optimizer(
                 "or use --optim adamw"
             ) from None
         cls = bnb.optim.PagedAdamW8bit if name == "paged_adamw8bit" else bnb.optim.AdamW8bit
-        return cls(groups, lr=lr, betas=betas, eps=eps, min_8bit_size=MIN_8BIT_SIZE)
+        return cls, {"min_8bit_size": MIN_8BIT_SIZE}
     if name in TORCHAO_OPTIMIZERS:
-        cls = getattr(import_torchao_optim(), TORCHAO_OPTIMIZERS[name])
         # torchao's default weight decay is 0.01: every group here sets its own.
-        return cls(groups, lr=lr, betas=betas, eps=eps, bf16_stochastic_round=True)
+        cls = getattr(import_torchao_optim(), TORCHAO_OPTIMIZERS[name])
+        return cls, {"bf16_stochastic_round": True}
     raise OptimizerError(
         f"--optim: unknown optimizer '{name}' "
         "(adamw8bit, paged_adamw8bit, adamw, ao_adamw8bit, ao_adamw4bit)"
@@ -193,3 +226,130 @@ def build_scheduler(
         optimizer,
         lambda s: lr_factor(s, total_steps, warmup_steps, schedule, min_ratio),
     )
+
+
+class OptimizerInBackward(torch.optim.Optimizer):
+    """One optimizer per parameter, each stepped inside backward as soon as that parameter's
+    gradient is complete, and the gradient freed at once (``--optimizer-in-backward``).
+
+    The pattern of PyTorch's tutorial "How to save memory by fusing the optimizer step into the
+    backward pass" and of torchtune's ``OptimizerInBackwardWrapper``: a
+    ``register_post_accumulate_grad_hook`` per parameter runs ``optimizer.step()`` and
+    ``zero_grad(set_to_none=True)``, so at most the gradients of the parameters whose hooks are
+    running exist at once, instead of the whole band's.
+
+    The hooks act only between :meth:`begin_step` and :meth:`end_step`; a backward outside (a
+    test, an analysis) leaves ordinary gradients. Inside, each hook also adds the gradient's
+    squared L2 norm (fp32) and a non-finite flag to device tensors, so the global ``grad_norm``
+    and the finiteness check cost one host sync per step, after backward, not one per parameter.
+
+    It subclasses :class:`torch.optim.Optimizer` for the learning-rate schedulers only:
+    :attr:`param_groups` are the per-parameter optimizers' own group dicts, so ``LambdaLR`` sets
+    their ``lr`` directly (in place for torchao's tensor ``lr``). :meth:`step` does nothing (the
+    steps ran in backward). ``state_dict()`` is ``{"optimizers": [each one's state_dict()]}``,
+    in parameter order.
+
+    Attributes:
+        optimizers: the per-parameter optimizers, in the order of ``named_params``.
+        grad_bytes_peak: the most bytes of ``.grad`` tensors of these parameters alive at once,
+            sampled in the hooks during the last step (storage sizes; 0 before any step).
+    """
+
+    def __init__(self, named_params: Iterable[tuple[str, torch.nn.Parameter]], build: Any) -> None:
+        """Args:
+        named_params: ``(name, parameter)`` pairs; those with ``requires_grad`` get an optimizer.
+        build: ``build(named_params) -> Optimizer`` for a one-parameter list (weight decay and
+            every other setting decided there, as for the whole band).
+        """
+        named = [(n, p) for n, p in named_params if p.requires_grad]
+        self.params = [p for _n, p in named]
+        self.optimizers = [build([(n, p)]) for n, p in named]
+        self.defaults: dict[str, Any] = {}
+        self.state: dict[Any, Any] = {}
+        self._step_hooks: Any = None
+        self._active = False
+        self._sq_sum: torch.Tensor | None = None
+        self._bad: torch.Tensor | None = None
+        self._live_grad_bytes = 0
+        self.grad_bytes_peak = 0
+        self._handles = [
+            p.register_post_accumulate_grad_hook(self._hook(opt))
+            for p, opt in zip(self.params, self.optimizers, strict=True)
+        ]
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        """The per-parameter optimizers' group dicts, read anew each time (``load_state_dict``
+        replaces an optimizer's dicts, and the schedule must set the live ones)."""
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    def _hook(self, optimizer: torch.optim.Optimizer) -> Any:
+        def hook(p: torch.Tensor) -> None:
+            if not self._active or p.grad is None:
+                return
+            grad = p.grad
+            live = sum(q.grad.untyped_storage().nbytes() for q in self.params if q.grad is not None)
+            self.grad_bytes_peak = max(self.grad_bytes_peak, live)
+            sq = grad.detach().float().pow(2).sum()
+            self._sq_sum = sq if self._sq_sum is None else self._sq_sum + sq
+            bad = ~torch.isfinite(grad).all()
+            self._bad = bad if self._bad is None else self._bad | bad
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return hook
+
+    def begin_step(self) -> None:
+        """Arm the hooks for one backward: reset the norm, the flag and the byte sampling."""
+        for p in self.params:
+            p.grad = None
+        self._sq_sum, self._bad = None, None
+        self.grad_bytes_peak = 0
+        self._active = True
+
+    def end_step(self) -> tuple[float, bool]:
+        """Disarm the hooks; return ``(grad_norm, all_finite)`` of the backward (one host sync).
+
+        ``grad_norm`` is the global L2 norm over every parameter that received a gradient
+        (``sqrt`` of the summed fp32 squares, which equals ``clip_grad_norm_``'s value).
+        """
+        self._active = False
+        if self._sq_sum is None:
+            return 0.0, True
+        finite = not bool(self._bad)
+        return float(self._sq_sum.sqrt()), finite
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        """Nothing: every parameter stepped in its hook during backward."""
+        return None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop any gradient left on the parameters."""
+        for p in self.params:
+            p.grad = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"optimizers": [state_dict of each per-parameter optimizer]}``."""
+        return {"optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load what :meth:`state_dict` returned.
+
+        Raises:
+            ValueError: another number of optimizers (another band), or a state that does not fit.
+        """
+        saved = state_dict.get("optimizers")
+        if not isinstance(saved, list) or len(saved) != len(self.optimizers):
+            raise ValueError(
+                f"{len(saved) if isinstance(saved, list) else 'no'} per-parameter optimizer "
+                f"states for {len(self.optimizers)} parameters"
+            )
+        for opt, sd in zip(self.optimizers, saved, strict=True):
+            opt.load_state_dict(sd)
+
+    def remove_hooks(self) -> None:
+        """Unregister the hooks (the parameters then train like any other)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []

@@ -31,6 +31,7 @@ import shutil
 import signal
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -85,7 +86,13 @@ from fastmid.train.checkpoint import (
     save_checkpoint,
 )
 from fastmid.train.export import clean_partial_exports, export_hf_folder, save_band_delta
-from fastmid.train.optim import build_optimizer, build_scheduler, is_compiled_optimizer
+from fastmid.train.optim import (
+    OptimizerError,
+    OptimizerInBackward,
+    build_optimizer,
+    build_scheduler,
+    is_compiled_optimizer,
+)
 from fastmid.train.runfolder import LOCK_NAME, acquire_run_lock, clear_run_folder
 
 # What a run writes before its first checkpoint (``.lock`` aside).
@@ -170,6 +177,9 @@ class StepResult:
         grad_norm: global L2 norm of the band's gradients before clipping.
         lr: the learning rate the step used.
         tokens: non-padding tokens in the window; supervised_tokens: tokens with a label.
+        grad_bytes: the most bytes of band gradients alive at once during the step (storage
+            sizes of ``.grad``): the whole band's after backward for an ordinary step, the
+            largest sampled in the hooks for :class:`~fastmid.train.optim.OptimizerInBackward`.
     """
 
     loss: float
@@ -177,6 +187,7 @@ class StepResult:
     lr: float
     tokens: int
     supervised_tokens: int
+    grad_bytes: int = 0
 
 
 class NonFiniteStep(NonFiniteLossError):
@@ -187,9 +198,12 @@ class NonFiniteStep(NonFiniteLossError):
         what: what was not finite; value: its value; micro_batch: index in the window, or None.
     """
 
-    def __init__(self, what: str, value: float, micro_batch: int | None = None) -> None:
+    def __init__(
+        self, what: str, value: float, micro_batch: int | None = None, stepped: bool = False
+    ) -> None:
         super().__init__(f"non-finite {what} ({value})")
         self.what, self.value, self.micro_batch = what, value, micro_batch
+        self.stepped = stepped
 
 
 def train_step(
@@ -228,6 +242,11 @@ def train_step(
     """
     supervised = sum(count_supervised(b["labels"]) for b in micro_batches)
     tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
+    if isinstance(optimizer, OptimizerInBackward):
+        return _train_step_in_backward(
+            model, micro_batches, optimizer, scheduler, clip_params, fused, precision, tokens,
+            supervised,
+        )  # fmt: skip
     optimizer.zero_grad(set_to_none=True)
     loss_total = 0.0
     for k, batch in enumerate(micro_batches):
@@ -242,6 +261,7 @@ def train_step(
             (loss_sum / supervised).backward()
         loss_total += float(loss_sum.detach())
     params = [p for p in clip_params if p.grad is not None]
+    grad_bytes = sum(p.grad.untyped_storage().nbytes() for p in params)
     grad_norm = 0.0
     if params:
         max_norm = grad_clip if grad_clip > 0 else float("inf")
@@ -251,15 +271,7 @@ def train_step(
     lr = float(optimizer.param_groups[0]["lr"])  # torchao keeps it as a 0-d tensor
     if supervised > 0:
         optimizer.step()
-        # An infinite learning rate or an overflowing update leaves finite gradients but NaN
-        # weights; catching it here keeps them out of every checkpoint and export.
-        if params:
-            with torch.no_grad():
-                weight_norm = float(
-                    torch.linalg.vector_norm(torch.stack([p.norm() for p in params]))
-                )
-            if not math.isfinite(weight_norm):
-                raise NonFiniteStep("band weights after the update", weight_norm)
+        _check_weights(params)
     scheduler.step()
     return StepResult(
         loss=loss_total / supervised if supervised else 0.0,
@@ -267,6 +279,67 @@ def train_step(
         lr=lr,
         tokens=tokens,
         supervised_tokens=supervised,
+        grad_bytes=grad_bytes,
+    )
+
+
+def _check_weights(params: list[torch.nn.Parameter]) -> None:
+    """An infinite learning rate or an overflowing update leaves finite gradients but NaN
+    weights; catching it here keeps them out of every checkpoint and export."""
+    if not params:
+        return
+    with torch.no_grad():
+        weight_norm = float(torch.linalg.vector_norm(torch.stack([p.norm() for p in params])))
+    if not math.isfinite(weight_norm):
+        raise NonFiniteStep("band weights after the update", weight_norm, stepped=True)
+
+
+def _train_step_in_backward(
+    model: torch.nn.Module,
+    micro_batches: list[dict[str, torch.Tensor]],
+    optimizer: OptimizerInBackward,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    clip_params: list[torch.nn.Parameter],
+    fused: bool,
+    precision: PrecisionPolicy | None,
+    tokens: int,
+    supervised: int,
+) -> StepResult:
+    """:func:`train_step` when each parameter steps inside backward: one micro-batch, no
+    clipping (:func:`fastmid.config.validate` refuses the rest). The hooks gather the squared
+    norms and a non-finite flag on the device; both are read once, after backward. A non-finite
+    gradient means some parameters already stepped on it: the step is reported as such and
+    nothing of it may be saved."""
+    if len(micro_batches) != 1:
+        raise ValueError(
+            f"--optimizer-in-backward steps once per backward: got {len(micro_batches)} "
+            "micro-batches for one step (--grad-accum must be 1)"
+        )
+    batch = micro_batches[0]
+    lr = float(optimizer.param_groups[0]["lr"])
+    optimizer.begin_step()
+    try:
+        with precision.autocast(batch["input_ids"].device) if precision else nullcontext():
+            loss_sum, _n = micro_batch_loss(model, batch, fused)
+        if not torch.isfinite(loss_sum):
+            raise NonFiniteStep("loss", float(loss_sum.detach()), 0)
+        if supervised > 0:
+            (loss_sum / supervised).backward()  # every band parameter steps in here
+    finally:
+        grad_norm, finite = optimizer.end_step()
+    if not finite or not math.isfinite(grad_norm):
+        raise NonFiniteStep("gradient", grad_norm, 0, stepped=True)
+    if supervised > 0:
+        optimizer.step()  # nothing to do; keeps the schedule's step bookkeeping in order
+        _check_weights(clip_params)
+    scheduler.step()
+    return StepResult(
+        loss=float(loss_sum.detach()) / supervised if supervised else 0.0,
+        grad_norm=grad_norm,
+        lr=lr,
+        tokens=tokens,
+        supervised_tokens=supervised,
+        grad_bytes=optimizer.grad_bytes_peak,
     )
 
 
@@ -302,6 +375,11 @@ class MidBlockRecipe:
         # and optimizer resolved for this machine, so config.yaml records what ran.
         self.cfg = resolve_auto(resolve_paths(cfg), default_device().type)
         self.precision = PrecisionPolicy.from_name(self.cfg.precision)
+        if self.cfg.optimizer_offload and default_device().type != "cuda":
+            raise OptimizerError(
+                "--optimizer-offload needs CUDA (it moves optimizer states from the GPU to "
+                "pinned host memory); on CPU the states are in host memory already: drop the flag"
+            )
         self.console = console or Console(stderr=True)
         self.out = Path(self.cfg.output)
         self._replace_folder = False  # --overwrite, or the files of a run that saved nothing
@@ -386,12 +464,15 @@ class MidBlockRecipe:
                 f"{self.total_steps} steps: the peak learning rate --lr is never reached",
                 highlight=False,
             )
-        self.optimizer = build_optimizer(
-            [(n, p) for n, p in self.model.named_parameters() if p.requires_grad],
-            cfg.optim,
-            cfg.lr,
-            cfg.weight_decay,
-        )
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if cfg.optimizer_in_backward:
+            self.optimizer = OptimizerInBackward(
+                named, lambda one: build_optimizer(one, cfg.optim, cfg.lr, cfg.weight_decay)
+            )
+        else:
+            self.optimizer = build_optimizer(
+                named, cfg.optim, cfg.lr, cfg.weight_decay, offload=cfg.optimizer_offload
+            )
         self.scheduler = build_scheduler(
             self.optimizer, self.total_steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio
         )
@@ -724,9 +805,7 @@ class MidBlockRecipe:
             where = f"micro-batch {ref.position} (epoch {ref.epoch}, examples {ref.indices})"
         else:
             where = f"micro-batches {refs[0].position}..{refs[-1].position}"
-        stepped = (
-            "the optimizer stepped" if exc.what.startswith("band") else "the optimizer did not step"
-        )
+        stepped = "the optimizer stepped" if exc.stepped else "the optimizer did not step"
         return NonFiniteLossError(
             f"{exc} at step {step}, {where}; {stepped} and nothing of it was saved; "
             f"{self._keep_and_resume()}"

@@ -17,7 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from fastmid import config as train_config
 from fastmid.models import memory
-from fastmid.models.band import BandPlan
+from fastmid.models.band import BandPlan, apply_band
 from fastmid.models.memory import (
     GIB,
     BlockShape,
@@ -33,7 +33,7 @@ from fastmid.models.memory import (
     estimate_mid_block,
 )
 from fastmid.models.plan_report import make_plan, print_plan
-from fastmid.train.optim import import_torchao_optim
+from fastmid.train.optim import OptimizerInBackward, build_optimizer, import_torchao_optim
 
 CONFIGS = Path(__file__).resolve().parents[2] / "bench" / "configs"
 
@@ -283,6 +283,156 @@ def test_torchao_state_bytes_match_real_states(dtype: torch.dtype) -> None:
             assert estimate(p.numel(), p.element_size()) == real, (cls.__name__, tuple(p.shape))
 
 
+# ---- --optimizer-in-backward and --optimizer-offload ------------------------------------------
+
+# The small Llama's largest tensors: gate, up and down, 64 x 160 = 10240 elements each (q and o
+# are 64 x 64 = 4096, k and v 64 x 32 = 2048, the norms 64); embeddings and lm_head 300 x 64.
+LARGEST_LAYER_TENSOR = 10240
+# torchao's CPUOffloadOptimizer keeps tensors of < 4096 elements on the GPU: k, v and the norms.
+KEPT = [2048, 2048, 64, 64]  # k, v, norm1, norm2
+MOVED = [4096, 4096, 10240, 10240, 10240]  # q, o (exactly 4096: offloaded), gate, up, down
+assert sorted(KEPT + MOVED) == sorted(LAYER_TENSORS.values())
+
+
+@pytest.mark.parametrize(
+    ("precision", "optim", "grad_b"),
+    [("fp32", "adamw", 4), ("bf16-master", "adamw8bit", 4), ("bf16", "ao_adamw8bit", 2)],
+)
+def test_optimizer_in_backward_keeps_one_gradient_by_hand(
+    precision: str, optim: str, grad_b: int
+) -> None:
+    model = build_meta_model(small_config())
+    plan = BandPlan.from_fractions(L, 0.2, 0.8)  # layers 2..7
+    setup = TrainingSetup(
+        seq_len=16,
+        precision=precision,  # type: ignore[arg-type]
+        optim=optim,  # type: ignore[arg-type]
+        optimizer_in_backward=True,
+    )
+    ordinary = dataclasses.replace(setup, optimizer_in_backward=False)
+    mid, mid_ordinary = (
+        estimate_mid_block(model, plan, setup),
+        estimate_mid_block(model, plan, ordinary),
+    )
+    assert mid.gradients == 10240 * grad_b  # one gate/up/down gradient
+    assert mid_ordinary.gradients == 6 * P_LAYER * grad_b
+    # States, weights, activations as without the option; nothing on the host.
+    for name in ("weights", "optimizer_states", "activations", "logits"):
+        assert getattr(mid, name) == getattr(mid_ordinary, name), name
+    assert mid.host_memory == 0
+    assert mid.total == mid_ordinary.total - (6 * P_LAYER - 10240) * grad_b
+
+    # Full fine-tuning: the largest tensor is the embedding (or the untied lm_head), 300 x 64.
+    full = estimate_full(model, setup)
+    assert full.gradients == V * H * grad_b == 19200 * grad_b
+
+    # FSDP2 over 4 GPUs: the largest tensor's shard.
+    four = estimate_mid_block(model, plan, dataclasses.replace(setup, gpus=4))
+    assert four.gradients == math.ceil(10240 * grad_b / 4)
+
+    # LoRA keeps its ordinary step.
+    assert estimate_lora(model, setup) == estimate_lora(model, ordinary)
+
+
+def test_optimizer_offload_keeps_small_states_on_the_gpu_by_hand() -> None:
+    model = build_meta_model(small_config())
+    plan = BandPlan.from_fractions(L, 0.2, 0.8)  # layers 2..7
+    setup = TrainingSetup(seq_len=16, optim="adamw", optimizer_offload=True, gpu_memory_gib=1.0)
+    ordinary = dataclasses.replace(setup, optimizer_offload=False)
+    mid, mid_ordinary = (
+        estimate_mid_block(model, plan, setup),
+        estimate_mid_block(model, plan, ordinary),
+    )
+    # bf16-master: fp32 masters (4 bytes) and fp32 AdamW states (8 bytes per element).
+    assert mid.optimizer_states == 6 * 8 * (2048 + 2048 + 64 + 64) == 202752
+    moved = 4096 + 4096 + 3 * 10240
+    # A pinned fp32 copy of each offloaded weight, a pinned fp32 gradient buffer, its states.
+    assert mid.host_memory == 6 * (4 * moved + 4 * moved + 8 * moved) == 3735552
+    assert mid.gradients == mid_ordinary.gradients == 6 * P_LAYER * 4  # the GPU keeps them
+    assert mid_ordinary.optimizer_states == 6 * P_LAYER * 8 and mid_ordinary.host_memory == 0
+    # The host is no part of the GPU total nor of fits.
+    assert mid.total == mid.weights + mid.gradients + 202752 + mid.activations + mid.logits
+    assert mid.total == mid_ordinary.total - 6 * 8 * moved
+    tight = dataclasses.replace(setup, gpu_memory_gib=mid.total / GIB)
+    assert estimate_mid_block(model, plan, tight).fits  # although total + host > that memory
+    assert mid.to_dict()["bytes"]["host_memory"] == 3735552
+    assert mid.to_dict()["bytes"]["total"] == mid.total
+
+    # bf16 with torchao 8-bit: bf16 copies and buffers (2 + 2), states quantized where they can.
+    bf16 = TrainingSetup(seq_len=16, precision="bf16", optimizer_offload=True)
+    est = estimate_mid_block(model, plan, bf16)
+    assert est.optimizer_states == 6 * sum(ao8_bytes(n, 2) for n in KEPT) == 6 * 4 * 4224
+    assert est.host_memory == 6 * (4 * moved + sum(ao8_bytes(n, 2) for n in MOVED))
+
+    # Full fine-tuning: embeddings and lm_head (19200 each) are offloaded too; all norms stay.
+    full = estimate_full(model, setup)
+    full_kept = L * (2048 + 2048 + 64 + 64) + 64
+    full_moved = L * moved + 2 * V * H
+    assert full_kept + full_moved == P_TOTAL
+    assert full.optimizer_states == 8 * full_kept
+    assert full.host_memory == 16 * full_moved
+
+    # FSDP2 over 4 GPUs: states and host memory sharded alike.
+    four = estimate_mid_block(model, plan, dataclasses.replace(setup, gpus=4))
+    assert four.optimizer_states == math.ceil(202752 / 4)
+    assert four.host_memory == math.ceil(3735552 / 4)
+
+    assert estimate_lora(model, setup) == estimate_lora(model, ordinary)
+
+
+def test_optimizer_options_follow_the_config_rules() -> None:
+    with pytest.raises(MemoryPlanError, match="--optimizer-offload.*--optimizer-in-backward"):
+        TrainingSetup(optimizer_in_backward=True, optimizer_offload=True)
+    with pytest.raises(MemoryPlanError, match="paged_adamw8bit.*--optimizer-offload"):
+        TrainingSetup(optim="paged_adamw8bit", optimizer_offload=True)
+    assert TrainingSetup(optim="paged_adamw8bit", optimizer_in_backward=True).optimizer_in_backward
+    for optim in ("auto", "adamw", "adamw8bit", "ao_adamw8bit", "ao_adamw4bit"):
+        setup = TrainingSetup(optim=optim, optimizer_offload=True)  # type: ignore[arg-type]
+        assert setup.optimizer_offload
+
+
+def _grad_bytes(params) -> int:
+    return sum(p.grad.untyped_storage().nbytes() for p in params if p.grad is not None)
+
+
+def test_optimizer_in_backward_measured_gradients_fit_the_plan() -> None:
+    """One real step of a band under OptimizerInBackward (fp32 on CPU): the sampled peak of live
+    .grad storages is at most the plan's in-backward gradients; an ordinary backward holds
+    exactly the plan's ordinary gradients."""
+    config = small_config()
+    plan = BandPlan.from_fractions(L, 0.2, 0.8)
+    setup = TrainingSetup(seq_len=16, precision="fp32", optim="adamw", optimizer_in_backward=True)
+    meta = build_meta_model(config)
+    planned = estimate_mid_block(meta, plan, setup).gradients
+    planned_ordinary = estimate_mid_block(
+        meta, plan, dataclasses.replace(setup, optimizer_in_backward=False)
+    ).gradients
+    ids = torch.randint(0, V, (1, 16), generator=torch.Generator().manual_seed(0))
+
+    model = tiny_model(config=config, seed=0)
+    trainable = apply_band(model, plan)
+    largest = max(p.numel() * p.element_size() for p in trainable)  # of the real fp32 tensors
+    before = [p.detach().clone() for p in trainable]
+    optimizer = OptimizerInBackward(
+        list(model.named_parameters()), lambda named: build_optimizer(named, "adamw", 1e-3)
+    )
+    optimizer.begin_step()
+    model(input_ids=ids, labels=ids).loss.backward()
+    grad_norm, finite = optimizer.end_step()
+    assert finite and grad_norm > 0
+    assert all(p.grad is None for p in model.parameters())  # freed in the hooks
+    assert all(not torch.equal(p, b) for p, b in zip(trainable, before, strict=True))  # stepped
+    assert largest <= optimizer.grad_bytes_peak <= planned
+    optimizer.remove_hooks()
+
+    ordinary = tiny_model(config=config, seed=0)
+    trained = apply_band(ordinary, plan)
+    build_optimizer(list(ordinary.named_parameters()), "adamw", 1e-3)
+    ordinary(input_ids=ids, labels=ids).loss.backward()
+    assert _grad_bytes(ordinary.parameters()) == _grad_bytes(trained) == planned_ordinary
+    assert planned_ordinary == 6 * P_LAYER * 4
+
+
 # ---- activation formulas against autograd's saved tensors ------------------------------------
 
 
@@ -495,6 +645,30 @@ def test_qwen25_32b_bf16_band() -> None:
         61,
         34.5,
         35,
+    )
+
+
+def test_qwen25_32b_optimizer_options() -> None:
+    """Qwen2.5-32B under --precision bf16: in backward one 5120 x 27648 bf16 gradient lives at a
+    time; offload keeps on the GPU only the states of the k/v biases (1024 elements, plain bf16
+    states in torchao) and pins bf16 copies, gradient buffers and states of the rest."""
+    h, kv, inter = 5120, 1024, 27648
+    tensors = [h * h, h, h * kv, kv, h * kv, kv, h * h, h * inter, h * inter, inter * h, h, h]
+    per_layer = sum(tensors)
+    path = CONFIGS / "qwen2.5-32b.json"
+    mid = make_plan(path, precision="bf16", optimizer_in_backward=True)["memory"]["mid_block"]
+    assert mid["bytes"]["gradients"] == 2 * h * inter == 283115520
+    assert mid["bytes"]["host_memory"] == 0
+    off = make_plan(path, precision="bf16", optimizer_offload=True)["memory"]["mid_block"]
+    assert off["bytes"]["gradients"] == 2 * 38 * per_layer
+    assert off["bytes"]["optimizer_states"] == 38 * 2 * (2 * 2 * kv) == 311296
+    moved = [n for n in tensors if n >= 4096]
+    assert len(moved) == 10  # all but the two 1024-element biases
+    host = 38 * (4 * sum(moved) + sum(ao8_bytes(n, 2) for n in moved))
+    assert off["bytes"]["host_memory"] == host
+    assert off["bytes"]["total"] == sum(
+        off["bytes"][k]
+        for k in ("weights", "gradients", "optimizer_states", "activations", "logits")
     )
 
 

@@ -125,14 +125,16 @@ def _losses(out) -> list[float]:
     return [json.loads(line)["loss"] for line in lines]
 
 
-def _train_resume_export(model: str, tmp_path, precision: str, optim: str) -> MidBlockRecipe:
+def _train_resume_export(
+    model: str, tmp_path, precision: str, optim: str, **extra
+) -> MidBlockRecipe:
     """2 steps in one go; then a second run resumes from step 1 and must end bit-identical;
     then export and load ``final/`` with ``from_pretrained``."""
     from transformers import AutoModelForCausalLM
 
     policy = POLICIES[precision]
     out = tmp_path / f"{precision}-{optim}"
-    straight = MidBlockRecipe(_config(model, out, precision=precision, optim=optim))
+    straight = MidBlockRecipe(_config(model, out, precision=precision, optim=optim, **extra))
     straight.setup()
     for name, p in straight.model.named_parameters():
         expected = policy.trained_dtype if p.requires_grad else policy.weight_dtype
@@ -143,7 +145,12 @@ def _train_resume_export(model: str, tmp_path, precision: str, optim: str) -> Mi
 
     resumed = MidBlockRecipe(
         _config(
-            model, out, precision=precision, optim=optim, resume=str(out / "checkpoints/step-1")
+            model,
+            out,
+            precision=precision,
+            optim=optim,
+            resume=str(out / "checkpoints/step-1"),
+            **extra,
         )
     )
     resumed.setup()
@@ -215,3 +222,11 @@ def test_resume_with_another_precision_or_optimizer_is_refused(square_llama_dir,
 )
 def test_smollm2_trains_resumes_and_exports_under_each_precision(tmp_path, precision, optim):
     _train_resume_export("default", tmp_path, precision, optim)
+
+
+@pytest.mark.realmodel
+def test_smollm2_bf16_with_the_step_in_backward_trains_resumes_and_exports(tmp_path):
+    recipe = _train_resume_export(
+        "default", tmp_path, "bf16", "ao_adamw8bit", optimizer_in_backward=True, grad_clip=0.0
+    )
+    assert type(recipe.optimizer).__name__ == "OptimizerInBackward"
