@@ -163,6 +163,35 @@ def build_optimizer(
     )  # fmt: skip
 
 
+def check_compile_toolchain(name: str, on_cuda: bool) -> None:
+    """Refuse a torchao optimizer early where ``torch.compile`` cannot build its step: on CPU
+    inductor compiles C++ (it needs ``g++`` or ``clang++``, or ``$CXX``), on CUDA Triton.
+
+    Raises:
+        OptimizerError: the compiler is missing (one line: what to install, what to use instead).
+    """
+    instead = "or use --optim adamw8bit (with --precision fp32 or bf16-master)"
+    if on_cuda:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            raise OptimizerError(
+                f"--optim {name}: torchao compiles its step with torch.compile, which needs "
+                f"Triton on CUDA; pip install triton, {instead}"
+            ) from None
+        return
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except Exception:  # InvalidCxxCompiler, or an inductor too old to have the helper
+        raise OptimizerError(
+            f"--optim {name}: torchao compiles its step with torch.compile, which needs a C++ "
+            f"compiler on CPU and found none (g++, clang++ or $CXX); install one (e.g. "
+            f"apt install g++), {instead}"
+        ) from None
+
+
 def _optimizer_class(name: str, on_cuda: bool) -> tuple[type, dict[str, Any]]:
     """The optimizer class of ``name`` and its keyword arguments besides lr, betas and eps."""
     if name == "adamw":
@@ -189,6 +218,7 @@ def _optimizer_class(name: str, on_cuda: bool) -> tuple[type, dict[str, Any]]:
     if name in TORCHAO_OPTIMIZERS:
         # torchao's default weight decay is 0.01: every group here sets its own.
         cls = getattr(import_torchao_optim(), TORCHAO_OPTIMIZERS[name])
+        check_compile_toolchain(name, on_cuda)
         return cls, {"bf16_stochastic_round": True}
     raise OptimizerError(
         f"--optim: unknown optimizer '{name}' "

@@ -92,6 +92,7 @@ from fastmid.train.optim import (
     build_optimizer,
     build_scheduler,
     is_compiled_optimizer,
+    lr_factor,
 )
 from fastmid.train.runfolder import LOCK_NAME, acquire_run_lock, clear_run_folder
 
@@ -598,13 +599,49 @@ class MidBlockRecipe:
         self.state = load_checkpoint(
             path, self.model, self.trainable_names, self.optimizer, self.scheduler
         )
-        restore_rng(self.state.rng)
-        truncate_metrics(self.out / "metrics.jsonl", self.state.step)
-        self.console.print(f"resumed from {path} at step {self.state.step}")
         if self.state.step >= self.total_steps:
             raise RunFolderError(
                 f"{path}: the run already finished its {self.total_steps} steps; pass a "
                 "larger --max-steps to train on, or use its final/ model"
+            )
+        restore_rng(self.state.rng)
+        truncate_metrics(self.out / "metrics.jsonl", self.state.step)
+        self.console.print(f"resumed from {path} at step {self.state.step}")
+        self._follow_schedule()
+
+    def _follow_schedule(self) -> None:
+        """Put the learning rate of the resumed step on this run's schedule.
+
+        The checkpoint holds the learning rate its own schedule set for the next step. With the
+        same ``--max-steps`` that is this schedule's value and nothing changes (resume stays
+        exact); a run extended with a larger ``--max-steps`` switches to the longer schedule here,
+        at the resumed step, instead of taking one step at the old schedule's value.
+        """
+        assert self.optimizer is not None and self.scheduler is not None
+        cfg = self.cfg
+        factor = lr_factor(
+            self.scheduler.last_epoch,
+            self.total_steps,
+            cfg.warmup_steps,
+            cfg.schedule,
+            cfg.min_lr_ratio,
+        )
+        groups, bases = self.optimizer.param_groups, self.scheduler.base_lrs
+        old = float(groups[0]["lr"])
+        for group, base in zip(groups, bases, strict=True):
+            new = base * factor
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(new)
+            else:
+                group["lr"] = new
+        self.scheduler._last_lr = [  # what get_last_lr() reports
+            float(g["lr"]) if isinstance(g["lr"], torch.Tensor) else g["lr"] for g in groups
+        ]
+        if float(groups[0]["lr"]) != old:
+            self.console.print(
+                f"the schedule now spans {self.total_steps} steps: step {self.state.step + 1} "
+                f"uses lr {float(groups[0]['lr']):.3g} (the checkpoint's schedule had {old:.3g})",
+                highlight=False,
             )
 
     # ---- data order ---------------------------------------------------------------------------
@@ -750,6 +787,25 @@ class MidBlockRecipe:
                         )
                     except NonFiniteStep as exc:
                         raise self._non_finite(exc, refs) from None
+                    except Exception as exc:
+                        if not type(exc).__module__.startswith(
+                            ("torch._inductor", "torch._dynamo")
+                        ):
+                            raise
+                        # torch.compile of torchao's step: its own report runs to hundreds of
+                        # lines; the first says what failed.
+                        saved = list_checkpoints(self.out / "checkpoints")
+                        kept = (
+                            f"the last checkpoint {saved[-1]} is kept; resume with: "
+                            f"{self.resume_command()}"
+                            if saved
+                            else "no checkpoint was saved yet"
+                        )
+                        raise OptimizerError(
+                            f"torch.compile failed to build the optimizer step of --optim "
+                            f"{cfg.optim} at step {state.step + 1} ({_first_line(exc)}); {kept}; "
+                            "or train with --optim adamw8bit (--precision fp32 or bf16-master)"
+                        ) from None
                     dt = time.perf_counter() - t0
                     state.step += 1
                     state.micro_batches += cfg.grad_accum
@@ -994,6 +1050,12 @@ def _run_steps(recipe: MidBlockRecipe, console: Console) -> dict[str, Any]:
     summary = recipe.summary(final, last, eval_loss, before, after)
     print_summary(summary, console)
     return summary
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (its class name when empty)."""
+    lines = [x.strip() for x in str(exc).splitlines() if x.strip()]
+    return lines[0][:300] if lines else type(exc).__name__
 
 
 def print_summary(summary: dict[str, Any], console: Console) -> None:

@@ -19,7 +19,12 @@ import torch
 from fastmid.config import STOCHASTIC_ROUNDING_OPTIMIZERS, build_config
 from fastmid.models.precision import POLICIES
 from fastmid.train.checkpoint import CheckpointError
-from fastmid.train.optim import STOCHASTIC_ROUNDING, build_optimizer, import_torchao_optim
+from fastmid.train.optim import (
+    STOCHASTIC_ROUNDING,
+    OptimizerError,
+    build_optimizer,
+    import_torchao_optim,
+)
 from fastmid.train.recipe import MidBlockRecipe
 
 
@@ -230,3 +235,32 @@ def test_smollm2_bf16_with_the_step_in_backward_trains_resumes_and_exports(tmp_p
         "default", tmp_path, "bf16", "ao_adamw8bit", optimizer_in_backward=True, grad_clip=0.0
     )
     assert type(recipe.optimizer).__name__ == "OptimizerInBackward"
+
+
+def test_a_missing_cpp_compiler_is_one_line_before_training(monkeypatch):
+    """torchao's step compiles C++ on CPU: no compiler is refused when the optimizer is built."""
+    from torch._inductor import config as inductor_config
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "/nonexistent/g++"))
+    p = torch.nn.Parameter(torch.zeros(64, 64))
+    with pytest.raises(OptimizerError) as info:
+        build_optimizer([("w", p)], "ao_adamw8bit", 1e-3)
+    assert "C++ compiler" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_compile_failure_during_a_step_is_one_line(square_llama_dir, tmp_path, monkeypatch):
+    from fastmid.train import recipe as recipe_module
+
+    failure = type("InductorError", (RuntimeError,), {"__module__": "torch._inductor.exc"})
+
+    def broken(*args, **kwargs):
+        raise failure("CppCompileError: C++ compile error\n" + "line\n" * 400)
+
+    recipe = MidBlockRecipe(_config(str(square_llama_dir), tmp_path / "run", optim="adamw"))
+    recipe.setup()
+    monkeypatch.setattr(recipe_module, "train_step", broken)
+    with pytest.raises(OptimizerError) as info:
+        recipe.train()
+    message = str(info.value)
+    assert "torch.compile failed" in message and "CppCompileError" in message
+    assert "step 1" in message and "\n" not in message

@@ -339,3 +339,14 @@ def test_progress_is_plain_lines_when_the_console_is_not_a_terminal(make_config)
     assert [line.split()[1] for line in lines] == ["2/5", "4/5", "5/5"]
     pattern = r"^train \d/5 loss \d+\.\d{4} lr \S+ \d+ tok/s elapsed \d:\d\d:\d\d ETA \d:\d\d:\d\d$"
     assert all(re.match(pattern, line) for line in lines), lines
+
+
+def test_a_run_extended_with_more_steps_switches_to_the_longer_schedule(make_config):
+    """3 steps, then resumed from step 2 with --max-steps 5: steps 3..5 take the learning rates
+    of an uninterrupted 5-step run (not one more step at the 3-step schedule's value)."""
+    _full, rec_full = _run(make_config("full", max_steps=5, save_every=0, eval_every=0))
+    short, _ = _run(make_config("short", max_steps=3, save_every=1, eval_every=0))
+    resume = str(short.out / "checkpoints" / "step-2")
+    _longer, rec = _run(make_config("short", max_steps=5, eval_every=0, resume=resume))
+    assert [r["step"] for r in rec] == [1, 2, 3, 4, 5]
+    assert [r["lr"] for r in rec[2:]] == pytest.approx([r["lr"] for r in rec_full[2:]], rel=1e-12)
