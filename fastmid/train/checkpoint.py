@@ -803,6 +803,48 @@ def _load_state_format1(file: Path) -> dict[str, Any]:
     return state
 
 
+def _state_shape_problem(state: Any, optimizer: Any) -> str | None:
+    """A per-parameter state tensor with the parameter's number of elements but another shape
+    (an edited file: it would pass ``load_state_dict`` and fail inside the first step), or None.
+
+    Walks torch-style state dicts (``{"state": {index: {key: tensor}}, "param_groups"}``, indices
+    in the order of the live optimizer's ``param_groups``) and
+    :class:`~fastmid.train.optim.OptimizerInBackward`'s ``{"optimizers": [...]}``; other layouts
+    are left to ``load_state_dict``.
+    """
+    if not isinstance(state, dict):
+        return None
+    inner = getattr(optimizer, "optimizers", None)
+    if isinstance(state.get("optimizers"), list) and inner is not None:
+        for k, (sub, opt) in enumerate(zip(state["optimizers"], inner, strict=False)):
+            problem = _state_shape_problem(sub, opt)
+            if problem is not None:
+                return f"optimizers[{k}]: {problem}"
+        return None
+    per_param = state.get("state")
+    groups = getattr(optimizer, "param_groups", None)
+    if not isinstance(per_param, dict) or not groups:
+        return None
+    live = [p for g in groups for p in g["params"]]
+    for index, entry in per_param.items():
+        if not isinstance(index, int) or not 0 <= index < len(live) or not isinstance(entry, dict):
+            continue
+        shape = tuple(live[index].shape)
+        items = list(entry.items())
+        for key, value in list(items):
+            if isinstance(value, dict):  # bitsandbytes nests its quantized state one level down
+                items += [(f"{key}.{k}", v) for k, v in value.items()]
+        for key, value in items:
+            if not isinstance(value, torch.Tensor) or value.dim() == 0:
+                continue
+            if value.numel() == live[index].numel() and tuple(value.shape) != shape:
+                return (
+                    f"state {index} '{key}' has shape {tuple(value.shape)}, its parameter's is "
+                    f"{shape}"
+                )
+    return None
+
+
 def load_checkpoint(
     path: Path,
     model: torch.nn.Module,
@@ -863,6 +905,9 @@ def load_checkpoint(
                 ),
             )
     opt_file = path / ("optimizer.json" if (path / "optimizer.json").exists() else "optimizer.pt")
+    problem = _state_shape_problem(opt_state, optimizer)
+    if problem is not None:
+        raise _damaged_error(path, _Damaged(opt_file, problem))
     try:
         optimizer.load_state_dict(opt_state)
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:

@@ -390,3 +390,23 @@ def test_every_file_the_folder_and_the_parent_are_fsynced(tmp_path, monkeypatch)
     assert files == {p.name for p in path.iterdir()} | {Path(tmp_names[-1]).name}
     assert Path(tmp_names[-1]).name.startswith("step-1.tmp-")  # the folder after its files
     assert synced[-1] == str(path.parent)  # the parent, after the rename
+
+
+@pytest.mark.parametrize("optim", ["adamw", "adamw8bit"])
+def test_a_state_reshaped_in_the_file_is_a_damaged_checkpoint(tmp_path, optim):
+    """A state tensor with its parameter's element count but another shape would load and then
+    fail inside the first step; it is refused when the checkpoint loads, naming the file."""
+    from safetensors.torch import save_file
+
+    run = Run(optim)
+    run.train(2)
+    path = run.save(tmp_path)
+    file = path / "optimizer.safetensors"
+    tensors = load_file(str(file))
+    key = next(k for k, v in tensors.items() if tuple(v.shape) == (128, 64))  # Linear(64, 128)
+    tensors[key] = tensors[key].reshape(64, 128).contiguous()
+    save_file(tensors, str(file))
+    with pytest.raises(CheckpointError) as info:
+        Run(optim, seed=1).load(path)
+    message = str(info.value)
+    assert "optimizer" in message and "(64, 128)" in message and "\n" not in message
