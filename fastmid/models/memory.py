@@ -21,7 +21,13 @@ gradient        4       4                2
 
 (a) the fp32 master plus the bf16 copy autocast caches in forward and the matmuls save for
 backward (a slight over-count for norm vectors, which are not cast). Gradients take the trained
-weight's dtype.
+weight's dtype. With activation checkpointing the matmuls save nothing in forward, but autocast's
+cache still holds every band copy until the autocast region (the forward) ends: 8 checkpointed
+4096 x 4096 linears under CPU autocast raised the resident set by 408 MiB inside the region and
+152 MiB after it (their bf16 copies are 256 MiB). At the backward peak only the layer being
+recomputed has its copies again. The plan counts the whole band's copies, the end-of-forward
+figure; measured at the backward peak it is 2 bytes per trained element beyond one layer's too
+high, which ``tests/models/test_memory_measured.py`` does not compare.
 
 Optimizer states per trained element (``--optim``; ``auto`` is ``ao_adamw8bit`` under ``bf16``,
 else ``adamw8bit``, as :func:`fastmid.config.resolve_optim`):
@@ -175,11 +181,38 @@ checkpointed layer              its input, ``4h``                   its input, `
 head                            ``4h + 4``; full FT ``12h + 12``    ``4h + 4``; full FT ``8h + 12``
 ==============================  ==================================  ================================
 
-Logits: the eager path materializes ``tokens x vocab`` logits in the compute dtype (kept in the
-model output), upcasts them to fp32 for the loss (``log_softmax`` saves its fp32 output; under
-``fp32`` the upcast is the same tensor) and backward creates their fp32 gradient: ``10 *
-vocab_size`` bytes per token (``12 * vocab_size`` under ``fp32``). A chunked cross-entropy avoids
-this.
+Logits (the peak of the loss, :func:`fastmid.models.loss.causal_lm_loss_sum`). fastmid projects
+``lm_head`` only at the rows whose shifted label is not ``-100``: ``rows = round(supervised_fraction
+* tokens)`` (``TrainingSetup.supervised_fraction``). Without ``supervised_fraction`` (``None``, the
+default) the plan keeps its earlier per-token figure, every position at ``(a + 8) * vocab_size``
+bytes (compute-dtype logits, fp32 log-probabilities and their fp32 gradient: ``10 V``, ``12 V``
+under ``fp32``), so earlier plans keep their numbers; it is not what fastmid's loss holds.
+
+* Eager loss (``fused_loss=False``): ``12 * vocab_size`` bytes per row under every precision. The
+  compute-dtype logits live only until their fp32 upcast; the peak is in backward, in
+  ``log_softmax``'s: its saved fp32 output, the fp32 gradient ``nll_loss`` hands it and the fp32
+  gradient it returns (4 + 4 + 4). Families with a final-logit softcap (Gemma 2/3) keep more (the
+  ``tanh`` output): not counted.
+* Fused loss (``fused_loss=True``, :func:`fastmid.kernels.linear_cross_entropy`, what ``--kernels``
+  runs on CUDA): chunks of ``C = default_chunk_size(rows, h, V)`` rows (``next_power_of_2(ceil(
+  rows / ceil(V / h)))``, about ``rows * h / V``). Peak: the selected rows and the ``(rows, h)``
+  input-gradient buffer (``2 * rows * h * a_h``, ``a_h`` the residual stream's bytes) plus two fp32
+  chunks of logits (``8 C V``: the next chunk is computed while the previous one is still bound);
+  a single chunk is ``4 C V`` plus its copy in the ``lm_head`` dtype (``+ 2 C V`` for bf16).
+  A trained ``lm_head`` (full fine-tuning) adds the kernel's fp32 weight-gradient buffer
+  (``4 V h``; derived from the kernel, not measured). The CUDA figure: on CPU, which has no
+  bf16 GEMM with fp32 output (``torch.mm(..., out_dtype=torch.float32)``), each bf16 chunk is
+  first a bf16 GEMM output, ``2 C V`` more; the tests measure that and add it.
+
+Measured on CPU. ``tests/models/test_memory_measured.py`` runs real training steps (SmolLM2-135M
+and a random Llama of hidden 1024, every precision, optimizer and in-backward mode) and checks
+every line within 5% of torch's own storage accounting. Its activations come from CPU SDPA
+(``_scaled_dot_product_flash_attention_for_cpu``), which saves what CUDA's flash,
+memory-efficient and cuDNN kernels and FlashAttention-2 save: q, k, v, the output and an fp32
+logsumexp per head (CUDA adds two 8-byte RNG scalars per call). The rule extrapolates to CUDA as
+long as one of those kernels runs: SDPA's math fallback (inputs no fused kernel accepts) saves
+the ``s x s`` attention matrix and is not modelled. The loss, weight, gradient and state figures
+are the same on both devices, except the CPU-only fused-loss term above.
 
 Several GPUs (``gpus = N``): FSDP2 (``fully_shard`` per decoder layer) shards weights, gradients
 and optimizer states over N (the 8-bit/4-bit rules are applied to whole tensors, then divided;
@@ -431,14 +464,51 @@ class BlockShape:
         return 4 * h + 4 + 2 * a * h + 8
 
     def logits(self, precision: str = "bf16-master") -> int:
-        """Bytes per token of the eager loss path: ``10 V`` (bf16 logits, fp32 log-probabilities
-        saved by ``log_softmax``, their fp32 gradient); ``12 V`` under ``fp32`` (fp32 logits).
+        """Bytes per token of the plan's earlier loss figure (``supervised_fraction=None``):
+        ``10 V`` (bf16 logits, fp32 log-probabilities saved by ``log_softmax``, their fp32
+        gradient); ``12 V`` under ``fp32`` (fp32 logits). fastmid's own loss holds
+        :meth:`loss_row` per supervised row instead (module docstring).
 
         Raises:
             MemoryPlanError: unknown ``precision``.
         """
         a = precision_bytes(precision).compute
         return (a + FP32_BYTES + FP32_BYTES) * self.vocab_size
+
+    def loss_row(self) -> int:
+        """Peak bytes per supervised row of fastmid's eager loss, every precision: ``12 V``
+        (``log_softmax``'s saved fp32 output, the fp32 gradient it receives and the one it
+        returns, alive together in its backward; measured)."""
+        return 3 * FP32_BYTES * self.vocab_size
+
+    def fused_loss(
+        self, rows: int, hidden_bytes: int, head_bytes: int, head_trains: bool = False
+    ) -> int:
+        """Peak bytes of :func:`fastmid.kernels.linear_cross_entropy` over ``rows`` rows on
+        CUDA (module docstring): ``2 * rows * h * hidden_bytes`` (the selected rows and their
+        gradient buffer) plus ``8 C V`` (two fp32 chunks of ``C = default_chunk_size(rows, h,
+        V)`` rows; one chunk: ``4 C V`` plus its copy in the ``lm_head`` dtype when that is not
+        fp32), plus ``4 V h`` for the fp32 weight-gradient buffer of a trained ``lm_head``.
+
+        Args:
+            rows: supervised rows of the micro-batch.
+            hidden_bytes: bytes per element of the final norm's output (the residual stream).
+            head_bytes: bytes per element of the ``lm_head`` weight.
+            head_trains: ``lm_head`` receives a gradient (full fine-tuning).
+        """
+        from fastmid.kernels.linear_cross_entropy import default_chunk_size
+
+        if rows == 0:
+            return 0
+        h, v = self.hidden_size, self.vocab_size
+        chunk = min(rows, default_chunk_size(rows, h, v))
+        if chunk < rows:
+            logits = 2 * FP32_BYTES * chunk * v
+        else:
+            copy = head_bytes if head_bytes != FP32_BYTES else 0
+            logits = (FP32_BYTES + copy) * chunk * v
+        weight_grad = FP32_BYTES * v * h if head_trains else 0
+        return 2 * rows * h * hidden_bytes + logits + weight_grad
 
 
 @dataclass(frozen=True)
@@ -462,6 +532,13 @@ class TrainingSetup:
             gradient hook, which frees the gradient (module docstring).
         optimizer_offload: ``--optimizer-offload``: torchao's ``CPUOffloadOptimizer``, states of
             tensors of >= 4096 elements in pinned host memory (module docstring).
+        supervised_fraction: share of the micro-batch's tokens whose shifted label is not
+            ``-100`` (the rows the loss projects with ``lm_head``; answers-only SFT: the answer
+            tokens' share), in [0, 1]. ``None`` (default): the plan's earlier per-token logits
+            figure, kept so earlier plans keep their numbers (module docstring: logits).
+        fused_loss: the loss runs :func:`fastmid.kernels.linear_cross_entropy` (``--kernels``,
+            on by default on CUDA with Triton); with ``supervised_fraction=None`` every token
+            counts as a row.
     """
 
     seq_len: int = 4096
@@ -474,6 +551,8 @@ class TrainingSetup:
     precision: Precision | Literal["auto"] = "auto"
     optimizer_in_backward: bool = False
     optimizer_offload: bool = False
+    supervised_fraction: float | None = None
+    fused_loss: bool = False
 
     def __post_init__(self) -> None:
         for flag, value in (
@@ -484,6 +563,13 @@ class TrainingSetup:
         ):
             if not isinstance(value, int) or value < 1:
                 raise MemoryPlanError(f"{flag}: must be a positive integer, got {value!r}")
+        fraction = self.supervised_fraction
+        if fraction is not None and not (
+            isinstance(fraction, int | float) and 0 <= fraction <= 1  # also refuses NaN
+        ):
+            raise MemoryPlanError(
+                f"supervised_fraction: must be a share of the tokens in [0, 1], got {fraction!r}"
+            )
         # `not > 0` also refuses NaN; inf would plan against memory no GPU has.
         if not (self.gpu_memory_gib > 0 and math.isfinite(self.gpu_memory_gib)):
             raise MemoryPlanError(
@@ -526,6 +612,14 @@ class TrainingSetup:
     def tokens(self) -> int:
         """Tokens per GPU per micro-step: ``micro_batch * seq_len``."""
         return self.micro_batch * self.seq_len
+
+    @property
+    def supervised_rows(self) -> int:
+        """Rows the loss projects per micro-step: ``round(supervised_fraction * tokens)``,
+        every token when ``supervised_fraction`` is None."""
+        if self.supervised_fraction is None:
+            return self.tokens
+        return round(self.supervised_fraction * self.tokens)
 
 
 @dataclass(frozen=True)
@@ -774,6 +868,23 @@ def _weights_bytes(
     return stored + 2 * b.compute * max_layer
 
 
+def _logits_bytes(shape: BlockShape, setup: TrainingSetup, method: Method = "mid_block") -> int:
+    """Peak bytes of the loss of one micro-step (module docstring: logits). ``method`` sets the
+    residual stream's dtype (fp32 for full fine-tuning under ``bf16-master``: fp32 embeddings)
+    and the ``lm_head``'s (trained under full fine-tuning; frozen bf16 under LoRA)."""
+    prec = "bf16-master" if method == "lora" else setup.precision
+    if setup.supervised_fraction is None and not setup.fused_loss:
+        return setup.tokens * shape.logits(prec)
+    rows = setup.supervised_rows
+    if not setup.fused_loss:
+        return rows * shape.loss_row()
+    b = precision_bytes(prec)
+    full = method == "full"
+    hidden_bytes = shape.checkpoint_input(full, prec) // shape.hidden_size
+    head_bytes = b.trained if full else b.frozen
+    return shape.fused_loss(rows, hidden_bytes, head_bytes, head_trains=full)
+
+
 def _activation_bytes(
     per_layer: list[int], stored: list[bool], setup: TrainingSetup, ckpt_input: int, head: int
 ) -> int:
@@ -805,7 +916,8 @@ def estimate_mid_block(
     Returns:
         The :class:`MemoryEstimate` (formulas in the module docstring): under in-backward the
         gradients are the largest band tensor's; under offload the optimizer states are the
-        GPU-resident ones (tensors of < 4096 elements) and ``host_memory`` holds the rest.
+        GPU-resident ones (tensors of < 4096 elements) and ``host_memory`` holds the rest; the
+        logits follow ``setup.supervised_fraction`` and ``setup.fused_loss``.
 
     Raises:
         BandError: the plan's layer count differs from the model's.
@@ -835,7 +947,7 @@ def estimate_mid_block(
         activations=_activation_bytes(
             per_layer, stored, setup, shape.checkpoint_input(False, prec), shape.head(False, prec)
         ),
-        logits=setup.tokens * shape.logits(prec),
+        logits=_logits_bytes(shape, setup),
         gpu_memory_gib=setup.gpu_memory_gib,
         host_memory=host,
     )
@@ -872,7 +984,7 @@ def estimate_full(model: torch.nn.Module, setup: TrainingSetup) -> MemoryEstimat
         activations=_activation_bytes(
             per_layer, [True] * L, setup, shape.checkpoint_input(True, prec), shape.head(True, prec)
         ),
-        logits=setup.tokens * shape.logits(prec),
+        logits=_logits_bytes(shape, setup, "full"),
         gpu_memory_gib=setup.gpu_memory_gib,
         host_memory=host,
     )
@@ -910,7 +1022,7 @@ def estimate_lora(model: torch.nn.Module, setup: TrainingSetup) -> MemoryEstimat
         activations=_activation_bytes(
             per_layer, [True] * L, setup, 2 * shape.hidden_size, shape.head()
         ),
-        logits=setup.tokens * shape.logits(),
+        logits=_logits_bytes(shape, setup, "lora"),
         gpu_memory_gib=setup.gpu_memory_gib,
     )
 
