@@ -372,6 +372,7 @@ app.command("train", cls=_Command)(_train)
 
 @app.command(cls=_Command)
 def plan(
+    ctx: typer.Context,
     model: str = config_option(
         "model", help="model: default, an HF folder, a .gguf file, a repo id or a config.json"
     ),
@@ -401,7 +402,9 @@ def plan(
     checkpointing: bool = typer.Option(
         True,
         "--checkpointing/--no-checkpointing",
-        help="activation checkpointing of the band and suffix layers",
+        "--grad-checkpointing/--no-grad-checkpointing",
+        help="activation checkpointing of the band and suffix layers (train's "
+        "--grad-checkpointing; on here, off in train by default)",
         rich_help_panel="optimization",
     ),
     gpus: int = typer.Option(
@@ -409,10 +412,31 @@ def plan(
         help="GPUs to estimate for (FSDP2 sharding; an estimate: train runs on one device today)",
         rich_help_panel="hardware",
     ),
-    gpu_memory: float = typer.Option(141.0, help="memory per GPU, GiB", rich_help_panel="hardware"),
+    gpu_memory: float = typer.Option(
+        141.0,
+        help='memory per GPU, GiB (2^30 bytes; an H200 sold as "141 GB" gives CUDA about '
+        "139-140 GiB)",
+        rich_help_panel="hardware",
+    ),
+    min_headroom: float | None = typer.Option(
+        None,
+        help="GiB the recommended mode must leave free (default: 2 or 3% of --gpu-memory, "
+        "whichever is more)",
+        rich_help_panel="hardware",
+        show_default=False,
+    ),
     as_json: bool = typer.Option(False, "--json", help="print JSON only", rich_help_panel="output"),
 ) -> None:
-    """Show which layers train and whether the run fits in GPU memory."""
+    """Show which layers train and whether the run fits in GPU memory.
+
+    With no mode flag (--precision, --optim, --optimizer-in-backward, --optimizer-offload,
+    --grad-checkpointing), the table shows the CUDA default mode, and below it the first mode
+    that fits --gpu-memory in the order of preference (quality, then speed) with the exact
+    `fastmid train` flags that select it; --json has it under "recommended".
+    """
+    # A mode flag given (either spelling of --grad-checkpointing too): that mode only.
+    mode_flags = ("precision", "optim", "optimizer_in_backward", "optimizer_offload")
+    recommend = not any(_given(ctx, name) for name in (*mode_flags, "checkpointing"))
 
     def go() -> None:
         from fastmid.config import resolve_optim, resolve_precision
@@ -433,6 +457,8 @@ def plan(
             precision=resolved,
             optimizer_in_backward=optimizer_in_backward,
             optimizer_offload=optimizer_offload,
+            recommend=recommend,
+            min_headroom_gib=min_headroom,
         )
         if as_json:
             sys.stdout.write(json.dumps(result, indent=1) + "\n")

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from tiny import tiny_config
 from typer.testing import CliRunner
 
@@ -178,6 +179,155 @@ def test_plan_refused_optimizer_options_are_one_line(
     message = assert_one_line_error(invoke("plan", "--model", str(tiny_config_json), *args))
     for needle in needles:
         assert needle in message, needle
+
+
+# ---- plan: the recommendation (issue 15) ------------------------------------------------------
+
+# The keys bench/gpu/fit_32b.py and the issue name for `--json`'s "recommended" entry.
+RECOMMENDED_KEYS = {
+    "flags",
+    "total_bytes",
+    "headroom_bytes",
+    "precision",
+    "optim",
+    "optimizer_in_backward",
+    "optimizer_offload",
+}
+
+
+def _plan_json(*args: str) -> dict:
+    result = invoke("plan", *args, "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_plan_recommends_a_mode_whose_flags_are_a_valid_train_config(
+    tiny_config_json: Path,
+) -> None:
+    base = ("--model", str(tiny_config_json), "--seq-len", "64", "--band", "0.3:0.7")
+    plan = _plan_json(*base, "--gpu-memory", "1", "--min-headroom", "0.5")
+    rec = plan["recommended"]
+    assert RECOMMENDED_KEYS <= set(rec)
+    assert rec["rank"] == 1  # a tiny model fits the first mode
+    assert (rec["precision"], rec["optim"]) == ("bf16-master", "adamw8bit")
+    assert rec["headroom_bytes"] == 2**30 - rec["total_bytes"] and rec["total_bytes"] > 0
+    assert plan["recommendation"]["status"] == "fits"
+    # Every mode's flags parse and validate as `fastmid train` flags and select that mode.
+    modes = plan["recommendation"]["modes"]
+    assert len(modes) == 7 and modes[0]["flags"] == rec["flags"]
+    for mode in modes:
+        result = invoke("train", *mode["flags"], "--print-config")
+        assert result.exit_code == 0, (mode["flags"], result.output)
+        cfg = yaml.safe_load(result.stdout)
+        assert (cfg["precision"], cfg["optim"]) == (mode["precision"], mode["optim"])
+        assert cfg["optimizer_in_backward"] is mode["optimizer_in_backward"]
+        assert cfg["optimizer_offload"] is mode["optimizer_offload"]
+        assert cfg["grad_checkpointing"] is True
+        assert (cfg["max_seq_len"], cfg["micro_batch"], cfg["band"]) == (64, 1, "0.3:0.7")
+        if mode["optimizer_in_backward"] or mode["optimizer_offload"]:
+            assert cfg["grad_clip"] == 0
+        if mode["optimizer_in_backward"]:
+            assert cfg["grad_accum"] == 1
+    # --layers travels as --layers.
+    layers = _plan_json("--model", str(tiny_config_json), "--seq-len", "64", "--layers", "3-5")
+    for mode in layers["recommendation"]["modes"]:
+        result = invoke("train", *mode["flags"], "--print-config")
+        assert result.exit_code == 0, result.output
+        assert yaml.safe_load(result.stdout)["layers"] == "3-5"
+
+    text = invoke("plan", *base, "--gpu-memory", "1", "--min-headroom", "0.5")
+    assert text.exit_code == 0, text.output
+    # The command is one line (soft wrap), the figures in GiB.
+    line = next(ln for ln in text.stdout.splitlines() if ln.startswith("fits 1 GiB: "))
+    total, headroom = rec["total_bytes"] / 2**30, rec["headroom_bytes"] / 2**30
+    assert line == (
+        f"fits 1 GiB: fastmid train {' '.join(rec['flags'])} "
+        f"({total:.2f} GiB, {headroom:.2f} GiB headroom)"
+    )
+    joined = " ".join(text.stdout.split())
+    assert "recommended: mode 1 of 7 (bf16-master + adamw8bit)" in joined
+    assert "CUDA context" in joined and "139-140 GiB" in joined
+
+
+def test_plan_recommendation_when_no_mode_fits(tiny_config_json: Path) -> None:
+    # 1 GiB keeps the default 2 GiB free: nothing fits, whatever the size.
+    args = ("--model", str(tiny_config_json), "--seq-len", "64", "--gpu-memory", "1")
+    plan = _plan_json(*args)
+    assert plan["recommended"] is None
+    assert plan["recommendation"]["status"] == "none-fits"
+    assert plan["recommendation"]["min_headroom_gib"] == 2.0
+    smallest = min(plan["recommendation"]["modes"], key=lambda m: m["total_bytes"])
+    text = invoke("plan", *args)
+    assert text.exit_code == 0, text.output
+    joined = " ".join(text.stdout.split())
+    assert (
+        f"no mode fits 1 GiB leaving at least 2.00 GiB free: the smallest is mode "
+        f"{smallest['rank']} of 7 ({smallest['label']}) at "
+        f"{smallest['total_bytes'] / 2**30:.2f} GiB"
+    ) in joined
+    assert "recommended:" not in joined
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--precision", "bf16-master"],  # the default mode, but asked for
+        ["--optim", "adamw8bit"],
+        ["--optimizer-in-backward"],
+        ["--optimizer-offload"],
+        ["--grad-checkpointing"],
+        ["--no-grad-checkpointing"],
+        ["--checkpointing"],
+        ["--no-checkpointing"],
+    ],
+    ids=lambda f: " ".join(f),
+)
+def test_plan_mode_flags_suppress_the_recommendation(
+    flags: list[str], tiny_config_json: Path
+) -> None:
+    args = ("--model", str(tiny_config_json), "--seq-len", "64", *flags)
+    plan = _plan_json(*args, "--min-headroom", "0")
+    assert plan["recommended"] is None
+    assert plan["recommendation"] == {"status": "off"}
+    text = " ".join(invoke("plan", *args).stdout.split())
+    assert "recommended:" not in text and "no mode fits" not in text and "fits 141" not in text
+
+
+def test_plan_other_flags_keep_the_recommendation(tiny_config_json: Path) -> None:
+    args = ("--model", str(tiny_config_json), "--seq-len", "128", "--micro-batch", "2")
+    plan = _plan_json(*args, "--gpus", "2", "--gpu-memory", "80", "--band", "0.3:0.7")
+    assert plan["recommendation"]["status"] == "fits"
+    assert plan["recommended"]["rank"] == 1
+    assert plan["recommendation"]["min_headroom_gib"] == pytest.approx(2.4)  # 3% of 80
+
+
+def test_plan_grad_checkpointing_spellings_and_gpus_reach_the_estimate(
+    tiny_config_json: Path,
+) -> None:
+    base = ("--model", str(tiny_config_json), "--seq-len", "64")
+    for on, off in (("--checkpointing", "--no-checkpointing"),):
+        assert _plan_json(*base, on) == _plan_json(*base, "--grad-checkpointing")
+        assert _plan_json(*base, off) == _plan_json(*base, "--no-grad-checkpointing")
+    with_ckpt = _plan_json(*base, "--grad-checkpointing")
+    without = _plan_json(*base, "--no-grad-checkpointing")
+    assert with_ckpt["setup"]["checkpointing"] is True
+    assert without["setup"]["checkpointing"] is False
+    mid_on, mid_off = with_ckpt["memory"]["mid_block"], without["memory"]["mid_block"]
+    assert mid_on["bytes"]["activations"] < mid_off["bytes"]["activations"]
+    two = _plan_json(*base, "--gpus", "2")
+    assert two["setup"]["gpus"] == 2
+    one = _plan_json(*base)
+    assert (
+        two["memory"]["mid_block"]["bytes"]["optimizer_states"]
+        < one["memory"]["mid_block"]["bytes"]["optimizer_states"]
+    )
+
+
+def test_plan_bad_min_headroom_is_one_line(tiny_config_json: Path) -> None:
+    message = assert_one_line_error(
+        invoke("plan", "--model", str(tiny_config_json), "--min-headroom", "-1")
+    )
+    assert "--min-headroom" in message
 
 
 def test_train_passes_its_flags_to_the_recipe_and_exits_0(monkeypatch, tmp_path: Path) -> None:

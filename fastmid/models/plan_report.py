@@ -4,12 +4,27 @@
 transformers' module tree, no memory used), applies the band and returns a JSON-ready dict;
 :func:`print_plan` renders that dict with rich: the layer table (runs of layers with the same role),
 the parameter totals and the memory table (Mid-Block beside full fine-tuning and LoRA).
+
+:func:`recommend_mode` (issue 15) estimates the Mid-Block band once per mode of
+:data:`MODE_ORDER` (precision, optimizer, step in backward or offload) and picks the first that
+fits the GPU with :func:`default_min_headroom_gib` to spare; :func:`make_plan` returns it as
+``recommended``, with the exact ``fastmid train`` flags that select it, and :func:`print_plan`
+prints it beside the table of the requested mode.
+
+All sizes are bytes, reported in GiB (2^30 bytes). Not counted (as in
+:mod:`fastmid.models.memory`): the CUDA context and cuBLAS workspaces (about 0.5-1 GiB),
+allocator fragmentation and transient buffers.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
+from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from fastmid.models.band import BandPlan, count_parameters
 from fastmid.models.families import (
@@ -20,10 +35,13 @@ from fastmid.models.families import (
 from fastmid.models.loading import ModelSourceError, load_config
 from fastmid.models.memory import (
     EXACT_ACTIVATION_FAMILIES,
+    GIB,
     BlockShape,
+    MemoryPlanError,
     TrainingSetup,
     build_meta_model,
     estimate_all,
+    estimate_mid_block,
 )
 
 ROLE_TEXT = {
@@ -41,6 +59,273 @@ MEMORY_ROWS = (
     ("logits", "logits"),
     ("total", "total"),
 )
+UNITS_NOTE = (
+    "note: GiB = 2^30 bytes. Not counted: the CUDA context and cuBLAS workspaces (about 0.5-1 "
+    'GiB), allocator fragmentation and transient buffers; an H200 sold as "141 GB" gives '
+    "CUDA about 139-140 GiB"
+)
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One training mode the recommendation considers (the flags ``fastmid train`` spells).
+
+    Attributes:
+        precision: ``bf16-master`` or ``bf16`` (resolved, never ``auto``).
+        optim: a resolved optimizer.
+        optimizer_in_backward: ``--optimizer-in-backward``.
+        optimizer_offload: ``--optimizer-offload``.
+    """
+
+    precision: str
+    optim: str
+    optimizer_in_backward: bool = False
+    optimizer_offload: bool = False
+
+    def describe(self) -> str:
+        """``"bf16 + ao_adamw8bit + optimizer in backward"``."""
+        extra = (" + optimizer in backward" if self.optimizer_in_backward else "") + (
+            " + optimizer offload" if self.optimizer_offload else ""
+        )
+        return f"{self.precision} + {self.optim}{extra}"
+
+    def train_flags(
+        self,
+        seq_len: int,
+        micro_batch: int,
+        band: str | None = None,
+        layers: str | None = None,
+    ) -> list[str]:
+        """The ``fastmid train`` flags that select this mode at the plan's size.
+
+        Both optimizer options are spelled out (``--no-...`` when off), so that a YAML config or
+        another tool's default cannot switch one on; the step in backward and offload need
+        ``--grad-clip 0`` and the step in backward ``--grad-accum 1`` (the rules of
+        :func:`fastmid.config.validate`); ``--grad-checkpointing``, ``--max-seq-len`` and
+        ``--micro-batch`` because ``train``'s defaults (off, 512, 8) are not the plan's; the
+        band only when the plan was given one (both commands default to ``0.2:0.8``).
+        """
+        flags = ["--precision", self.precision, "--optim", self.optim]
+        flags.append(("--" if self.optimizer_in_backward else "--no-") + "optimizer-in-backward")
+        flags.append(("--" if self.optimizer_offload else "--no-") + "optimizer-offload")
+        if self.optimizer_in_backward or self.optimizer_offload:
+            flags += ["--grad-clip", "0"]
+        if self.optimizer_in_backward:
+            flags += ["--grad-accum", "1"]
+        flags += ["--grad-checkpointing", "--max-seq-len", str(seq_len)]
+        flags += ["--micro-batch", str(micro_batch)]
+        if band is not None:
+            flags += ["--band", band]
+        if layers is not None:
+            flags += ["--layers", layers]
+        return flags
+
+
+# The recommendation's order of preference: recommend_mode's docstring says why.
+MODE_ORDER: tuple[Mode, ...] = (
+    Mode("bf16-master", "adamw8bit"),
+    Mode("bf16-master", "adamw8bit", optimizer_in_backward=True),
+    Mode("bf16", "ao_adamw8bit"),
+    Mode("bf16", "ao_adamw8bit", optimizer_in_backward=True),
+    Mode("bf16", "ao_adamw4bit", optimizer_in_backward=True),
+    Mode("bf16", "ao_adamw8bit", optimizer_offload=True),
+    Mode("bf16", "ao_adamw4bit", optimizer_offload=True),
+)
+# The memory a recommended mode leaves free: at least MIN_HEADROOM_GIB and MIN_HEADROOM_SHARE of
+# the GPU (default_min_headroom_gib says why).
+MIN_HEADROOM_GIB = 2.0
+MIN_HEADROOM_SHARE = 0.03
+
+
+def default_min_headroom_gib(gpu_memory_gib: float) -> float:
+    """GiB a recommended mode must leave free on a GPU of ``gpu_memory_gib``:
+    ``max(2, 0.03 * gpu_memory_gib)`` (4.23 GiB of 141, 2.4 of 80, 2 of 24).
+
+    The estimate leaves out what a real step also needs (:mod:`fastmid.models.memory`): the CUDA
+    context and cuBLAS workspaces (about 0.5-1 GiB), transients beside the counted lines (under
+    ``--optimizer-in-backward`` each hook's norm and finiteness checks, 8 bytes per element of
+    the largest trained tensor: 1.05 GiB for Qwen2.5-32B's MLP matrices; torchao's fp32 working
+    copies of one tensor while it steps) and the caching allocator's fragmentation, which grows
+    with the memory in use. The 2 GiB floor covers the first two; the 3% covers fragmentation
+    and the gap between a GPU's nominal size and what CUDA reports: the default ``--gpu-memory``
+    is 141 (an H200 sold as "141 GB"), but CUDA reports about 139-140 GiB of it, so the
+    recommendation plans against 141 - 4.23 = 136.8 GiB, 2-3 GiB below what CUDA can allocate.
+    ``--min-headroom`` (``min_headroom_gib``) sets another minimum.
+    """
+    return max(MIN_HEADROOM_GIB, MIN_HEADROOM_SHARE * gpu_memory_gib)
+
+
+def _check_min_headroom(min_headroom_gib: float | None) -> None:
+    if min_headroom_gib is not None and not (
+        min_headroom_gib >= 0 and math.isfinite(min_headroom_gib)
+    ):
+        raise MemoryPlanError(
+            f"--min-headroom: must be a finite number >= 0 (GiB), got {min_headroom_gib}"
+        )
+
+
+def mode_table(
+    model: torch.nn.Module,
+    plan: BandPlan,
+    setup: TrainingSetup,
+    band: str | None = None,
+    layers: str | None = None,
+) -> list[dict[str, Any]]:
+    """The Mid-Block estimate of ``plan`` in every mode of :data:`MODE_ORDER`, in that order.
+
+    Each mode keeps ``setup``'s other settings (sequence length, micro-batch, GPUs, GPU memory
+    and whatever else the setup holds), with activation checkpointing on.
+
+    Args:
+        model: the ``*ForCausalLM`` (meta tensors are fine); its ``requires_grad`` flags end as
+            the band sets them.
+        plan: the band.
+        setup: the plan's setup.
+        band, layers: the band as the plan was given it (for the ``fastmid train`` flags).
+
+    Returns:
+        One JSON-ready dict per mode: ``rank`` (1-based position in the order), ``label``,
+        ``precision``, ``optim``, ``optimizer_in_backward``, ``optimizer_offload``, ``flags``
+        (:meth:`Mode.train_flags`), ``total_bytes``, ``host_memory_bytes`` and ``memory``
+        (:meth:`MemoryEstimate.to_dict`; its ``fits`` compares with the whole GPU).
+    """
+    rows = []
+    for rank, mode in enumerate(MODE_ORDER, start=1):
+        mode_setup = dataclasses.replace(
+            setup,
+            precision=mode.precision,
+            optim=mode.optim,
+            optimizer_in_backward=mode.optimizer_in_backward,
+            optimizer_offload=mode.optimizer_offload,
+            checkpointing=True,
+        )
+        est = estimate_mid_block(model, plan, mode_setup)
+        rows.append(
+            {
+                "rank": rank,
+                "label": mode.describe(),
+                "precision": mode.precision,
+                "optim": mode.optim,
+                "optimizer_in_backward": mode.optimizer_in_backward,
+                "optimizer_offload": mode.optimizer_offload,
+                "flags": mode.train_flags(setup.seq_len, setup.micro_batch, band, layers),
+                "total_bytes": est.total,
+                "host_memory_bytes": est.host_memory,
+                "memory": est.to_dict(),
+            }
+        )
+    return rows
+
+
+def pick_mode(
+    modes: list[dict[str, Any]], gpu_memory_gib: float, min_headroom_gib: float | None = None
+) -> dict[str, Any] | None:
+    """The first of ``modes`` (:func:`mode_table`'s order) whose total leaves
+    ``min_headroom_gib`` free on a GPU of ``gpu_memory_gib``, or None when none does.
+
+    Args:
+        modes: :func:`mode_table`'s rows.
+        gpu_memory_gib: memory of one GPU, GiB.
+        min_headroom_gib: GiB to leave free; None: :func:`default_min_headroom_gib`.
+
+    Returns:
+        ``{"flags", "command", "total_bytes", "headroom_bytes", "total_gib", "headroom_gib",
+        "host_memory_bytes", "precision", "optim", "optimizer_in_backward",
+        "optimizer_offload", "rank", "label"}``; ``headroom_bytes`` is what the mode leaves of
+        the whole GPU (``gpu_memory_gib * 2^30 - total_bytes``), at least the minimum.
+
+    Raises:
+        MemoryPlanError: a negative or non-finite ``min_headroom_gib``.
+    """
+    _check_min_headroom(min_headroom_gib)
+    if min_headroom_gib is None:
+        min_headroom_gib = default_min_headroom_gib(gpu_memory_gib)
+    gpu_bytes = gpu_memory_gib * GIB
+    for row in modes:
+        headroom = gpu_bytes - row["total_bytes"]
+        if headroom >= min_headroom_gib * GIB:
+            keys = ("precision", "optim", "optimizer_in_backward", "optimizer_offload")
+            return {
+                "flags": list(row["flags"]),
+                "command": " ".join(["fastmid", "train", *row["flags"]]),
+                "total_bytes": row["total_bytes"],
+                "headroom_bytes": int(headroom),
+                "total_gib": round(row["total_bytes"] / GIB, 3),
+                "headroom_gib": round(headroom / GIB, 3),
+                "host_memory_bytes": row["host_memory_bytes"],
+                **{k: row[k] for k in keys},
+                "rank": row["rank"],
+                "label": row["label"],
+            }
+    return None
+
+
+def recommend_mode(
+    model: torch.nn.Module,
+    plan: BandPlan,
+    setup: TrainingSetup,
+    band: str | None = None,
+    layers: str | None = None,
+    min_headroom_gib: float | None = None,
+) -> dict[str, Any] | None:
+    """The first mode, in this order of preference, whose Mid-Block total leaves
+    ``min_headroom_gib`` free on ``setup.gpu_memory_gib``: quality first, then speed.
+
+    Every mode runs with activation checkpointing (``--grad-checkpointing``) and keeps
+    ``setup``'s sequence length, micro-batch and GPU count:
+
+    1. ``bf16-master`` + ``adamw8bit``: the CUDA default. fp32 master weights, so every update
+       accumulates exactly; global-norm clipping available.
+    2. ``bf16-master`` + ``adamw8bit`` + ``--optimizer-in-backward``: the same fp32-master
+       update with one gradient alive at a time; it gives up clipping (``--grad-clip 0``) and
+       accumulation (``--grad-accum 1``), not speed. Before (3): the README's rule is
+       ``bf16-master`` whenever it fits, and the step in backward is the ordinary step minus
+       clipping (tested equal to 1e-6).
+    3. ``bf16`` + ``ao_adamw8bit``: bf16 weights written back with stochastic rounding
+       (measured: learns what fp32 learns on the default run, README "Quality of bf16"); keeps
+       clipping.
+    4. ``bf16`` + ``ao_adamw8bit`` + ``--optimizer-in-backward``: (3) with one gradient alive at
+       a time, without clipping.
+    5. ``bf16`` + ``ao_adamw4bit`` + ``--optimizer-in-backward``: 4-bit states, half the 8-bit
+       ones, the least established of the optimizers here; still a full-speed on-device step.
+    6. ``bf16`` + ``ao_adamw8bit`` + ``--optimizer-offload``: states and the step on the host.
+       Every step then waits on a host AdamW over the whole band and on PCIe copies of its
+       gradients and weights, several times an on-device step for a large band, so offload
+       comes after every on-device mode, 4-bit states included.
+    7. ``bf16`` + ``ao_adamw4bit`` + ``--optimizer-offload``: less host memory than (6).
+
+    Under today's memory model (:mod:`fastmid.models.memory`) (6) and (7) are never first:
+    offload keeps every gradient on the GPU (torchao's ``offload_gradients=False``), which
+    outweighs (5)'s 4-bit states, and (7) equals (6) on the GPU (4-bit states only shrink the
+    host memory). They stay in the order so the plan reports them, and would be picked if
+    gradients moved to the host too.
+
+    Left out: ``fp32`` (no gain over ``bf16-master``, which also accumulates in fp32, at twice
+    the frozen weights and activations), ``adamw`` (fp32 states, four times the 8-bit ones; 8-bit
+    AdamW matches it, Dettmers et al. 2022), ``paged_adamw8bit`` (the bytes of ``adamw8bit``,
+    paged only under pressure), ``bf16-master`` with offload (above (2) on the GPU: it keeps
+    every fp32 gradient, so it is never first after (2)), and ``bf16`` + ``ao_adamw4bit``
+    without the step in backward (above (4) on the GPU for the same reason after it; before it
+    it would trade 8-bit states for clipping, and the 8-bit states are kept).
+
+    Args:
+        model: the ``*ForCausalLM`` (meta tensors are fine); its ``requires_grad`` flags end as
+            the band sets them.
+        plan: the band.
+        setup: the plan's setup; its precision, optimizer and options are replaced per mode.
+        band, layers: the band as given (for the flags).
+        min_headroom_gib: GiB to leave free; None: :func:`default_min_headroom_gib`.
+
+    Returns:
+        :func:`pick_mode`'s dict (the ``fastmid train`` flags, totals, the mode), or None when
+        no mode fits.
+
+    Raises:
+        MemoryPlanError: a negative or non-finite ``min_headroom_gib``.
+    """
+    return pick_mode(
+        mode_table(model, plan, setup, band, layers), setup.gpu_memory_gib, min_headroom_gib
+    )
 
 
 def make_plan(
@@ -57,6 +342,8 @@ def make_plan(
     precision: str = "auto",
     optimizer_in_backward: bool = False,
     optimizer_offload: bool = False,
+    recommend: bool = True,
+    min_headroom_gib: float | None = None,
 ) -> dict[str, Any]:
     """Plan a Mid-Block run: band, parameter counts and per-GPU memory, loading no weights.
 
@@ -81,6 +368,11 @@ def make_plan(
         optimizer_offload: ``--optimizer-offload``: optimizer states of tensors of >= 4096
             elements in pinned host memory, reported as ``host_memory`` outside the GPU total
             (Mid-Block and full fine-tuning).
+        recommend: also estimate the band in every mode of :data:`MODE_ORDER` and pick the first
+            that fits (:func:`recommend_mode`); ``fastmid plan`` turns it off when a mode flag
+            is given.
+        min_headroom_gib: GiB the recommended mode must leave free; None:
+            :func:`default_min_headroom_gib` (``max(2, 3%)`` of ``gpu_memory_gib``).
 
     Returns:
         JSON-ready dict with keys ``model`` (source, model_type, sizes), ``band``
@@ -89,15 +381,21 @@ def make_plan(
         (the settings with ``precision`` and ``optim`` resolved, ``tokens_per_gpu``, the two
         optimizer options), ``memory`` (``mid_block``, ``full``, ``lora``:
         :meth:`MemoryEstimate.to_dict`, bytes and GiB, ``host_memory`` beside ``total``) and
-        ``activation_model`` (``exact`` for Llama-style families, else ``approximate``).
+        ``activation_model`` (``exact`` for Llama-style families, else ``approximate``),
+        ``recommended`` (:func:`pick_mode`'s dict: ``flags``, ``total_bytes``,
+        ``headroom_bytes``, ``precision``, ``optim``, ``optimizer_in_backward``,
+        ``optimizer_offload``...; None when no mode fits or ``recommend`` is off) and
+        ``recommendation``: ``status`` (``fits``, ``none-fits`` or ``off``) and, unless off,
+        ``gpu_memory_gib``, ``min_headroom_gib`` and ``modes`` (:func:`mode_table`).
 
     Raises:
         ModelSourceError: the source cannot be read, or its ``model_type`` is unsupported.
         BandError: an invalid ``band`` / ``layers`` string (message names the flag).
         MemoryPlanError: a non-positive size, unknown ``optim`` or ``precision``, ``bf16`` with
             an optimizer that cannot round stochastically, both optimizer options, offload with
-            ``paged_adamw8bit``.
+            ``paged_adamw8bit``, a negative ``min_headroom_gib``.
     """
+    _check_min_headroom(min_headroom_gib)
     setup = TrainingSetup(
         seq_len=seq_len,
         micro_batch=micro_batch,
@@ -122,6 +420,22 @@ def make_plan(
     shape = BlockShape.from_config(config)
     band_dict = plan.to_dict()
     band_dict["describe"] = plan.describe()
+    recommended = None
+    recommendation: dict[str, Any] = {"status": "off"}
+    if recommend:
+        headroom = (
+            default_min_headroom_gib(gpu_memory_gib)
+            if min_headroom_gib is None
+            else min_headroom_gib
+        )
+        modes = mode_table(model, plan, setup, band, layers)
+        recommended = pick_mode(modes, setup.gpu_memory_gib, headroom)
+        recommendation = {
+            "status": "none-fits" if recommended is None else "fits",
+            "gpu_memory_gib": setup.gpu_memory_gib,
+            "min_headroom_gib": headroom,
+            "modes": modes,
+        }
     return {
         "model": {
             "source": str(model_source),
@@ -164,6 +478,8 @@ def make_plan(
         "activation_model": "exact"
         if spec.model_type in EXACT_ACTIVATION_FAMILIES
         else "approximate",
+        "recommended": recommended,
+        "recommendation": recommendation,
     }
 
 
@@ -308,3 +624,35 @@ def print_plan(plan_dict: dict[str, Any], console: Any = None) -> None:
             f"note: activations use the Llama-style block formulas; {m['model_type']} differs "
             "in detail, so treat them as approximate"
         )
+    console.print(UNITS_NOTE, markup=False, highlight=False)
+    recommendation = plan_dict.get("recommendation") or {"status": "off"}
+    if recommendation["status"] != "off":
+        for line in recommendation_lines(plan_dict):
+            # soft_wrap: the command stays one line, to copy.
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def recommendation_lines(plan_dict: dict[str, Any]) -> list[str]:
+    """The recommendation of a :func:`make_plan` result as text: the mode and the ``fastmid
+    train`` command that fits, or the smallest mode when none fits; ``[]`` when it is off."""
+    info = plan_dict.get("recommendation") or {"status": "off"}
+    if info["status"] == "off":
+        return []
+    gpu, headroom, modes = info["gpu_memory_gib"], info["min_headroom_gib"], info["modes"]
+    rec = plan_dict.get("recommended")
+    if rec is None:
+        smallest = min(modes, key=lambda row: row["total_bytes"])
+        return [
+            f"no mode fits {gpu:g} GiB leaving at least {headroom:.2f} GiB free: the smallest "
+            f"is mode {smallest['rank']} of {len(modes)} ({smallest['label']}) at "
+            f"{smallest['total_bytes'] / GIB:.2f} GiB; narrow the band (--band, --layers) or "
+            "shorten --seq-len"
+        ]
+    host = rec["host_memory_bytes"]
+    pinned = f", {host / GIB:.2f} GiB pinned host memory" if host else ""
+    return [
+        f"recommended: mode {rec['rank']} of {len(modes)} ({rec['label']}), the first in the "
+        f"order of preference (quality, then speed) that leaves at least {headroom:.2f} GiB free",
+        f"fits {gpu:g} GiB: {rec['command']} ({rec['total_bytes'] / GIB:.2f} GiB, "
+        f"{rec['headroom_bytes'] / GIB:.2f} GiB headroom{pinned})",
+    ]
