@@ -55,14 +55,18 @@ MEMORY_ROWS = (
     ("weights", "weights"),
     ("gradients", "gradients"),
     ("optimizer_states", "optimizer states"),
-    ("activations", "activations"),
-    ("logits", "logits"),
+    ("activations", "activations (a)"),
+    ("logits", "logits (b)"),
     ("total", "total"),
 )
 UNITS_NOTE = (
     "note: GiB = 2^30 bytes. Not counted: the CUDA context and cuBLAS workspaces (about 0.5-1 "
     'GiB), allocator fragmentation and transient buffers; an H200 sold as "141 GB" gives '
-    "CUDA about 139-140 GiB"
+    "CUDA about 139-140 GiB. (a) activations: the rule measured on CPU with SDPA (q, k, v, "
+    "output and an fp32 logsumexp per head saved; tests/models/test_memory_measured.py), "
+    "extrapolated to CUDA, whose flash, memory-efficient and cuDNN attention save the same "
+    "tensors. (b) logits: a projection at every token, 10 bytes x vocabulary per token; fastmid "
+    "projects only supervised tokens (12 bytes x vocabulary each)"
 )
 
 
