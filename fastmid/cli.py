@@ -418,6 +418,20 @@ def plan(
         "139-140 GiB)",
         rich_help_panel="hardware",
     ),
+    supervised_fraction: float | None = typer.Option(
+        None,
+        help="share of tokens with a label (fastmid projects lm_head only there; default: every "
+        "token, the upper bound for chat SFT)",
+        rich_help_panel="optimization",
+        show_default=False,
+    ),
+    fused_loss: bool = typer.Option(
+        False,
+        "--fused-loss/--no-fused-loss",
+        help="count the chunked linear cross-entropy kernel's peak (train uses it on CUDA with "
+        "--kernels auto/on) instead of the eager loss",
+        rich_help_panel="optimization",
+    ),
     min_headroom: float | None = typer.Option(
         None,
         help="GiB the recommended mode must leave free (default: 2 or 3% of --gpu-memory, "
@@ -459,6 +473,8 @@ def plan(
             optimizer_offload=optimizer_offload,
             recommend=recommend,
             min_headroom_gib=min_headroom,
+            supervised_fraction=supervised_fraction,
+            fused_loss=fused_loss,
         )
         if as_json:
             sys.stdout.write(json.dumps(result, indent=1) + "\n")

@@ -434,3 +434,24 @@ def test_unexpected_exception_keeps_its_traceback(monkeypatch, tmp_path: Path) -
     result = _train_raising(monkeypatch, tmp_path, RuntimeError("a bug"))
     assert result.exit_code == 1
     assert isinstance(result.exception, RuntimeError) and str(result.exception) == "a bug"
+
+
+def test_plan_supervised_fraction_and_fused_loss_reach_the_logits_line(
+    tiny_config_json: Path,
+) -> None:
+    """Tiny Llama (vocabulary 64), seq 64 x micro-batch 1: the loss projects lm_head only at the
+    supervised rows, 12 bytes x vocabulary each (fp32 log-probabilities and two fp32 gradients;
+    tests/models/test_memory_measured.py measures the rule); the fused kernel holds less."""
+    base = ("plan", "--model", str(tiny_config_json), "--seq-len", "64", "--json")
+
+    def logits(*extra: str) -> int:
+        result = invoke(*base, *extra)
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)["memory"]["mid_block"]["bytes"]["logits"]
+
+    assert logits("--supervised-fraction", "0.5") == 32 * 12 * 64
+    assert logits("--supervised-fraction", "1") == 64 * 12 * 64
+    assert logits("--supervised-fraction", "0.5", "--fused-loss") < 32 * 12 * 64
+    bad = invoke(*base, "--supervised-fraction", "1.5")
+    assert bad.exit_code == 2 and "--supervised-fraction" in bad.output
+    assert len(bad.output.strip().splitlines()) == 1

@@ -568,7 +568,7 @@ class TrainingSetup:
             isinstance(fraction, int | float) and 0 <= fraction <= 1  # also refuses NaN
         ):
             raise MemoryPlanError(
-                f"supervised_fraction: must be a share of the tokens in [0, 1], got {fraction!r}"
+                f"--supervised-fraction: must be a share of the tokens in [0, 1], got {fraction!r}"
             )
         # `not > 0` also refuses NaN; inf would plan against memory no GPU has.
         if not (self.gpu_memory_gib > 0 and math.isfinite(self.gpu_memory_gib)):

@@ -348,6 +348,8 @@ def make_plan(
     optimizer_offload: bool = False,
     recommend: bool = True,
     min_headroom_gib: float | None = None,
+    supervised_fraction: float | None = None,
+    fused_loss: bool = False,
 ) -> dict[str, Any]:
     """Plan a Mid-Block run: band, parameter counts and per-GPU memory, loading no weights.
 
@@ -375,6 +377,9 @@ def make_plan(
         recommend: also estimate the band in every mode of :data:`MODE_ORDER` and pick the first
             that fits (:func:`recommend_mode`); ``fastmid plan`` turns it off when a mode flag
             is given.
+        supervised_fraction: share of tokens with a label (the loss projects only those); None:
+            every token, by the earlier per-token figure (:class:`TrainingSetup`).
+        fused_loss: the chunked linear cross-entropy kernel (``--kernels`` on CUDA).
         min_headroom_gib: GiB the recommended mode must leave free; None:
             :func:`default_min_headroom_gib` (``max(2, 3%)`` of ``gpu_memory_gib``).
 
@@ -411,6 +416,8 @@ def make_plan(
         precision=precision,  # type: ignore[arg-type]
         optimizer_in_backward=optimizer_in_backward,
         optimizer_offload=optimizer_offload,
+        supervised_fraction=supervised_fraction,
+        fused_loss=fused_loss,
     )
     config = load_config(model_source)
     try:
