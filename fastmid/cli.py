@@ -450,7 +450,8 @@ def plan(
     """
     # A mode flag given (either spelling of --grad-checkpointing too): that mode only.
     mode_flags = ("precision", "optim", "optimizer_in_backward", "optimizer_offload")
-    recommend = not any(_given(ctx, name) for name in (*mode_flags, "checkpointing"))
+    # fastmid train runs on one device: a recommendation for N GPUs would not fit what it runs.
+    recommend = gpus == 1 and not any(_given(ctx, name) for name in (*mode_flags, "checkpointing"))
 
     def go() -> None:
         from fastmid.config import resolve_optim, resolve_precision

@@ -295,10 +295,13 @@ def test_plan_mode_flags_suppress_the_recommendation(
 
 def test_plan_other_flags_keep_the_recommendation(tiny_config_json: Path) -> None:
     args = ("--model", str(tiny_config_json), "--seq-len", "128", "--micro-batch", "2")
-    plan = _plan_json(*args, "--gpus", "2", "--gpu-memory", "80", "--band", "0.3:0.7")
+    plan = _plan_json(*args, "--gpu-memory", "80", "--band", "0.3:0.7")
     assert plan["recommendation"]["status"] == "fits"
     assert plan["recommended"]["rank"] == 1
     assert plan["recommendation"]["min_headroom_gib"] == pytest.approx(2.4)  # 3% of 80
+    # fastmid train runs on one device: no train command is recommended for a 2-GPU estimate.
+    two = _plan_json(*args, "--gpus", "2", "--gpu-memory", "80", "--band", "0.3:0.7")
+    assert two["recommendation"]["status"] == "off" and two["recommended"] is None
 
 
 def test_plan_grad_checkpointing_spellings_and_gpus_reach_the_estimate(
@@ -454,4 +457,15 @@ def test_plan_supervised_fraction_and_fused_loss_reach_the_logits_line(
     assert logits("--supervised-fraction", "0.5", "--fused-loss") < 32 * 12 * 64
     bad = invoke(*base, "--supervised-fraction", "1.5")
     assert bad.exit_code == 2 and "--supervised-fraction" in bad.output
+    assert len(bad.output.strip().splitlines()) == 1
+
+
+def test_plan_fused_loss_recommendation_selects_the_kernels_and_headroom_is_bounded(
+    tiny_config_json: Path,
+) -> None:
+    args = ("--model", str(tiny_config_json), "--seq-len", "64", "--gpu-memory", "80")
+    plan = _plan_json(*args, "--supervised-fraction", "0.5", "--fused-loss")
+    assert plan["recommended"]["flags"][-2:] == ["--kernels", "on"]  # the figure needs them
+    bad = invoke("plan", *args, "--min-headroom", "80")
+    assert bad.exit_code == 2 and "--min-headroom" in bad.output
     assert len(bad.output.strip().splitlines()) == 1

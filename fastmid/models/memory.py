@@ -565,10 +565,10 @@ class TrainingSetup:
                 raise MemoryPlanError(f"{flag}: must be a positive integer, got {value!r}")
         fraction = self.supervised_fraction
         if fraction is not None and not (
-            isinstance(fraction, int | float) and 0 <= fraction <= 1  # also refuses NaN
+            isinstance(fraction, int | float) and 0 < fraction <= 1  # also refuses NaN
         ):
             raise MemoryPlanError(
-                f"--supervised-fraction: must be a share of the tokens in [0, 1], got {fraction!r}"
+                f"--supervised-fraction: must be a share of the tokens in (0, 1], got {fraction!r}"
             )
         # `not > 0` also refuses NaN; inf would plan against memory no GPU has.
         if not (self.gpu_memory_gib > 0 and math.isfinite(self.gpu_memory_gib)):

@@ -65,8 +65,9 @@ UNITS_NOTE = (
     "CUDA about 139-140 GiB. (a) activations: the rule measured on CPU with SDPA (q, k, v, "
     "output and an fp32 logsumexp per head saved; tests/models/test_memory_measured.py), "
     "extrapolated to CUDA, whose flash, memory-efficient and cuDNN attention save the same "
-    "tensors. (b) logits: a projection at every token, 10 bytes x vocabulary per token; fastmid "
-    "projects only supervised tokens (12 bytes x vocabulary each)"
+    "tensors. (b) logits: without --supervised-fraction a projection at every token, 10 bytes x "
+    "vocabulary per token; with it 12 bytes x vocabulary per supervised token (fastmid projects "
+    "only those); --fused-loss: the chunked kernel's peak."
 )
 
 
@@ -159,12 +160,17 @@ def default_min_headroom_gib(gpu_memory_gib: float) -> float:
     return max(MIN_HEADROOM_GIB, MIN_HEADROOM_SHARE * gpu_memory_gib)
 
 
-def _check_min_headroom(min_headroom_gib: float | None) -> None:
+def _check_min_headroom(min_headroom_gib: float | None, gpu_memory_gib: float = math.inf) -> None:
     if min_headroom_gib is not None and not (
         min_headroom_gib >= 0 and math.isfinite(min_headroom_gib)
     ):
         raise MemoryPlanError(
             f"--min-headroom: must be a finite number >= 0 (GiB), got {min_headroom_gib}"
+        )
+    if min_headroom_gib is not None and min_headroom_gib >= gpu_memory_gib:
+        raise MemoryPlanError(
+            f"--min-headroom: {min_headroom_gib:g} GiB is not below --gpu-memory "
+            f"{gpu_memory_gib:g}: no run could leave that much free"
         )
 
 
@@ -212,7 +218,9 @@ def mode_table(
                 "optim": mode.optim,
                 "optimizer_in_backward": mode.optimizer_in_backward,
                 "optimizer_offload": mode.optimizer_offload,
-                "flags": mode.train_flags(setup.seq_len, setup.micro_batch, band, layers),
+                "flags": mode.train_flags(setup.seq_len, setup.micro_batch, band, layers)
+                # The fused loss's figure holds only with the Triton kernels on.
+                + (["--kernels", "on"] if setup.fused_loss else []),
                 "total_bytes": est.total,
                 "host_memory_bytes": est.host_memory,
                 "memory": est.to_dict(),
@@ -404,7 +412,7 @@ def make_plan(
             an optimizer that cannot round stochastically, both optimizer options, offload with
             ``paged_adamw8bit``, a negative ``min_headroom_gib``.
     """
-    _check_min_headroom(min_headroom_gib)
+    _check_min_headroom(min_headroom_gib, gpu_memory_gib)
     setup = TrainingSetup(
         seq_len=seq_len,
         micro_batch=micro_batch,

@@ -513,9 +513,8 @@ def test_smollm2_plan_lines_match_a_measured_step(
 
 
 def test_supervised_fraction_is_a_share_and_none_keeps_the_legacy_logits() -> None:
-    for bad in (-0.1, 1.5, float("nan"), "half"):
+    for bad in (0.0, -0.1, 1.5, float("nan"), "half"):  # a run with no label trains nothing
         with pytest.raises(MemoryPlanError, match="--supervised-fraction"):
             TrainingSetup(supervised_fraction=bad)  # type: ignore[arg-type]
     assert TrainingSetup(seq_len=100, micro_batch=3, supervised_fraction=0.25).supervised_rows == 75
     assert TrainingSetup(seq_len=100, micro_batch=3).supervised_rows == 300
-    assert TrainingSetup(seq_len=100, supervised_fraction=0.0).supervised_rows == 0
