@@ -1,6 +1,6 @@
 """The ``fastmid`` command line (typer). Thin: parse flags, build a config, call the library.
 
-Commands: ``train``, ``plan``, ``eval``, ``analyze``, ``data inspect``. The ``train`` command's
+Commands: ``train``, ``plan``, ``eval``, ``generate``, ``analyze``, ``data inspect``. The ``train`` command's
 flags are generated from the fields of :class:`fastmid.config.TrainConfig`, and the options other
 commands share with it (``--model``, ``--data``, ``--max-seq-len``, ...) come from the same fields
 through :func:`config_option`, so every option has one name, one help text and one default.
@@ -515,6 +515,80 @@ def eval_cmd(
             f"95% CI [{lo:.1%}, {hi:.1%}]"
             + (f", answer loss {result.eval_loss:.4f}" if result.eval_loss is not None else "")
         )
+
+    _run(go)
+
+
+@app.command("generate", cls=_Command)
+def generate_cmd(
+    model: str = config_option("model"),
+    prompt: list[str] = typer.Option(
+        ...,
+        "--prompt",
+        help="the user message; '-' reads standard input; repeat the flag to generate for each "
+        "prompt in turn",
+        rich_help_panel="generation",
+        show_default=False,
+    ),
+    system: str | None = typer.Option(
+        None,
+        help="system message (default: none; the chat template may add its own, as in training)",
+        rich_help_panel="generation",
+        show_default=False,
+    ),
+    max_new_tokens: int = typer.Option(
+        128,
+        help="generation budget per prompt, tokens",
+        rich_help_panel="generation",
+        callback=_at_least(1),
+    ),
+    temperature: float = typer.Option(
+        0.0, help="sampling temperature; 0: greedy (deterministic)", rich_help_panel="generation"
+    ),
+    top_p: float = typer.Option(
+        1.0,
+        help="nucleus sampling mass, in (0, 1]; only when --temperature > 0",
+        rich_help_panel="generation",
+    ),
+    seed: int | None = typer.Option(
+        None,
+        help="random seed of sampling (default: unseeded)",
+        rich_help_panel="generation",
+        show_default=False,
+    ),
+    as_json: bool = typer.Option(
+        False,
+        "--json",
+        help='one JSON object per prompt, one a line: {"prompt", "completion", "tokens", '
+        '"seconds"}',
+        rich_help_panel="output",
+    ),
+) -> None:
+    """Generate a reply to a prompt with the model's chat template, e.g. to try a tuned model:
+    `fastmid generate --model runs/x/final --prompt "What is 12*7?"`.
+
+    Prints only the completion (or, with --json, the JSON). Generation stops at the chat
+    template's end-of-turn token or after --max-new-tokens.
+    """
+
+    def go() -> None:
+        from fastmid.eval.generate import run_generate
+
+        results = run_generate(
+            model,
+            prompt,
+            system=system,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+        )
+        for result in results:
+            if as_json:
+                sys.stdout.write(json.dumps(result.to_dict()) + "\n")
+            else:
+                sys.stdout.write(result.completion + "\n")
+            sys.stdout.flush()
 
     _run(go)
 

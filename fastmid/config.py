@@ -435,7 +435,14 @@ class TrainConfig:
     overwrite: bool = field(
         default=False, metadata=_meta("replace an existing run in --output", "output")
     )
-    log_every: int = field(default=1, metadata=_meta("print and log every N steps", "output", ge=1))
+    log_every: int = field(
+        default=10,
+        metadata=_meta(
+            "a progress line in logs and train.log every N steps (metrics.jsonl keeps every step)",
+            "output",
+            ge=1,
+        ),
+    )
 
     def to_dict(self) -> dict[str, Any]:
         """Every field, defaults written out (``dataclasses.asdict``)."""

@@ -138,7 +138,9 @@ class PlainProgress:
         finished = task["total"] is not None and done >= task["total"] > before
         if crossed or finished or now - task["last_line"] >= self.interval_s:
             task["last_line"] = now
-            self.console.print(self._line(task, now), highlight=False)
+            self.console.print(
+                self._line(task, now), highlight=False, soft_wrap=True
+            )  # one line in a log
 
     def _line(self, task: dict[str, Any], now: float) -> str:
         view = SimpleNamespace(description=task["description"], fields=task["fields"])

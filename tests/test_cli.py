@@ -19,7 +19,9 @@ from typer.testing import CliRunner
 from fastmid.cli import app
 from fastmid.train.recipe import NonFiniteLossError, TrainingInterrupted
 
-COMMANDS = [[], ["train"], ["plan"], ["eval"], ["analyze"], ["data"], ["data", "inspect"]]
+COMMANDS = [
+    [], ["train"], ["plan"], ["eval"], ["generate"], ["analyze"], ["data"], ["data", "inspect"]
+]  # fmt: skip
 
 
 def invoke(*args: str):

@@ -166,57 +166,83 @@ def plot_analysis(result: AnalysisResult, path: str | Path, title: str | None = 
     return path
 
 
+# The main table: what decides the band, readable at 80 columns (also piped). The other metrics
+# go to a second table; every metric at full precision is in analysis.csv / analysis.json.
+MAIN_COLUMNS = [
+    ("layer", "index"),
+    ("CKA deb", "cka_debiased"),
+    ("dW rel", "weight_change"),
+    ("cos", "cosine"),
+    ("grad", "grad_norm"),
+]
+MORE_COLUMNS = [
+    ("layer", "index"),
+    ("CKA bias", "cka_biased"),
+    ("H base", "entropy_base"),
+    ("H tuned", "entropy_tuned"),
+    ("erank b", "erank_base"),
+    ("erank t", "erank_tuned"),
+]
+# CKA and cosine sit near 1 for small changes: fixed decimals keep the digits that differ.
+_FIXED = {"cka_debiased", "cka_biased", "cosine"}
+
+
+def _cell(column: str, value: Any, band: set[int]) -> str:
+    if column == "index":
+        return f"{value}{'*' if value in band else ' '}"
+    if isinstance(value, float):
+        return (
+            "-" if not math.isfinite(value) else format(value, ".4f" if column in _FIXED else ".3g")
+        )
+    return str(value)
+
+
+def layer_table(result: AnalysisResult, columns: list[tuple[str, str]], title: str) -> Any:
+    """A rich table of ``columns`` (``(header, LayerMetrics field)``) per layer, or None when no
+    column but the layer has a value; ``*`` marks the current band."""
+    from rich import box
+    from rich.table import Table
+
+    present = [
+        (h, c)
+        for h, c in columns
+        if c == "index" or _finite([getattr(r, c) for r in result.layers])
+    ]
+    if len(present) < 2:
+        return None
+    table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
+    for header, _ in present:
+        # fold, never "…": a cut number reads as a different number
+        table.add_column(
+            header, justify="right", no_wrap=True, overflow="fold", min_width=len(header)
+        )
+    band = set(result.current_band)
+    for r in result.layers:
+        table.add_row(*(_cell(c, getattr(r, c), band) for _, c in present))
+    return table
+
+
 def print_table(result: AnalysisResult, console: Any = None) -> None:
-    """Print the per-layer table and the band advice with rich (``*`` marks the current band).
+    """Print the per-layer tables and the band advice with rich (``*`` marks the current band).
+
+    The main table (layer, debiased CKA, relative weight change, pooled cosine, grad norm) and a
+    second one with the other metrics each fit 80 columns; ``analysis.csv`` has every metric at
+    full precision.
 
     Args:
         result: the analysis.
         console: a ``rich.console.Console``; a new one when None.
     """
-    from rich import box
     from rich.console import Console
-    from rich.table import Table
 
     console = console or Console()
-    # Compact enough for 80 columns; depth fractions and full precision are in the CSV/JSON.
-    table = Table(
-        title="fastmid analyze: per-layer metrics",
-        box=box.SIMPLE_HEAD,
-        padding=(0, 1),
-        pad_edge=False,
-    )
-    cols = [
-        ("layer", "index"),
-        ("CKA deb", "cka_debiased"),
-        ("CKA bias", "cka_biased"),
-        ("dW rel", "weight_change"),
-        ("cos", "cosine"),
-        ("H base", "entropy_base"),
-        ("H tuned", "entropy_tuned"),
-        ("erank b", "erank_base"),
-        ("erank t", "erank_tuned"),
-        ("grad", "grad_norm"),
-    ]
-    present = [
-        (h, c) for h, c in cols if c == "index" or _finite([getattr(r, c) for r in result.layers])
-    ]
-    for header, _ in present:
-        table.add_column(header, justify="right", no_wrap=True)
-    band = set(result.current_band)
-    for r in result.layers:
-        cells = []
-        for _, c in present:
-            v = getattr(r, c)
-            if c == "index":
-                cells.append(f"{v}{'*' if v in band else ' '}")
-            elif isinstance(v, float):
-                # CKA and cosine sit near 1 for small changes: keep the digits that differ.
-                fmt = ".5f" if c in ("cka_debiased", "cka_biased", "cosine") else ".3g"
-                cells.append("-" if not math.isfinite(v) else format(v, fmt))
-            else:
-                cells.append(str(v))
-        table.add_row(*cells)
-    console.print(table)
+    for columns, title in (
+        (MAIN_COLUMNS, "fastmid analyze: per-layer metrics"),
+        (MORE_COLUMNS, "more per-layer metrics"),
+    ):
+        table = layer_table(result, columns, title)
+        if table is not None:
+            console.print(table)
     adv = result.advice
     console.print(
         f"current band (*): layers {result.current_band[0]}..{result.current_band[-1]}; "

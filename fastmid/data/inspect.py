@@ -4,7 +4,8 @@ The report shows what a training run would see before any GPU time is spent: the
 rows read and bad rows skipped (per kind), the fields the format ignores (per field: rows), the
 ShareGPT cleanup counts, kept / truncated / dropped examples (per reason, ``empty_answer``
 included), token and trained-token statistics (mean, p50, p95, max), and ``n`` examples decoded
-with the trained tokens highlighted.
+with the trained tokens highlighted. Without colour (``NO_COLOR``, ``color_system=None``) or off a
+terminal (piped, redirected), trained spans are also marked in the text as ``[[...]]``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,13 @@ from fastmid.progress import make_progress
 TRAINED_STYLE = "bold black on green"
 PROMPT_STYLE = "dim"
 _ELIDE_CHARS = 1200  # longer runs of text are shown as head ... tail
+MARK_OPEN, MARK_CLOSE = "[[", "]]"  # trained spans, where colour cannot show them
+
+
+def needs_text_marks(console: Console) -> bool:
+    """True when ``console`` cannot show the trained-token colour: colour is off or it does not
+    write to a terminal."""
+    return console.no_color or console.color_system is None or not console.is_terminal
 
 
 def label_runs(input_ids: list[int], labels: list[int], tokenizer: Any) -> list[tuple[str, bool]]:
@@ -59,20 +67,36 @@ def _elide(text: str) -> str:
     return f"{text[:half]} [... {len(text) - 2 * half} characters ...] {text[-half:]}"
 
 
-def render_example(example: dict[str, list[int]], tokenizer: Any) -> Text:
+def render_example(example: dict[str, list[int]], tokenizer: Any, *, marks: bool = False) -> Text:
     """A rich ``Text`` of one example with trained tokens highlighted.
 
     Args:
         example: ``{"input_ids", "labels"}``.
         tokenizer: the tokenizer used to build it.
+        marks: also wrap each trained run in ``[[`` ... ``]]`` (for output without colour).
 
     Returns:
         The text; runs longer than 1200 characters are shortened to their head and tail.
     """
     text = Text()
     for chunk, trained in label_runs(example["input_ids"], example["labels"], tokenizer):
-        text.append(_elide(chunk), style=TRAINED_STYLE if trained else PROMPT_STYLE)
+        chunk = _elide(chunk)
+        if trained and marks:
+            chunk = f"{MARK_OPEN}{chunk}{MARK_CLOSE}"
+        text.append(chunk, style=TRAINED_STYLE if trained else PROMPT_STYLE)
     return text
+
+
+def legend_text(marks: bool) -> Text:
+    """The legend printed above the examples (naming the ``[[...]]`` marks when used)."""
+    legend = Text("legend: ")
+    trained = f"{MARK_OPEN}trained tokens{MARK_CLOSE}" if marks else "trained tokens"
+    legend.append(trained, style=TRAINED_STYLE)
+    legend.append("  ")
+    legend.append("not trained (prompt, template)", style=PROMPT_STYLE)
+    if marks:
+        legend.append(f"  (trained text is marked {MARK_OPEN}...{MARK_CLOSE}: no colour here)")
+    return legend
 
 
 def _fmt(value: float | int | None) -> str:
@@ -189,16 +213,15 @@ def inspect_data(
         )
     for table in stats_tables(stats):
         console.print(table)
-    legend = Text("legend: ")
-    legend.append("trained tokens", style=TRAINED_STYLE)
-    legend.append("  ")
-    legend.append("not trained (prompt, template)", style=PROMPT_STYLE)
+    marks = needs_text_marks(console)
     if n > 0 and examples:
-        console.print(legend)
+        console.print(legend_text(marks))
     for number, example in enumerate(examples[: max(n, 0)]):
         trained = sum(label != IGNORE_INDEX for label in example["labels"])
         title = f"example {number}: {len(example['input_ids'])} tokens, {trained} trained"
-        console.print(Panel(render_example(example, tokenizer), title=title, title_align="left"))
+        console.print(
+            Panel(render_example(example, tokenizer, marks=marks), title=title, title_align="left")
+        )
     if not examples:
         console.print("[bold red]no example left[/]: see the drop counts above")
     return stats

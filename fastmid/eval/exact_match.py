@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from rich.console import Console
 from scipy.stats import binomtest
 
 from fastmid.data import collate_batch, pad_token_id
@@ -29,6 +30,7 @@ from fastmid.data.chat_template import end_of_turn_ids
 from fastmid.errors import FastmidError
 from fastmid.models.loading import load_model_and_tokenizer
 from fastmid.models.loss import batch_loss_sum
+from fastmid.progress import make_progress
 
 
 class EvalError(FastmidError, ValueError):
@@ -150,8 +152,13 @@ def evaluate_accuracy(
     keep_samples: int = 3,
     skip_bad_rows: bool = False,
     flag: str = "--data",
+    *,
+    console: Console | None = None,
 ) -> AccuracyResult:
     """Exact-match accuracy (and mean answer loss) of ``model`` on GSM8K-style problems.
+
+    Shows the problems generated so far (``eval done/total``) on ``console``: a rich bar on a
+    terminal, a plain line per batch (and at least once a minute) otherwise.
 
     Args:
         data: ``builtin:arith:test`` or a GSM8K-format JSONL (``question``, ``answer`` with
@@ -161,6 +168,7 @@ def evaluate_accuracy(
             instead of stopping at the first one.
         flag: the option that gave ``data``, named in its errors: ``--data`` (``fastmid eval``)
             or ``--eval-accuracy-data`` (``fastmid train``).
+        console: where the progress goes (a stderr ``rich.console.Console`` when None).
 
     Raises:
         EvalError: ``n``, ``max_new_tokens`` or ``batch_size`` below 1; the data source yields no
@@ -176,8 +184,16 @@ def evaluate_accuracy(
     if not problems:
         raise EvalError(f"{flag} {data}: no evaluation problem found")
     prompts = [p for p, _ in problems]
+    console = console if console is not None else Console(stderr=True)
     t0 = time.perf_counter()
-    completions = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size)
+    completions: list[str] = []
+    # one batch per call, so the bar moves per batch (the batches are those of one call)
+    with make_progress(console, label="eval", eta=True, plain_every=batch_size) as progress:
+        task = progress.add_task("eval", total=len(prompts))
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            completions += generate_answers(model, tokenizer, chunk, max_new_tokens, batch_size)
+            progress.update(task, advance=len(chunk))
     elapsed = time.perf_counter() - t0
     correct = 0
     samples = []
@@ -251,11 +267,14 @@ def run_eval(
     max_new_tokens: int = 128,
     batch_size: int = 50,
     skip_bad_rows: bool = False,
+    *,
+    console: Console | None = None,
 ) -> AccuracyResult:
     """Load ``model_source`` and run :func:`evaluate_accuracy` (the ``fastmid eval`` command).
 
     The defaults are ``TrainConfig``'s ``eval_*`` defaults (the accuracy in a run's summary);
-    ``skip_bad_rows`` is ``--skip-bad-rows`` (skip malformed problems instead of stopping).
+    ``skip_bad_rows`` is ``--skip-bad-rows`` (skip malformed problems instead of stopping);
+    ``console`` shows the progress (stderr when None).
 
     Raises:
         EvalError: as :func:`evaluate_accuracy`, checked before the model loads.
@@ -264,7 +283,14 @@ def run_eval(
     check_eval_settings(n, max_new_tokens, batch_size)
     model, tokenizer = load_model_and_tokenizer(model_source)
     return evaluate_accuracy(
-        model, tokenizer, data, n, max_new_tokens, batch_size, skip_bad_rows=skip_bad_rows
+        model,
+        tokenizer,
+        data,
+        n,
+        max_new_tokens,
+        batch_size,
+        skip_bad_rows=skip_bad_rows,
+        console=console,
     )
 
 

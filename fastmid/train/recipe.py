@@ -23,7 +23,9 @@ Run folder (design section 7): ``config.yaml``, ``plan.json``, ``metrics.jsonl``
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import random
 import resource
@@ -103,7 +105,41 @@ _UNSAVED_RUN_FILES = {
     "metrics.jsonl",
     "eval_before.json",
     "checkpoints",
+    "train.log",
 }
+
+
+# train.log: fastmid's own lines (the header, a line every --log-every steps, evaluations, the
+# outcome) and the warnings of the libraries a run drives, which stay off the console.
+_RUN_LOG = logging.getLogger("fastmid.run")
+_LIBRARY_LOGGERS = ("transformers", "datasets", "bitsandbytes", "torch", "py.warnings")
+
+
+@contextlib.contextmanager
+def train_log(path: Path) -> Any:
+    """Append ``path`` (``train.log``) with fastmid's run lines (INFO) and the WARNING records of
+    transformers, datasets, bitsandbytes, torch and Python ``warnings`` (which, while the run
+    lasts, go to the file instead of the console). Handlers are removed on exit.
+    """
+    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    loggers = [_RUN_LOG, *(logging.getLogger(n) for n in _LIBRARY_LOGGERS)]
+    saved = [(lg.level, lg.propagate) for lg in loggers]
+    _RUN_LOG.setLevel(logging.INFO)
+    handler.setLevel(logging.INFO)  # the libraries' own levels (WARNING by default) still apply
+    logging.getLogger("py.warnings").propagate = False
+    for lg in loggers:
+        lg.addHandler(handler)
+    logging.captureWarnings(True)
+    try:
+        yield _RUN_LOG
+    finally:
+        logging.captureWarnings(False)
+        for lg, (level, propagate) in zip(loggers, saved, strict=True):
+            lg.removeHandler(handler)
+            lg.setLevel(level)
+            lg.propagate = propagate
+        handler.close()
 
 
 class RunFolderError(FastmidError, RuntimeError):
@@ -721,12 +757,14 @@ class MidBlockRecipe:
                 batch_size=cfg.eval_batch_size,
                 skip_bad_rows=cfg.skip_bad_rows,
                 flag="--eval-accuracy-data",
+                console=self.console,
             )
         lo, hi = result.ci95
         line = f"  {label}: accuracy {result.accuracy:.1%} ({result.correct}/{result.n})"
         if result.eval_loss is not None:
             line += f", 95% CI [{lo:.1%}, {hi:.1%}], answer loss {result.eval_loss:.4f}"
         self.console.print(line)
+        _RUN_LOG.info(line.strip())
         record = result.to_dict()
         if label == "before":
             cache.write_text(json.dumps({"settings": settings, "result": record}, indent=1) + "\n")
@@ -753,6 +791,7 @@ class MidBlockRecipe:
             self.console,
             "loss {task.fields[loss]}",
             "lr {task.fields[lr]}",
+            "grad_norm {task.fields[gnorm]}",
             "{task.fields[tps]} tok/s",
             label="[bold]train[/]",
             eta=True,
@@ -767,7 +806,13 @@ class MidBlockRecipe:
         try:
             with progress:
                 task = progress.add_task(
-                    "train", total=self.total_steps, completed=state.step, loss="-", lr="-", tps="-"
+                    "train",
+                    total=self.total_steps,
+                    completed=state.step,
+                    loss="-",
+                    lr="-",
+                    gnorm="-",
+                    tps="-",
                 )
                 while state.step < self.total_steps:
                     refs = [
@@ -820,15 +865,28 @@ class MidBlockRecipe:
                     at_end = state.step == self.total_steps
                     if cfg.eval_every and (state.step % cfg.eval_every == 0 or at_end):
                         record["eval_loss"] = self._checked_eval_loss()
-                    if state.step % cfg.log_every == 0 or at_end or "eval_loss" in record:
-                        metrics.write(record)
+                    metrics.write(record)
                     progress.update(
                         task,
                         completed=state.step,
                         loss=f"{result.loss:.4f}",
                         lr=f"{result.lr:.2e}",
+                        gnorm=f"{result.grad_norm:.3g}",
                         tps=f"{record['tokens_per_s']:.0f}",
                     )
+                    if state.step % cfg.log_every == 0 or at_end or "eval_loss" in record:
+                        _RUN_LOG.info(
+                            "step %d/%d loss %.4f lr %.3e grad_norm %.4g tokens/s %.0f%s",
+                            state.step,
+                            self.total_steps,
+                            result.loss,
+                            result.lr,
+                            result.grad_norm,
+                            record["tokens_per_s"],
+                            f" eval_loss {record['eval_loss']:.4f}"
+                            if record.get("eval_loss") is not None
+                            else "",
+                        )
                     last = record
                     if cfg.save_every and state.step % cfg.save_every == 0 and not at_end:
                         self.save_checkpoint()
@@ -1031,17 +1089,28 @@ def run_train(cfg: TrainConfig, console: Console | None = None) -> dict[str, Any
 
 
 def _run_steps(recipe: MidBlockRecipe, console: Console) -> dict[str, Any]:
+    recipe.setup()  # creates (or, with --overwrite, clears) the run folder
+    with train_log(recipe.out / "train.log"):
+        try:
+            return _logged_run(recipe, console)
+        except FastmidError as exc:
+            _RUN_LOG.error("%s", exc)
+            raise
+
+
+def _logged_run(recipe: MidBlockRecipe, console: Console) -> dict[str, Any]:
     cfg = recipe.cfg
-    recipe.setup()
     assert recipe.plan is not None and recipe.counts is not None
     counts = recipe.counts
-    console.print(
-        f"[bold]fastmid train[/] {cfg.model} ({recipe.model.config.model_type}): band "
+    header = (
+        f"fastmid train {cfg.model} ({recipe.model.config.model_type}): band "
         f"{recipe.plan.describe()}, trainable {counts.trainable:,} of {counts.total:,} "
         f"({counts.trainable_share:.1f}%), {len(recipe.train_examples)} train / "
         f"{len(recipe.eval_examples)} eval examples, {recipe.total_steps} steps, precision "
         f"{cfg.precision}, optimizer {cfg.optim}"
     )
+    console.print(f"[bold]fastmid train[/]{header[len('fastmid train') :]}", highlight=False)
+    _RUN_LOG.info("%s", header)
     before = recipe.evaluate("before")
     last = recipe.train()
     eval_loss = recipe.final_eval_loss(last)  # checked finite before anything is exported
@@ -1049,6 +1118,14 @@ def _run_steps(recipe: MidBlockRecipe, console: Console) -> dict[str, Any]:
     after = recipe.evaluate("after")
     summary = recipe.summary(final, last, eval_loss, before, after)
     print_summary(summary, console)
+    _RUN_LOG.info(
+        "done: %d steps, final loss %s, eval loss %s; model %s; summary %s",
+        summary["steps"],
+        summary["final_loss"],
+        summary["final_eval_loss"],
+        summary["final_model"],
+        recipe.out / "summary.json",
+    )
     return summary
 
 

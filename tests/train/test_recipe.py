@@ -337,7 +337,10 @@ def test_progress_is_plain_lines_when_the_console_is_not_a_terminal(make_config)
     trainer.train()
     lines = [line for line in log.getvalue().splitlines() if line.startswith("train ")]
     assert [line.split()[1] for line in lines] == ["2/5", "4/5", "5/5"]
-    pattern = r"^train \d/5 loss \d+\.\d{4} lr \S+ \d+ tok/s elapsed \d:\d\d:\d\d ETA \d:\d\d:\d\d$"
+    pattern = (
+        r"^train \d/5 loss \d+\.\d{4} lr \S+ grad_norm \S+ \d+ tok/s "
+        r"elapsed \d:\d\d:\d\d ETA \d:\d\d:\d\d$"
+    )
     assert all(re.match(pattern, line) for line in lines), lines
 
 
@@ -350,3 +353,32 @@ def test_a_run_extended_with_more_steps_switches_to_the_longer_schedule(make_con
     _longer, rec = _run(make_config("short", max_steps=5, eval_every=0, resume=resume))
     assert [r["step"] for r in rec] == [1, 2, 3, 4, 5]
     assert [r["lr"] for r in rec[2:]] == pytest.approx([r["lr"] for r in rec_full[2:]], rel=1e-12)
+
+
+def test_train_log_holds_the_run_lines_and_library_warnings(make_config):
+    """train.log: the header, a line every --log-every steps (and the last), the outcome, and
+    a library's warning that stays off the console."""
+    import warnings
+    from io import StringIO
+
+    from rich.console import Console
+
+    from fastmid.train.recipe import run_train
+
+    real = recipe_module.train_step
+
+    def warn_then_step(*args, **kwargs):
+        warnings.warn("a library complains", UserWarning, stacklevel=1)
+        return real(*args, **kwargs)
+
+    console_out = StringIO()
+    cfg = make_config("log", max_steps=5, log_every=2)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(recipe_module, "train_step", warn_then_step)
+        summary = run_train(cfg, Console(file=console_out))
+    text = (recipe_module.Path(summary["output"]) / "train.log").read_text()
+    steps = [line.split("step ")[1].split()[0] for line in text.splitlines() if " step " in line]
+    assert steps == ["2/5", "4/5", "5/5"]
+    assert "fastmid train" in text and "done: 5 steps" in text
+    assert "a library complains" in text
+    assert "a library complains" not in console_out.getvalue()
