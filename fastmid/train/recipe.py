@@ -88,6 +88,7 @@ from fastmid.train.checkpoint import (
     save_checkpoint,
 )
 from fastmid.train.export import clean_partial_exports, export_hf_folder, save_band_delta
+from fastmid.train.lossplot import write_loss_plot
 from fastmid.train.optim import (
     OptimizerError,
     OptimizerInBackward,
@@ -106,6 +107,7 @@ _UNSAVED_RUN_FILES = {
     "eval_before.json",
     "checkpoints",
     "train.log",
+    "loss.png",
 }
 
 
@@ -966,7 +968,7 @@ class MidBlockRecipe:
         """Write ``checkpoints/step-<N>/`` of the current step atomically; returns the folder."""
         assert self.optimizer is not None and self.scheduler is not None
         self.state.rng = capture_rng()
-        return save_checkpoint(
+        path = save_checkpoint(
             self.out / "checkpoints",
             self.model,
             self.trainable_names,
@@ -975,6 +977,21 @@ class MidBlockRecipe:
             self.state,
             self.cfg.keep_last,
         )
+        self.plot_loss()
+        return path
+
+    def plot_loss(self) -> Path | None:
+        """Redraw ``loss.png`` from ``metrics.jsonl`` (:mod:`fastmid.train.lossplot`); a drawing
+        that fails is a warning, never the end of a run."""
+        try:
+            return write_loss_plot(
+                self.out / "metrics.jsonl",
+                self.out / "loss.png",
+                title=f"{self.cfg.model}: band {self.plan.describe() if self.plan else ''}",
+            )
+        except Exception as exc:  # matplotlib's errors share no base class; a plot is optional
+            _RUN_LOG.warning("loss.png not drawn: %s", exc)
+            return None
 
     def export(self) -> Path:
         """Write ``final/`` (an HF folder ``from_pretrained`` loads, in the run's model dtype:
@@ -1052,6 +1069,7 @@ class MidBlockRecipe:
             "precision": self.cfg.precision,
             "kernels": self.kernel_report.to_dict(),
             "attention": str(getattr(self.model.config, "_attn_implementation", "unknown")),
+            "loss_plot": str(plot) if (plot := self.plot_loss()) else None,
             "final_loss": last.get("loss"),
             "final_eval_loss": eval_loss,
             "accuracy_before": before,
@@ -1161,4 +1179,6 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
                 f"{acc['accuracy']:.1%} ({acc['correct']}/{acc['n']}), 95% CI [{lo:.1%}, {hi:.1%}]",
             )
     table.add_row("model folder", summary["final_model"])
+    if summary.get("loss_plot"):
+        table.add_row("loss plot", summary["loss_plot"])
     console.print(table)
