@@ -51,6 +51,7 @@ SCHEDULES: tuple[str, ...] = get_args(Schedule)
 TRUNCATIONS: tuple[str, ...] = get_args(Truncation)
 KERNEL_MODES: tuple[str, ...] = get_args(KernelMode)
 PRECISIONS: tuple[str, ...] = get_args(Precision)
+TRACKERS: tuple[str, ...] = ("none", "tensorboard", "wandb", "trackio")
 # The optimizers that write bf16 weights back with stochastic rounding (torchao's, with
 # ``bf16_stochastic_round=True``): the only ones --precision bf16 accepts. Must equal
 # fastmid.train.optim.STOCHASTIC_ROUNDING (a test checks it); config imports nothing from train.
@@ -434,6 +435,15 @@ class TrainConfig:
     output: str = field(default="runs/default", metadata=_meta("run folder", "output"))
     overwrite: bool = field(
         default=False, metadata=_meta("replace an existing run in --output", "output")
+    )
+    report_to: str = field(
+        default="none",
+        metadata=_meta(
+            "experiment trackers, comma-separated: none, tensorboard (run folder's tensorboard/), "
+            "wandb, trackio (each an optional extra)",
+            "output",
+            yaml_list=",",
+        ),
     )
     log_every: int = field(
         default=10,
@@ -939,6 +949,13 @@ def validate(cfg: TrainConfig, where: Callable[[str], str] = flag) -> None:
         raise ConfigError(
             f"{where('optim')}: paged_adamw8bit pages its states itself; with "
             "--optimizer-offload use adamw, adamw8bit, ao_adamw8bit or ao_adamw4bit"
+        )
+    trackers = [t.strip() for t in cfg.report_to.split(",") if t.strip()]
+    unknown = [t for t in trackers if t not in TRACKERS]
+    if unknown or not trackers or ("none" in trackers and len(trackers) > 1):
+        raise ConfigError(
+            f"{where('report_to')}: '{cfg.report_to}' is not a tracker list; use none, or one or "
+            f"more of {', '.join(t for t in TRACKERS if t != 'none')} separated by commas"
         )
     if cfg.precision == "bf16" and cfg.optim not in ("auto", *STOCHASTIC_ROUNDING_OPTIMIZERS):
         # Round-to-nearest bf16 updates lose most small steps (README, "Precision"): never a

@@ -248,6 +248,7 @@ CASES = [
         "ao_adamw4bit",
     ),
     case("usage-precision-not-a-choice", "train --precision fp16", "--precision", "fp16"),
+    case("report-to-unknown", "train --report-to mlflow --print-config", "--report-to", "mlflow"),
     # -- flag values: bounds and finiteness -----------------------------------------------------
     case("lr-inf", "train --lr inf --print-config", "--lr"),
     case("lr-nan", "train --lr nan --print-config", "--lr"),

@@ -98,6 +98,7 @@ from fastmid.train.optim import (
     lr_factor,
 )
 from fastmid.train.runfolder import LOCK_NAME, acquire_run_lock, clear_run_folder
+from fastmid.train.trackers import Trackers
 
 # What a run writes before its first checkpoint (``.lock`` aside).
 _UNSAVED_RUN_FILES = {
@@ -108,6 +109,7 @@ _UNSAVED_RUN_FILES = {
     "checkpoints",
     "train.log",
     "loss.png",
+    "tensorboard",
 }
 
 
@@ -450,6 +452,7 @@ class MidBlockRecipe:
             config=asdict(self.cfg),
         )
         self._epoch_order: tuple[int, list[list[int]]] | None = None
+        self.trackers: Trackers | None = None
         self._interrupted = False
 
     # ---- setup ----------------------------------------------------------------------------------
@@ -526,6 +529,10 @@ class MidBlockRecipe:
             self._resume()
         dump_yaml(cfg, self.out / "config.yaml")
         (self.out / "plan.json").write_text(json.dumps(self.plan_record(), indent=1) + "\n")
+        # Last: a tracker's package that is missing stops the run before any step.
+        self.trackers = Trackers(
+            [t.strip() for t in cfg.report_to.split(",") if t.strip()], self.out, asdict(cfg)
+        )
 
     def _check_output(self) -> None:
         """Refuse to start where a run would be lost; nothing is deleted here."""
@@ -868,6 +875,8 @@ class MidBlockRecipe:
                     if cfg.eval_every and (state.step % cfg.eval_every == 0 or at_end):
                         record["eval_loss"] = self._checked_eval_loss()
                     metrics.write(record)
+                    if self.trackers is not None:
+                        self.trackers.log(record)
                     progress.update(
                         task,
                         completed=state.step,
@@ -901,6 +910,8 @@ class MidBlockRecipe:
         finally:
             signal.signal(signal.SIGINT, previous_handler)
             metrics.close()
+            if self.trackers is not None:
+                self.trackers.close()
         self.save_checkpoint()
         return last
 
