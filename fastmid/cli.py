@@ -510,11 +510,22 @@ def eval_cmd(
             sys.stdout.write(json.dumps(result.to_dict(), indent=1) + "\n")
             return
         lo, hi = result.ci95
-        Console().print(
+        console = Console()
+        console.print(
             f"{model} on {data}: accuracy {result.accuracy:.1%} ({result.correct}/{result.n}), "
             f"95% CI [{lo:.1%}, {hi:.1%}]"
             + (f", answer loss {result.eval_loss:.4f}" if result.eval_loss is not None else "")
         )
+        # A few answers beside their references: what the number means, at a glance.
+        for k, sample in enumerate(result.samples, start=1):
+            mark = "correct" if sample.get("correct") else "wrong"
+            last = (sample.get("completion") or "").strip().splitlines()[-1:] or [""]
+            console.print(
+                f"  sample {k} ({mark}): predicted {sample.get('predicted')!r}, reference "
+                f"{sample.get('reference')!r}; answer ends: {last[0][:100]!r}",
+                highlight=False,
+                soft_wrap=True,
+            )
 
     _run(go)
 

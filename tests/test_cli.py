@@ -360,6 +360,19 @@ def test_eval_of_a_tiny_model_exits_0(tiny_llama_dir: Path) -> None:
     assert doc["n"] == 2 and 0 <= doc["correct"] <= 2 and len(doc["ci95"]) == 2
 
 
+def test_eval_prints_sample_answers_beside_their_references(tiny_llama_dir: Path) -> None:
+    from fastmid.data.answers import load_eval_problems
+
+    args = ("eval", "--model", str(tiny_llama_dir), "--n", "2", "--max-new-tokens", "2")
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    lines = [x for x in result.stdout.splitlines() if x.strip().startswith("sample ")]
+    assert len(lines) == 2  # the run keeps up to 3 samples; 2 problems here
+    references = [p.answer for p in load_eval_problems("builtin:arith:test", 2)]
+    for line, reference in zip(lines, references, strict=True):
+        assert f"reference {reference!r}" in line
+
+
 def test_data_inspect_exits_0(tiny_llama_dir: Path) -> None:
     result = invoke(
         "data", "inspect", "--data", "builtin:arith", "--model", str(tiny_llama_dir), "--n", "1"
