@@ -19,3 +19,12 @@ class FastmidError(Exception):
     """
 
     exit_code: int = 2
+
+
+def first_line(exc: BaseException, max_chars: int | None = None) -> str:
+    """The first non-empty line of an exception's message (its class name when the message is
+    empty), cut to ``max_chars`` characters when given: what a one-line error quotes of a
+    library's report."""
+    lines = str(exc).strip().splitlines()
+    line = lines[0].strip() if lines else type(exc).__name__
+    return line[:max_chars] if max_chars is not None else line

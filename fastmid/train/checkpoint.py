@@ -81,7 +81,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from fastmid.errors import FastmidError
+from fastmid.errors import FastmidError, first_line
 from fastmid.train.runfolder import atomic_folder, clean_partial, pause_point, remove_folder
 
 FORMAT = 2
@@ -173,7 +173,7 @@ def _rng_problem(rng: Any) -> str | None:
         random.Random().setstate((py[0], tuple(py[1]), py[2]))
         torch_state = torch.tensor(rng["torch"], dtype=torch.uint8)
     except (TypeError, ValueError, IndexError, OverflowError, RuntimeError) as exc:
-        return f"'rng' is not a valid RNG state ({_first_line(exc)})"
+        return f"'rng' is not a valid RNG state ({first_line(exc)})"
     if torch_state.shape != torch.get_rng_state().shape:
         return f"'rng.torch' has {torch_state.numel()} bytes, torch's state has {torch.get_rng_state().numel()}"
     return None
@@ -347,7 +347,7 @@ def _decode_subclass(
     try:
         value = cls.__tensor_unflatten__(inner, ctx, shape, stride)
     except Exception as exc:  # the subclass's own checks (asserts, TypeErrors): a damaged entry
-        raise _Damaged(file, f"'{where}' does not rebuild a {name} ({_first_line(exc)})") from None
+        raise _Damaged(file, f"'{where}' does not rebuild a {name} ({first_line(exc)})") from None
     if type(value) is not cls or value.shape != shape:
         raise _Damaged(
             file, f"'{where}' rebuilds a {type(value).__qualname__} of shape {tuple(value.shape)}"
@@ -401,11 +401,6 @@ class _Damaged(FastmidError):
     def __init__(self, file: Path, reason: str) -> None:
         super().__init__(f"{file}: {reason}")
         self.file, self.reason = file, reason
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def _class_name(obj: Any) -> str:
@@ -541,7 +536,7 @@ def _read_json(file: Path) -> Any:
     except FileNotFoundError:
         raise _Damaged(file, "missing") from None
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise _Damaged(file, f"not valid JSON ({_first_line(exc)})") from None
+        raise _Damaged(file, f"not valid JSON ({first_line(exc)})") from None
 
 
 def _check_safetensors(file: Path) -> set[str]:
@@ -565,7 +560,7 @@ def _check_safetensors(file: Path) -> set[str]:
     except FileNotFoundError:
         raise _Damaged(file, "missing") from None
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise _Damaged(file, f"not a safetensors file ({_first_line(exc)})") from None
+        raise _Damaged(file, f"not a safetensors file ({first_line(exc)})") from None
     try:
         end = max(
             (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
@@ -766,7 +761,7 @@ def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
     except FileNotFoundError:
         raise _Damaged(file, "missing") from None
     except Exception as exc:  # safetensors' Rust errors share no base class worth naming
-        raise _Damaged(file, f"unreadable ({_first_line(exc)})") from None
+        raise _Damaged(file, f"unreadable ({first_line(exc)})") from None
 
 
 def _load_state_format2(path: Path, stem: str, live: Any) -> dict[str, Any]:
@@ -794,7 +789,7 @@ def _load_state_format1(file: Path) -> dict[str, Any]:
         raise _Damaged(file, "missing") from None
     except Exception as exc:  # UnpicklingError for a refused global; anything else: damaged
         raise CheckpointError(
-            f"{file}: refused: not a plain tensor/number pickle ({_first_line(exc)}); fastmid "
+            f"{file}: refused: not a plain tensor/number pickle ({first_line(exc)}); fastmid "
             "loads no code from a checkpoint; use a checkpoint fastmid wrote, or start without "
             "--resume"
         ) from None
@@ -913,14 +908,14 @@ def load_checkpoint(
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
         raise CheckpointError(
             f"{opt_file}: the optimizer state does not fit this run's optimizer "
-            f"({_first_line(exc)}); resume with the run's own --optim, --model and band"
+            f"({first_line(exc)}); resume with the run's own --optim, --model and band"
         ) from None
     try:
         scheduler.load_state_dict(sched_state)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise CheckpointError(
             f"{opt_file.with_name('scheduler' + opt_file.suffix)}: the scheduler state does not "
-            f"fit ({_first_line(exc)})"
+            f"fit ({first_line(exc)})"
         ) from None
     with torch.no_grad():
         for name, value in tensors.items():

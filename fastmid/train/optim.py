@@ -144,11 +144,8 @@ def build_optimizer(
     if not groups:
         raise OptimizerError("no trainable parameters: the band is empty or everything is frozen")
     on_cuda = any(p.is_cuda for g in groups for p in g["params"])
-    if offload and not on_cuda:
-        raise OptimizerError(
-            "--optimizer-offload needs CUDA (it moves optimizer states from the GPU to pinned "
-            "host memory); on CPU the states are in host memory already: drop the flag"
-        )
+    if offload:
+        check_offload_device(on_cuda)
     cls, kwargs = _optimizer_class(name, on_cuda and not offload)
     if not offload:
         return cls(groups, lr=lr, betas=betas, eps=eps, **kwargs)
@@ -161,6 +158,20 @@ def build_optimizer(
         groups, optimizer_class=cls, offload_gradients=False, lr=lr, betas=betas, eps=eps,
         **kwargs,
     )  # fmt: skip
+
+
+def check_offload_device(on_cuda: bool) -> None:
+    """Refuse ``--optimizer-offload`` without CUDA.
+
+    Raises:
+        OptimizerError: ``on_cuda`` is false (one line: on CPU the states live in host memory
+            already).
+    """
+    if not on_cuda:
+        raise OptimizerError(
+            "--optimizer-offload needs CUDA (it moves optimizer states from the GPU to pinned "
+            "host memory); on CPU the states are in host memory already: drop the flag"
+        )
 
 
 def check_compile_toolchain(name: str, on_cuda: bool) -> None:

@@ -60,7 +60,7 @@ from fastmid.data import (
     pad_token_id,
     split_eval,
 )
-from fastmid.errors import FastmidError
+from fastmid.errors import FastmidError, first_line
 from fastmid.eval.exact_match import evaluate_accuracy, token_mean_loss
 from fastmid.models.band import (
     BandPlan,
@@ -94,6 +94,7 @@ from fastmid.train.optim import (
     OptimizerInBackward,
     build_optimizer,
     build_scheduler,
+    check_offload_device,
     is_compiled_optimizer,
     lr_factor,
 )
@@ -291,10 +292,7 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     loss_total = 0.0
     for k, batch in enumerate(micro_batches):
-        if precision is not None:
-            with precision.autocast(batch["input_ids"].device):
-                loss_sum, _n = micro_batch_loss(model, batch, fused)
-        else:
+        with precision.autocast(batch["input_ids"].device) if precision else nullcontext():
             loss_sum, _n = micro_batch_loss(model, batch, fused)
         if not torch.isfinite(loss_sum):
             raise NonFiniteStep("loss", float(loss_sum.detach()), k)
@@ -416,11 +414,8 @@ class MidBlockRecipe:
         # and optimizer resolved for this machine, so config.yaml records what ran.
         self.cfg = resolve_auto(resolve_paths(cfg), default_device().type)
         self.precision = PrecisionPolicy.from_name(self.cfg.precision)
-        if self.cfg.optimizer_offload and default_device().type != "cuda":
-            raise OptimizerError(
-                "--optimizer-offload needs CUDA (it moves optimizer states from the GPU to "
-                "pinned host memory); on CPU the states are in host memory already: drop the flag"
-            )
+        if self.cfg.optimizer_offload:  # refused before anything loads where there is no GPU
+            check_offload_device(default_device().type == "cuda")
         self.console = console or Console(stderr=True)
         self.out = Path(self.cfg.output)
         self._replace_folder = False  # --overwrite, or the files of a run that saved nothing
@@ -679,9 +674,7 @@ class MidBlockRecipe:
                 group["lr"].fill_(new)
             else:
                 group["lr"] = new
-        self.scheduler._last_lr = [  # what get_last_lr() reports
-            float(g["lr"]) if isinstance(g["lr"], torch.Tensor) else g["lr"] for g in groups
-        ]
+        self.scheduler._last_lr = [float(g["lr"]) for g in groups]  # what get_last_lr() reports
         if float(groups[0]["lr"]) != old:
             self.console.print(
                 f"the schedule now spans {self.total_steps} steps: step {self.state.step + 1} "
@@ -857,7 +850,7 @@ class MidBlockRecipe:
                         )
                         raise OptimizerError(
                             f"torch.compile failed to build the optimizer step of --optim "
-                            f"{cfg.optim} at step {state.step + 1} ({_first_line(exc)}); {kept}; "
+                            f"{cfg.optim} at step {state.step + 1} ({first_line(exc, 300)}); {kept}; "
                             "or train with --optim adamw8bit (--precision fp32 or bf16-master)"
                         ) from None
                     dt = time.perf_counter() - t0
@@ -1156,12 +1149,6 @@ def _logged_run(recipe: MidBlockRecipe, console: Console) -> dict[str, Any]:
         recipe.out / "summary.json",
     )
     return summary
-
-
-def _first_line(exc: BaseException) -> str:
-    """The first non-empty line of an exception's message (its class name when empty)."""
-    lines = [x.strip() for x in str(exc).splitlines() if x.strip()]
-    return lines[0][:300] if lines else type(exc).__name__
 
 
 def print_summary(summary: dict[str, Any], console: Console) -> None:
