@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import os
 import sys
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
@@ -207,10 +208,15 @@ def _run(fn: Callable[[], Any]) -> Any:
     try:
         return fn()
     except FastmidError as exc:
+        text = str(exc)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one of several processes (torchrun)
+            if getattr(exc, "repeated", False):  # rank 0's error, which rank 0 printed
+                raise typer.Exit(exc.exit_code) from None
+            text = f"[rank {os.environ.get('RANK', '?')}] {text}"
         if exc.exit_code == 130:
-            print_error(str(exc), style="yellow", prefix="")
+            print_error(text, style="yellow", prefix="")
         else:
-            print_error(str(exc))
+            print_error(text)
         raise typer.Exit(exc.exit_code) from None
 
 
@@ -319,6 +325,20 @@ def _train(ctx: typer.Context, config: Path | None, print_config: bool, **values
         cfg = build_config(config, overrides)
         if print_config:
             sys.stdout.write(config_yaml(cfg))
+            return
+        from fastmid.train.distributed import (
+            check_launch,
+            check_settings,
+            launch,
+            launched_by_torchrun,
+        )
+
+        check_launch(cfg.nproc)
+        if cfg.nproc > 1 and not launched_by_torchrun():
+            check_settings(cfg, cfg.nproc)  # before any process starts
+            code = launch(cfg)  # the processes print their own lines
+            if code:
+                raise typer.Exit(code)
             return
         from fastmid.train.recipe import run_train
 

@@ -35,7 +35,16 @@ class ConfigError(FastmidError, ValueError):
 
 
 # The --help panels, in the order they are shown.
-GROUPS = ("model", "data", "band", "optimization", "checkpointing", "evaluation", "output")
+GROUPS = (
+    "model",
+    "data",
+    "band",
+    "optimization",
+    "scale",
+    "checkpointing",
+    "evaluation",
+    "output",
+)
 
 Optimizer = Literal["auto", "adamw8bit", "adamw", "paged_adamw8bit", "ao_adamw8bit", "ao_adamw4bit"]
 Precision = Literal["auto", "fp32", "bf16-master", "bf16"]
@@ -65,19 +74,21 @@ def resolve_precision(precision: str, device_type: str) -> str:
     return "bf16-master" if device_type == "cuda" else "fp32"
 
 
-def resolve_optim(optim: str, precision: str) -> str:
-    """``auto`` -> torchao's ``ao_adamw8bit`` under ``bf16`` (stochastic rounding), else
-    bitsandbytes' ``adamw8bit``; any other value unchanged."""
+def resolve_optim(optim: str, precision: str, distributed: bool = False) -> str:
+    """``auto`` -> torchao's ``ao_adamw8bit`` under ``bf16`` (stochastic rounding) or with several
+    processes (FSDP2's DTensor parameters, which bitsandbytes cannot step), else bitsandbytes'
+    ``adamw8bit``; any other value unchanged."""
     if optim != "auto":
         return optim
-    return "ao_adamw8bit" if precision == "bf16" else "adamw8bit"
+    return "ao_adamw8bit" if precision == "bf16" or distributed else "adamw8bit"
 
 
-def resolve_auto(cfg: TrainConfig, device_type: str) -> TrainConfig:
+def resolve_auto(cfg: TrainConfig, device_type: str, distributed: bool = False) -> TrainConfig:
     """A copy of ``cfg`` with ``precision`` and ``optim`` resolved for ``device_type``
-    (``"cpu"``, ``"cuda"``), as ``config.yaml`` records them."""
+    (``"cpu"``, ``"cuda"``) and the number of processes, as ``config.yaml`` records them."""
     precision = resolve_precision(cfg.precision, device_type)
-    return dataclasses.replace(cfg, precision=precision, optim=resolve_optim(cfg.optim, precision))
+    optim = resolve_optim(cfg.optim, precision, distributed)
+    return dataclasses.replace(cfg, precision=precision, optim=optim)
 
 
 def _meta(
@@ -369,6 +380,15 @@ class TrainConfig:
             "keep optimizer states in pinned CPU memory and step there (CUDA; needs --grad-clip 0)",
             "optimization",
             resume_must_match=True,
+        ),
+    )
+    nproc: int = field(
+        default=1,
+        metadata=_meta(
+            "processes on this node, one per GPU: N > 1 starts torchrun with FSDP2 (same results "
+            "as one process with the global batch; README 'Several GPUs')",
+            "scale",
+            ge=1,
         ),
     )
     seed: int = field(

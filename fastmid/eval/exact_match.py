@@ -12,6 +12,14 @@ where the normal approximation does not.
 Held-out loss: :func:`token_mean_loss` is the one loop for every held-out loss fastmid reports
 (the periodic ``eval_loss`` of a training run and the answer loss here), with the training
 tokenization and label rules, so the numbers compare with the training loss.
+
+Several processes (an FSDP2-sharded model, :mod:`fastmid.train.distributed`): every forward pass
+all-gathers weights collectively, so every rank must run the same number of them. The generation
+is split (:func:`generate_answers` with ``rank``/``world_size``): each global chunk of
+``batch_size x world_size`` problems is dealt round-robin, a rank with no problem in a chunk
+generates a dummy batch, and ``generate(synced_gpus=True)`` keeps a rank that has finished its
+batch running forwards until every rank has; the completions are gathered back into problem order.
+The answer loss is not split: every rank computes every batch (same forwards, same number).
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from rich.console import Console
 from scipy.stats import binomtest
 
@@ -51,6 +60,32 @@ def check_eval_settings(n: int, max_new_tokens: int, batch_size: int) -> None:
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise EvalError(f"{name}: must be a positive integer, got {value!r}")
+
+
+def check_ranks(rank: int, world_size: int) -> None:
+    """Refuse a ``rank``/``world_size`` pair that is not this process's place in the default
+    process group (a wrong pair would deal the problems twice or not at all, or hang).
+
+    ``world_size == 1`` (with ``rank == 0``) is the one-process run and needs no group.
+
+    Raises:
+        EvalError: ``world_size < 1``, ``rank`` outside ``[0, world_size)``, or ``world_size > 1``
+            without an initialized ``torch.distributed`` group of that size and rank.
+    """
+    for name, value in (("rank", rank), ("world_size", world_size)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise EvalError(f"{name}: must be an integer, got {value!r}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise EvalError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    if world_size == 1:
+        return
+    if not (dist.is_available() and dist.is_initialized()):
+        raise EvalError(f"world_size={world_size} needs an initialized torch.distributed group")
+    if (dist.get_rank(), dist.get_world_size()) != (rank, world_size):
+        raise EvalError(
+            f"rank={rank}, world_size={world_size} differ from the process group's "
+            f"rank {dist.get_rank()} of {dist.get_world_size()}"
+        )
 
 
 def wilson_interval(correct: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
@@ -100,15 +135,73 @@ def generate_answers(
     prompts: list[list[dict[str, str]]],
     max_new_tokens: int = 256,
     batch_size: int = 16,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> list[str]:
     """Greedy, batched, left-padded generation from chat prompts.
+
+    With ``world_size > 1`` this is a collective: every rank must call it with the same
+    ``prompts`` and settings. The prompts are cut into global chunks of ``batch_size x
+    world_size``; rank ``r`` generates ``chunk[r::world_size]`` as one batch (the chunk's first
+    prompt, discarded, when that share is empty), so every rank makes the same number of
+    ``generate`` calls, each with ``synced_gpus=True``; the completions are all-gathered
+    (``all_gather_object``) and every rank returns all of them, in prompt order.
 
     Args:
         prompts: message lists ending with the user turn.
         max_new_tokens: generation budget per prompt, in tokens.
+        batch_size: prompts per ``generate`` call (per rank).
+        rank, world_size: this process's place in the default process group (0 and 1: one
+            process, no group).
 
     Returns:
-        The decoded completions (special tokens removed), one per prompt.
+        The decoded completions (special tokens removed), one per prompt, in the order of
+        ``prompts``.
+
+    Raises:
+        EvalError: a ``rank``/``world_size`` pair that does not match the process group
+            (:func:`check_ranks`).
+    """
+    check_ranks(rank, world_size)
+    if world_size == 1:
+        batches = [prompts[s : s + batch_size] for s in range(0, len(prompts), batch_size)]
+        return [
+            o for out in _generate_batches(model, tokenizer, batches, max_new_tokens) for o in out
+        ]
+    step = batch_size * world_size
+    chunks = [prompts[s : s + step] for s in range(0, len(prompts), step)]
+    shares = [chunk[rank::world_size] for chunk in chunks]
+    # An empty share still runs one generate call (on the chunk's first prompt): the other ranks'
+    # forwards all-gather weight shards from this rank, so it must run forwards with them.
+    batches = [share or chunk[:1] for share, chunk in zip(shares, chunks, strict=True)]
+    outs = _generate_batches(model, tokenizer, batches, max_new_tokens, synced_gpus=True)
+    mine = [out if share else [] for out, share in zip(outs, shares, strict=True)]
+    gathered: list[Any] = [None] * world_size
+    dist.all_gather_object(gathered, mine)
+    completions: list[str] = [""] * len(prompts)
+    for c in range(len(chunks)):
+        for r, per_chunk in enumerate(gathered):
+            # rank r's k-th completion of chunk c is prompt c*step + r + k*world_size
+            for k, text in enumerate(per_chunk[c]):
+                completions[c * step + r + k * world_size] = text
+    return completions
+
+
+def _generate_batches(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    batches: list[list[list[dict[str, str]]]],
+    max_new_tokens: int,
+    synced_gpus: bool = False,
+) -> list[list[str]]:
+    """One greedy ``generate`` call per batch of prompts; the decoded completions per batch.
+
+    ``synced_gpus`` is passed to ``generate`` only when true, so a one-process run calls
+    ``generate`` exactly as before. Under several processes it is passed explicitly: transformers
+    also turns it on by itself for a module carrying ``_is_fsdp_managed_module`` (which torch's
+    ``fully_shard`` sets today), but a rank that stops its forwards early hangs the others, so
+    this does not rest on either library's detection.
     """
     was_training = model.training
     model.eval()
@@ -116,10 +209,10 @@ def generate_answers(
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     pad_id = pad_token_id(tokenizer)
-    outputs: list[str] = []
+    sync = {"synced_gpus": True} if synced_gpus else {}
+    outputs: list[list[str]] = []
     try:
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start : start + batch_size]
+        for chunk in batches:
             texts = [
                 tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
                 for m in chunk
@@ -132,9 +225,10 @@ def generate_answers(
                 do_sample=False,
                 eos_token_id=end_of_turn_ids(tokenizer),
                 pad_token_id=pad_id,
+                **sync,
             )
             new = gen[:, enc["input_ids"].shape[1] :]
-            outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+            outputs.append(tokenizer.batch_decode(new, skip_special_tokens=True))
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
@@ -154,11 +248,20 @@ def evaluate_accuracy(
     flag: str = "--data",
     *,
     console: Console | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> AccuracyResult:
     """Exact-match accuracy (and mean answer loss) of ``model`` on GSM8K-style problems.
 
-    Shows the problems generated so far (``eval done/total``) on ``console``: a rich bar on a
-    terminal, a plain line per batch (and at least once a minute) otherwise.
+    Shows the problems generated so far (``eval done/total``, over all ranks) on ``console``: a
+    rich bar on a terminal, a plain line per batch (and at least once a minute) otherwise.
+
+    With ``world_size > 1`` (an FSDP2-sharded ``model``, one process per rank) this is a
+    collective: every rank calls it with the same arguments (``console`` aside: pass a silent one,
+    ``Console(quiet=True)``, on ranks other than 0). The generation is split between the ranks
+    (:func:`generate_answers`), the answer loss is computed whole on every rank, and every rank
+    returns the same result, equal to a one-process run's up to the batching of the generation
+    (``generation_s`` is the slowest rank's).
 
     Args:
         data: ``builtin:arith:test`` or a GSM8K-format JSONL (``question``, ``answer`` with
@@ -169,10 +272,12 @@ def evaluate_accuracy(
         flag: the option that gave ``data``, named in its errors: ``--data`` (``fastmid eval``)
             or ``--eval-accuracy-data`` (``fastmid train``).
         console: where the progress goes (a stderr ``rich.console.Console`` when None).
+        rank, world_size: this process's place in the default process group (0 and 1: one
+            process, no group).
 
     Raises:
-        EvalError: ``n``, ``max_new_tokens`` or ``batch_size`` below 1; the data source yields no
-            problem.
+        EvalError: ``n``, ``max_new_tokens`` or ``batch_size`` below 1; a ``rank``/``world_size``
+            pair that does not match the process group; the data source yields no problem.
         fastmid.data.DataError: unreadable data (names the file and row).
     """
     import time
@@ -180,6 +285,7 @@ def evaluate_accuracy(
     from fastmid.data import extract_final_answer, load_eval_problems
 
     check_eval_settings(n, max_new_tokens, batch_size)
+    check_ranks(rank, world_size)
     problems = load_eval_problems(data, n, skip_bad_rows=skip_bad_rows, flag=flag)
     if not problems:
         raise EvalError(f"{flag} {data}: no evaluation problem found")
@@ -187,14 +293,24 @@ def evaluate_accuracy(
     console = console if console is not None else Console(stderr=True)
     t0 = time.perf_counter()
     completions: list[str] = []
-    # one batch per call, so the bar moves per batch (the batches are those of one call)
-    with make_progress(console, label="eval", eta=True, plain_every=batch_size) as progress:
+    # One batch per rank per call, so the bar moves per global batch (the batches are those of
+    # one call). A one-process run calls generate_answers without the rank arguments.
+    step = batch_size * world_size
+    ranks = {} if world_size == 1 else {"rank": rank, "world_size": world_size}
+    with make_progress(console, label="eval", eta=True, plain_every=step) as progress:
         task = progress.add_task("eval", total=len(prompts))
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start : start + batch_size]
-            completions += generate_answers(model, tokenizer, chunk, max_new_tokens, batch_size)
+        for start in range(0, len(prompts), step):
+            chunk = prompts[start : start + step]
+            completions += generate_answers(
+                model, tokenizer, chunk, max_new_tokens, batch_size, **ranks
+            )
             progress.update(task, advance=len(chunk))
     elapsed = time.perf_counter() - t0
+    if world_size > 1:
+        # the slowest rank's time, so that every rank returns the same result
+        times: list[Any] = [None] * world_size
+        dist.all_gather_object(times, elapsed)
+        elapsed = max(times)
     correct = 0
     samples = []
     for (prompt, ref), completion in zip(problems, completions, strict=True):
@@ -251,6 +367,9 @@ def answer_loss(
     Uses the training tokenization and label rules (:func:`fastmid.data.build_sft_examples`) on
     the first ``n`` examples of ``data`` (its ``test`` split unless ``data`` names one);
     ``skip_bad_rows`` and ``flag`` as in :func:`evaluate_accuracy`.
+
+    On an FSDP2-sharded model every rank must call it with the same arguments: each computes
+    every batch (the same forwards on every rank) and gets the same value.
     """
     from fastmid.data import build_sft_examples, pad_token_id
 
@@ -320,6 +439,9 @@ def token_mean_loss(
 
     Returns:
         The token-mean loss, or None when there is no supervised token.
+
+    On an FSDP2-sharded model this is a collective: every rank must call it with the same
+    ``examples`` and settings (same forwards on every rank; each gets the same value).
     """
     n_batches = math.ceil(len(examples) / batch_size)
     if max_batches is not None:

@@ -14,6 +14,9 @@ result equals the full-logits cross-entropy exactly.
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -92,6 +95,16 @@ def causal_lm_loss_sum(
     Raises:
         ValueError: ``labels`` and ``input_ids`` shapes differ.
     """
+    if getattr(model, "_fastmid_loss_through_forward", False) and not _IN_FORWARD.get():
+        return model(
+            fastmid_loss=dict(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                labels=labels,
+                position_ids=position_ids,
+                fused=fused,
+            )
+        )
     if labels.shape != input_ids.shape:
         raise ValueError(
             f"labels {tuple(labels.shape)} must have the shape of input_ids "
@@ -117,6 +130,40 @@ def causal_lm_loss_sum(
     if cap is not None:
         logits = cap * torch.tanh(logits / cap)
     return F.cross_entropy(logits, target[keep], reduction="sum"), n
+
+
+# Set while route_loss_through_forward's forward runs the loss, so the loss does not route again.
+_IN_FORWARD: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "fastmid_in_forward", default=False
+)
+
+
+def route_loss_through_forward(model: torch.nn.Module) -> None:
+    """Make :func:`causal_lm_loss_sum` run inside ``model``'s own ``__call__``.
+
+    The loss calls the decoder stack and ``lm_head`` apart (to project only the supervised
+    positions), so the forward hooks of ``model`` itself would never fire. A wrapper that works
+    through those hooks needs them: FSDP2's root unit gathers its weights (the final norm,
+    ``lm_head``) in its pre-forward hook. After this call, ``model(fastmid_loss={...})`` computes
+    the loss (``{...}``: the keyword arguments of :func:`causal_lm_loss_sum`) and any other call is
+    the model's ordinary forward (``generate`` included; ``inspect.signature`` still shows it).
+    """
+    if getattr(model, "_fastmid_loss_through_forward", False):
+        return
+    original = model.forward
+
+    @functools.wraps(original)
+    def forward(*args: Any, fastmid_loss: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+        if fastmid_loss is None:
+            return original(*args, **kwargs)
+        token = _IN_FORWARD.set(True)
+        try:
+            return causal_lm_loss_sum(model, **fastmid_loss)
+        finally:
+            _IN_FORWARD.reset(token)
+
+    model.forward = forward
+    model._fastmid_loss_through_forward = True
 
 
 def batch_loss_sum(

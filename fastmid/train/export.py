@@ -42,7 +42,11 @@ def _state_bytes(state_dict: dict[str, torch.Tensor]) -> int:
 
 
 def export_hf_folder(
-    model: torch.nn.Module, tokenizer: Any, out_dir: Path, dtype: torch.dtype | None = None
+    model: torch.nn.Module,
+    tokenizer: Any,
+    out_dir: Path,
+    dtype: torch.dtype | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Save ``model`` and ``tokenizer`` to ``out_dir`` atomically and durably.
 
@@ -52,6 +56,8 @@ def export_hf_folder(
         out_dir: destination; replaced if it exists.
         dtype: cast a copy of the weights to this dtype for saving (default: keep each tensor's
             own dtype). On CUDA runs the band's fp32 master weights are saved in the config dtype.
+        state_dict: the weights to save instead of ``model.state_dict()`` (a sharded model's
+            gathered full state dict); ``model`` still gives the config and the tied names.
 
     Returns:
         ``out_dir``.
@@ -62,11 +68,11 @@ def export_hf_folder(
     """
     out_dir = Path(out_dir)
     strip_gguf_quantization(model)
-    state_dict = None
+    if state_dict is not None:
+        state_dict = _share_tied(model, state_dict)
     if dtype is not None:
-        state_dict = {
-            k: (v.to(dtype) if v.is_floating_point() else v) for k, v in model.state_dict().items()
-        }
+        source = state_dict if state_dict is not None else model.state_dict()
+        state_dict = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in source.items()}
     needed = _state_bytes(state_dict if state_dict is not None else model.state_dict())
     kept = f"; the previous {out_dir.name} is intact" if out_dir.exists() else ""
     with atomic_folder(
@@ -76,6 +82,19 @@ def export_hf_folder(
         tokenizer.save_pretrained(tmp)
         _fix_generation_eos(tmp, tokenizer)
     return out_dir
+
+
+def _share_tied(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """``state_dict`` with the names of one tied parameter (``lm_head.weight`` and
+    ``model.embed_tokens.weight``) pointing at one tensor, as in ``model.state_dict()``: a
+    gathered state dict holds a copy per name, which ``save_pretrained`` would write twice."""
+    first: dict[int, str] = {}
+    out = dict(state_dict)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owner = first.setdefault(id(param), name)
+        if owner != name and owner in out and name in out:
+            out[name] = out[owner]
+    return out
 
 
 def clean_partial_exports(run_dir: Path) -> list[Path]:
@@ -104,16 +123,21 @@ def _fix_generation_eos(folder: Path, tokenizer: Any) -> None:
 
 
 def save_band_delta(
-    model: torch.nn.Module, trainable_names: list[str], path: Path, plan: dict[str, Any]
+    model: torch.nn.Module,
+    trainable_names: list[str],
+    path: Path,
+    plan: dict[str, Any],
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write the trained tensors only (``safetensors``) with the plan in the file's metadata.
 
-    Atomic and durable (temp file, fsync, rename, fsync of the folder).
+    Atomic and durable (temp file, fsync, rename, fsync of the folder). ``state_dict``: take the
+    tensors from it (a sharded model's gathered full state dict) instead of ``model``.
 
     Raises:
         ExportError: the disk or quota filled up (the file and the bytes needed named).
     """
-    params = dict(model.named_parameters())
+    params = state_dict if state_dict is not None else dict(model.named_parameters())
     tensors = {n: params[n].detach().contiguous().cpu() for n in trainable_names}
     needed = sum(t.numel() * t.element_size() for t in tensors.values())
     with atomic_file(path, what="band delta", bytes_needed=needed, error=ExportError) as tmp:

@@ -87,6 +87,19 @@ from fastmid.train.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
+from fastmid.train.distributed import (
+    DistContext,
+    check_settings,
+    fp32_state_parameters,
+    full_state_dict,
+    full_tensor,
+    init_from_env,
+    local_tensor,
+    set_gradient_sync,
+    shard_model,
+    sharding_changed_state,
+    shutdown,
+)
 from fastmid.train.export import clean_partial_exports, export_hf_folder, save_band_delta
 from fastmid.train.lossplot import write_loss_plot
 from fastmid.train.optim import (
@@ -155,6 +168,17 @@ class NonFiniteLossError(FastmidError, RuntimeError):
     """A NaN/inf loss, gradient norm or band weight; nothing of that step was saved (exit 1)."""
 
     exit_code = 1
+
+
+class RankZeroError(FastmidError, RuntimeError):
+    """Raised on the other ranks when rank 0 stopped on an error of its own (the run folder's
+    checks): the same text and exit status; rank 0 alone prints it (``repeated``)."""
+
+    repeated = True
+
+    def __init__(self, message: str, exit_code: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class TrainingInterrupted(FastmidError, RuntimeError):
@@ -257,6 +281,7 @@ def train_step(
     grad_clip: float,
     fused: bool = False,
     precision: PrecisionPolicy | None = None,
+    dist: DistContext | None = None,
 ) -> StepResult:
     """One optimizer step over a window of micro-batches (gradient accumulation).
 
@@ -274,6 +299,11 @@ def train_step(
         fused: run the loss through the fused linear cross-entropy kernel.
         precision: the forward passes run under its autocast (``bf16-master``); backward runs
             outside it, as ``torch.autocast`` requires. None: no autocast.
+        dist: this rank's context when several processes train (FSDP2-sharded ``model``):
+            ``micro_batches`` are this rank's share of the global window, the loss is divided by
+            the global supervised-token count, gradients are reduce-scattered once (after the
+            last micro-batch), the norm is the global one and the record's loss and token counts
+            are global. None: one process.
 
     Returns:
         The step's :class:`StepResult`.
@@ -284,6 +314,8 @@ def train_step(
     """
     supervised = sum(count_supervised(b["labels"]) for b in micro_batches)
     tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
+    if dist is not None:
+        supervised, tokens = (int(v) for v in dist.sum([supervised, tokens]))
     if isinstance(optimizer, OptimizerInBackward):
         return _train_step_in_backward(
             model, micro_batches, optimizer, scheduler, clip_params, fused, precision, tokens,
@@ -291,26 +323,36 @@ def train_step(
         )  # fmt: skip
     optimizer.zero_grad(set_to_none=True)
     loss_total = 0.0
+    bad: tuple[int, float] | None = None  # (micro-batch, loss) of the first non-finite loss
     for k, batch in enumerate(micro_batches):
+        if dist is not None:
+            set_gradient_sync(model, k == len(micro_batches) - 1)
         with precision.autocast(batch["input_ids"].device) if precision else nullcontext():
             loss_sum, _n = micro_batch_loss(model, batch, fused)
         if not torch.isfinite(loss_sum):
-            raise NonFiniteStep("loss", float(loss_sum.detach()), k)
+            if dist is None:
+                raise NonFiniteStep("loss", float(loss_sum.detach()), k)
+            # Every rank must reach the same collectives: go on, stop all ranks below.
+            bad = bad or (k, float(loss_sum.detach()))
         if supervised > 0:
             (loss_sum / supervised).backward()
         loss_total += float(loss_sum.detach())
+    if dist is not None:
+        loss_total, any_bad = dist.sum([loss_total, bad is not None])
+        if any_bad:
+            k, value = bad if bad is not None else (None, float("nan"))
+            raise NonFiniteStep("loss" if bad else "loss on another rank", value, k)
     params = [p for p in clip_params if p.grad is not None]
-    grad_bytes = sum(p.grad.untyped_storage().nbytes() for p in params)
+    grad_bytes = sum(local_tensor(p.grad).untyped_storage().nbytes() for p in params)
     grad_norm = 0.0
     if params:
-        max_norm = grad_clip if grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        grad_norm = _clip_global_norm(params, grad_clip)
     if not math.isfinite(grad_norm):
         raise NonFiniteStep("gradient norm", grad_norm)
     lr = float(optimizer.param_groups[0]["lr"])  # torchao keeps it as a 0-d tensor
     if supervised > 0:
         optimizer.step()
-        _check_weights(params)
+        _check_weights(params, dist)
     scheduler.step()
     return StepResult(
         loss=loss_total / supervised if supervised else 0.0,
@@ -322,13 +364,29 @@ def train_step(
     )
 
 
-def _check_weights(params: list[torch.nn.Parameter]) -> None:
+def _clip_global_norm(params: list[torch.nn.Parameter], grad_clip: float) -> float:
+    """Clip the gradients of ``params`` by their global L2 norm (``grad_clip``; 0: measure only)
+    and return the norm before clipping. Sharded (DTensor) gradients give a partial norm per
+    rank: it is made whole (a collective) before the clip, so every rank clips by the norm over
+    all shards (as ``torch.nn.utils.clip_grad_norm_`` does for one process)."""
+    grads = [p.grad for p in params]
+    total = full_tensor(torch.nn.utils.get_total_norm(grads, 2.0))
+    max_norm = grad_clip if grad_clip > 0 else float("inf")
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return float(total)
+
+
+def _check_weights(params: list[torch.nn.Parameter], dist: DistContext | None = None) -> None:
     """An infinite learning rate or an overflowing update leaves finite gradients but NaN
-    weights; catching it here keeps them out of every checkpoint and export."""
+    weights; catching it here keeps them out of every checkpoint and export. With several
+    processes the squared norms of the local shards are summed over the ranks, so all stop."""
     if not params:
         return
     with torch.no_grad():
-        weight_norm = float(torch.linalg.vector_norm(torch.stack([p.norm() for p in params])))
+        squares = sum(float(local_tensor(p).norm()) ** 2 for p in params)  # float64: no overflow
+    if dist is not None:
+        (squares,) = dist.sum([squares])
+    weight_norm = math.sqrt(squares) if math.isfinite(squares) else squares
     if not math.isfinite(weight_norm):
         raise NonFiniteStep("band weights after the update", weight_norm, stepped=True)
 
@@ -409,14 +467,20 @@ class MidBlockRecipe:
     optimizer and schedule -> run folder -> resume.
     """
 
-    def __init__(self, cfg: TrainConfig, console: Console | None = None) -> None:
+    def __init__(
+        self, cfg: TrainConfig, console: Console | None = None, dist: DistContext | None = None
+    ) -> None:
         # Absolute paths, so config.yaml and the checkpoints work from any directory; precision
         # and optimizer resolved for this machine, so config.yaml records what ran.
-        self.cfg = resolve_auto(resolve_paths(cfg), default_device().type)
+        self.cfg = resolve_auto(resolve_paths(cfg), default_device().type, distributed=bool(dist))
         self.precision = PrecisionPolicy.from_name(self.cfg.precision)
+        self.dist = dist  # None: one process; else this rank of an FSDP2 run
+        check_settings(self.cfg, dist.world_size if dist else 1)
         if self.cfg.optimizer_offload:  # refused before anything loads where there is no GPU
             check_offload_device(default_device().type == "cuda")
-        self.console = console or Console(stderr=True)
+        # Rank 0 alone prints, shows progress and writes the run folder.
+        self.is_main = dist is None or dist.is_main
+        self.console = (console or Console(stderr=True)) if self.is_main else Console(quiet=True)
         self.out = Path(self.cfg.output)
         self._replace_folder = False  # --overwrite, or the files of a run that saved nothing
         self.device = torch.device("cpu")
@@ -449,6 +513,26 @@ class MidBlockRecipe:
         self._epoch_order: tuple[int, list[list[int]]] | None = None
         self.trackers: Trackers | None = None
         self._interrupted = False
+        self.units: list[str] = []  # FSDP2 units (several processes)
+        self.fp32_state: list[str] = []  # torchao parameters whose state stays fp32 on this rank
+
+    def _on_main(self, fn: Any) -> Any:
+        """Run ``fn`` on rank 0 only and return its result there; a fastmid error it raises is
+        raised on every rank (rank 0 sends its text), so all ranks stop together."""
+        if self.dist is None:
+            return fn()
+        error, result = None, None
+        if self.dist.is_main:
+            try:
+                result = fn()
+            except FastmidError as exc:
+                error = exc
+        sent = self.dist.broadcast(None if error is None else (str(error), error.exit_code))
+        if error is not None:
+            raise error
+        if sent is not None:
+            raise RankZeroError(*sent)
+        return result
 
     # ---- setup ----------------------------------------------------------------------------------
 
@@ -461,15 +545,19 @@ class MidBlockRecipe:
             run folder is deleted before model and data have loaded.
         """
         cfg = self.cfg
-        self._clean_partial_saves()
-        self._check_output()
+        self._on_main(self._clean_partial_saves)
+        self._on_main(self._check_output)
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
 
         self.model, self.tokenizer = load_model_and_tokenizer(
-            cfg.model, dtype=self.precision.weight_dtype, trust_remote_code=cfg.trust_remote_code
+            cfg.model,
+            dtype=self.precision.weight_dtype,
+            # Several processes: each loads on the CPU and FSDP2 moves only its shards to its GPU.
+            device="cpu" if self.dist else None,
+            trust_remote_code=cfg.trust_remote_code,
         )
-        self.device = next(self.model.parameters()).device
+        self.device = self.dist.device if self.dist else next(self.model.parameters()).device
         self.plan = BandPlan.parse(
             len(decoder_layers(self.model)), cfg.band, cfg.layers, cfg.placement, cfg.seed
         )
@@ -490,9 +578,14 @@ class MidBlockRecipe:
         kernels_on = resolve_kernels_flag(cfg.kernels, self.device)  # type: ignore[arg-type]
         self.kernel_report = patch_model(self.model, kernels_on)
         self.fused_loss = self.kernel_report.loss == "fused_linear_cross_entropy"
+        if self.dist is not None:
+            self.units = shard_model(self.model, self.dist, cfg.precision)
+            # FSDP2 replaced every parameter by its sharded DTensor: take the band's new ones.
+            named_params = dict(self.model.named_parameters())
+            self.trainable = [named_params[n] for n in self.trainable_names]
 
         self._load_data()
-        steps_per_epoch = math.ceil(len(self._epoch_batches(0)) / cfg.grad_accum)
+        steps_per_epoch = math.ceil(len(self._epoch_batches(0)) / self._window_micro_batches)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
         if cfg.warmup_steps >= self.total_steps:
             # The schedule reaches --lr at step index warmup_steps (fastmid.train.optim.lr_factor).
@@ -513,13 +606,30 @@ class MidBlockRecipe:
         self.scheduler = build_scheduler(
             self.optimizer, self.total_steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio
         )
+        if self.dist is not None:
+            named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+            self.fp32_state = fp32_state_parameters(named, cfg.optim)
+            changed = sharding_changed_state(named, cfg.optim)
+            if changed:  # torchao issue #4912: never a silent change of state precision
+                self.console.print(
+                    f"[yellow]note:[/] {cfg.optim} keeps fp32 state for {len(changed)} tensor(s) "
+                    f"whose {self.dist.world_size}-way shards are under "
+                    "4096 elements or not whole blocks (one process would quantize them): "
+                    f"{', '.join(changed[:4])}{' ...' if len(changed) > 4 else ''} (plan.json)",
+                    highlight=False,
+                )
+        self.state.plan = self.plan.to_dict()
+        self._on_main(self._write_run_folder)
 
+    def _write_run_folder(self) -> None:
+        """Rank 0: replace an old run (--overwrite), resume, write ``config.yaml``, ``plan.json``
+        and open the trackers."""
+        cfg = self.cfg
         # Only now, with model and data loaded, may --overwrite replace an old run (keeping the
         # run lock, so no second run can take the folder meanwhile).
         if cfg.resume is None and self._replace_folder and self.out.exists():
             clear_run_folder(self.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.state.plan = self.plan.to_dict()
         if cfg.resume is not None:
             self._resume()
         dump_yaml(cfg, self.out / "config.yaml")
@@ -528,6 +638,11 @@ class MidBlockRecipe:
         self.trackers = Trackers(
             [t.strip() for t in cfg.report_to.split(",") if t.strip()], self.out, asdict(cfg)
         )
+
+    @property
+    def _window_micro_batches(self) -> int:
+        """Micro-batches of one optimizer step over all ranks (``grad_accum x world_size``)."""
+        return self.cfg.grad_accum * (self.dist.world_size if self.dist else 1)
 
     def _check_output(self) -> None:
         """Refuse to start where a run would be lost; nothing is deleted here."""
@@ -741,10 +856,18 @@ class MidBlockRecipe:
             "precision": cfg.precision,
         }
         cache = self.out / "eval_before.json"
-        if label == "before" and cache.is_file():
-            saved = json.loads(cache.read_text())
-            if saved.get("settings") == settings:
-                return saved["result"]
+
+        def cached() -> dict[str, Any] | None:
+            if label == "before" and cache.is_file():
+                saved = json.loads(cache.read_text())
+                if saved.get("settings") == settings:
+                    return saved["result"]
+            return None
+
+        # Rank 0 reads the run folder; every rank must agree on whether to generate.
+        hit = self.dist.broadcast(self._on_main(cached)) if self.dist else cached()
+        if hit is not None:
+            return hit
         self.console.print(
             f"[bold]eval[/] {label}: exact match on {cfg.eval_n} problems of "
             f"{cfg.eval_accuracy_data}"
@@ -760,6 +883,8 @@ class MidBlockRecipe:
                 skip_bad_rows=cfg.skip_bad_rows,
                 flag="--eval-accuracy-data",
                 console=self.console,
+                rank=self.dist.rank if self.dist else 0,
+                world_size=self.dist.world_size if self.dist else 1,
             )
         lo, hi = result.ci95
         line = f"  {label}: accuracy {result.accuracy:.1%} ({result.correct}/{result.n})"
@@ -768,7 +893,7 @@ class MidBlockRecipe:
         self.console.print(line)
         _RUN_LOG.info(line.strip())
         record = result.to_dict()
-        if label == "before":
+        if label == "before" and self.is_main:
             cache.write_text(json.dumps({"settings": settings, "result": record}, indent=1) + "\n")
         return record
 
@@ -784,7 +909,7 @@ class MidBlockRecipe:
         """
         assert self.optimizer is not None and self.scheduler is not None
         cfg, state = self.cfg, self.state
-        metrics = MetricsWriter(self.out / "metrics.jsonl")
+        metrics = MetricsWriter(self.out / "metrics.jsonl") if self.is_main else None
         previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
         self.model.train()
         last: dict[str, Any] = {}
@@ -817,9 +942,12 @@ class MidBlockRecipe:
                     tps="-",
                 )
                 while state.step < self.total_steps:
-                    refs = [
-                        self.micro_batch_at(state.micro_batches + k) for k in range(cfg.grad_accum)
-                    ]
+                    positions = (
+                        self.dist.window(state.micro_batches, cfg.grad_accum)
+                        if self.dist
+                        else range(state.micro_batches, state.micro_batches + cfg.grad_accum)
+                    )
+                    refs = [self.micro_batch_at(p) for p in positions]
                     t0 = time.perf_counter()
                     try:
                         result = train_step(
@@ -831,6 +959,7 @@ class MidBlockRecipe:
                             cfg.grad_clip,
                             self.fused_loss,
                             self.precision,
+                            self.dist,
                         )
                     except NonFiniteStep as exc:
                         raise self._non_finite(exc, refs) from None
@@ -855,7 +984,7 @@ class MidBlockRecipe:
                         ) from None
                     dt = time.perf_counter() - t0
                     state.step += 1
-                    state.micro_batches += cfg.grad_accum
+                    state.micro_batches += self._window_micro_batches
                     state.tokens += result.tokens
                     state.supervised_tokens += result.supervised_tokens
                     state.elapsed_s = base_elapsed + time.perf_counter() - t_start
@@ -867,7 +996,8 @@ class MidBlockRecipe:
                     at_end = state.step == self.total_steps
                     if cfg.eval_every and (state.step % cfg.eval_every == 0 or at_end):
                         record["eval_loss"] = self._checked_eval_loss()
-                    metrics.write(record)
+                    if metrics is not None:
+                        metrics.write(record)
                     if self.trackers is not None:
                         self.trackers.log(record)
                     progress.update(
@@ -894,6 +1024,12 @@ class MidBlockRecipe:
                     last = record
                     if cfg.save_every and state.step % cfg.save_every == 0 and not at_end:
                         self.save_checkpoint()
+                    if self.dist is not None and self.dist.max([self._interrupted])[0]:
+                        # A signal may reach one rank only: all stop after the same step.
+                        raise TrainingInterrupted(
+                            f"interrupted at step {state.step}; runs of several processes save "
+                            "no checkpoint yet, so there is nothing to resume: start again"
+                        )
                     if self._interrupted:
                         path = self.save_checkpoint()
                         raise TrainingInterrupted(
@@ -902,10 +1038,12 @@ class MidBlockRecipe:
                         )
         finally:
             signal.signal(signal.SIGINT, previous_handler)
-            metrics.close()
+            if metrics is not None:
+                metrics.close()
             if self.trackers is not None:
                 self.trackers.close()
-        self.save_checkpoint()
+        if self.dist is None:  # several processes: no checkpoint format yet, only final/
+            self.save_checkpoint()
         return last
 
     def _checked_eval_loss(self) -> float | None:
@@ -1002,16 +1140,24 @@ class MidBlockRecipe:
         fp32 under ``--precision fp32``, else bf16) and ``band_delta.safetensors`` (the band in
         its training dtype); returns ``final/``."""
         assert self.plan is not None
-        final = export_hf_folder(
-            self.model, self.tokenizer, self.out / "final", dtype=self.precision.export_dtype
-        )
-        save_band_delta(
-            self.model,
-            self.trainable_names,
-            self.out / "band_delta.safetensors",
-            self.plan.to_dict(),
-        )
-        return final
+        plan = self.plan.to_dict()
+        # Several processes: every rank takes part in gathering the full weights to rank 0.
+        state = full_state_dict(self.model, self.dist) if self.dist else None
+
+        def write() -> Path:
+            final = export_hf_folder(
+                self.model,
+                self.tokenizer,
+                self.out / "final",
+                dtype=self.precision.export_dtype,
+                state_dict=state,
+            )
+            delta = self.out / "band_delta.safetensors"
+            save_band_delta(self.model, self.trainable_names, delta, plan, state_dict=state)
+            return final
+
+        self._on_main(write)
+        return self.out / "final"
 
     # ---- records ------------------------------------------------------------------------------
 
@@ -1033,6 +1179,15 @@ class MidBlockRecipe:
             "train_examples": len(self.train_examples),
             "eval_examples": len(self.eval_examples),
             "total_steps": self.total_steps,
+            "distributed": None
+            if self.dist is None
+            else {
+                "world_size": self.dist.world_size,
+                "backend": self.dist.backend,
+                "fsdp_units": self.units,
+                "global_batch_micro_batches": self._window_micro_batches,
+                "fp32_optimizer_state_on_rank0": self.fp32_state,
+            },
         }
 
     def final_eval_loss(self, last: dict[str, Any]) -> float | None:
@@ -1073,13 +1228,18 @@ class MidBlockRecipe:
             "precision": self.cfg.precision,
             "kernels": self.kernel_report.to_dict(),
             "attention": str(getattr(self.model.config, "_attn_implementation", "unknown")),
-            "loss_plot": str(plot) if (plot := self.plot_loss()) else None,
+            "loss_plot": str(plot) if self.is_main and (plot := self.plot_loss()) else None,
             "final_loss": last.get("loss"),
             "final_eval_loss": eval_loss,
             "accuracy_before": before,
             "accuracy_after": after,
         }
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        if self.dist is not None:
+            summary["world_size"] = self.dist.world_size
+            summary["backend"] = self.dist.backend
+            summary["fsdp_units"] = len(self.units)
+        if self.is_main:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         return summary
 
 
@@ -1093,13 +1253,26 @@ def run_train(cfg: TrainConfig, console: Console | None = None) -> dict[str, Any
         each message says what to do.
     """
     console = console or Console(stderr=True)
-    recipe = MidBlockRecipe(cfg, console)
-    out = recipe.out
-    if out.exists() and not out.is_dir():
-        raise RunFolderError(f"--output {out} is a file, not a folder; choose a folder")
-    created = not out.exists()
-    # One live run per folder: the OS drops the lock when this process ends, however it ends.
-    with acquire_run_lock(out):
+    dist = init_from_env()  # None unless torchrun started several processes
+    try:
+        return _run_locked(MidBlockRecipe(cfg, console, dist))
+    finally:
+        shutdown()
+
+
+def _run_locked(recipe: MidBlockRecipe) -> dict[str, Any]:
+    out, console = recipe.out, recipe.console  # rank > 0: a quiet console
+
+    def lock(stack: contextlib.ExitStack) -> bool:
+        if out.exists() and not out.is_dir():
+            raise RunFolderError(f"--output {out} is a file, not a folder; choose a folder")
+        created = not out.exists()
+        # One live run per folder: the OS drops the lock when the process ends, however it ends.
+        stack.enter_context(acquire_run_lock(out))
+        return created
+
+    with contextlib.ExitStack() as stack:
+        created = recipe._on_main(lambda: lock(stack))  # rank 0 holds the lock of the run
         try:
             return _run_steps(recipe, console)
         except KeyboardInterrupt:
@@ -1112,7 +1285,7 @@ def run_train(cfg: TrainConfig, console: Console | None = None) -> dict[str, Any
 
 def _run_steps(recipe: MidBlockRecipe, console: Console) -> dict[str, Any]:
     recipe.setup()  # creates (or, with --overwrite, clears) the run folder
-    with train_log(recipe.out / "train.log"):
+    with train_log(recipe.out / "train.log") if recipe.is_main else nullcontext():
         try:
             return _logged_run(recipe, console)
         except FastmidError as exc:
@@ -1131,6 +1304,8 @@ def _logged_run(recipe: MidBlockRecipe, console: Console) -> dict[str, Any]:
         f"{len(recipe.eval_examples)} eval examples, {recipe.total_steps} steps, precision "
         f"{cfg.precision}, optimizer {cfg.optim}"
     )
+    if recipe.dist is not None:
+        header += f", {recipe.dist.world_size} processes (FSDP2, {recipe.dist.backend})"
     console.print(f"[bold]fastmid train[/]{header[len('fastmid train') :]}", highlight=False)
     _RUN_LOG.info("%s", header)
     before = recipe.evaluate("before")
@@ -1160,6 +1335,8 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
     p = summary["parameters"]
     table.add_row("trainable", f"{p['trainable']:,} ({p['trainable_share_percent']:.1f}%)")
     table.add_row("precision / optimizer", f"{summary['precision']} / {summary['optimizer']}")
+    if summary.get("world_size"):
+        table.add_row("processes", f"{summary['world_size']} (FSDP2, {summary['backend']})")
     table.add_row("steps / tokens", f"{summary['steps']} / {summary['tokens']:,}")
     if summary["tokens_per_s"]:
         table.add_row("tokens/s", f"{summary['tokens_per_s']:.0f}")
