@@ -346,7 +346,8 @@ def launch(cfg: Any) -> int:
         cfg: the :class:`fastmid.config.TrainConfig` of the run (``nproc > 1``).
 
     Returns:
-        The exit status for the command: 0, or the first failed process's status.
+        The exit status for the command: 0, the first failed process's status, or 130 when a
+        signal (Ctrl-C) stopped the launcher and with it the processes.
     """
     import logging
     import sys
@@ -355,11 +356,15 @@ def launch(cfg: Any) -> int:
     from pathlib import Path
 
     import yaml
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     # The agent logs each failure with a traceback of its own; the ranks have said what failed.
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    # Its modules' loggers carry levels of their own, so each is set.
+    for name in [*logging.Logger.manager.loggerDict, "torch.distributed.elastic"]:
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     with tempfile.TemporaryDirectory(prefix="fastmid-launch-") as tmp:
         config = Path(tmp) / "config.yaml"
         # Every field, --overwrite and --resume included (config.yaml of a run leaves them out).
@@ -381,4 +386,11 @@ def launch(cfg: Any) -> int:
         except ChildFailedError as exc:
             _rank, failure = exc.get_first_failure()
             return failure.exitcode if failure.exitcode > 0 else 1
+        except SignalException as exc:
+            # Ctrl-C (or SIGTERM) reached the launcher, which stopped the processes.
+            print(
+                f"interrupted ({exc.sigval.name}): stopped the {cfg.nproc} processes",
+                file=sys.stderr,
+            )
+            return 130
     return 0

@@ -130,6 +130,9 @@ _UNSAVED_RUN_FILES = {
 # train.log: fastmid's own lines (the header, a line every --log-every steps, evaluations, the
 # outcome) and the warnings of the libraries a run drives, which stay off the console.
 _RUN_LOG = logging.getLogger("fastmid.run")
+# Where train.log is not open (ranks > 0 of several processes), the run's lines go nowhere rather
+# than to Python's last-resort stderr handler.
+_RUN_LOG.addHandler(logging.NullHandler())
 _LIBRARY_LOGGERS = ("transformers", "datasets", "bitsandbytes", "torch", "py.warnings")
 
 
@@ -1026,10 +1029,12 @@ class MidBlockRecipe:
                         self.save_checkpoint()
                     if self.dist is not None and self.dist.max([self._interrupted])[0]:
                         # A signal may reach one rank only: all stop after the same step.
-                        raise TrainingInterrupted(
+                        stop = TrainingInterrupted(
                             f"interrupted at step {state.step}; runs of several processes save "
                             "no checkpoint yet, so there is nothing to resume: start again"
                         )
+                        stop.repeated = not self.is_main  # rank 0 alone says it
+                        raise stop
                     if self._interrupted:
                         path = self.save_checkpoint()
                         raise TrainingInterrupted(
@@ -1085,7 +1090,8 @@ class MidBlockRecipe:
         if self._interrupted:  # second Ctrl-C: stop now
             raise KeyboardInterrupt
         self._interrupted = True
-        self.console.print("[yellow]interrupt: finishing this step, then saving a checkpoint[/]")
+        then = "stopping every rank" if self.dist else "saving a checkpoint"
+        self.console.print(f"[yellow]interrupt: finishing this step, then {then}[/]")
 
     def resume_command(self) -> str:
         """The command that continues this run."""
