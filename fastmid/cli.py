@@ -487,7 +487,7 @@ def plan(
             micro_batch,
             gpus,
             gpu_memory,
-            optim=resolve_optim(optim, resolved),
+            optim=resolve_optim(optim, resolved, distributed=gpus > 1),
             checkpointing=checkpointing,
             precision=resolved,
             optimizer_in_backward=optimizer_in_backward,

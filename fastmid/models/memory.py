@@ -91,16 +91,16 @@ backward``                 gradient (b)
 (b) ``fastmid.train.optim.OptimizerInBackward``: one optimizer per trained tensor, stepped in the
 tensor's ``register_post_accumulate_grad_hook``, which then frees the gradient. Autograd sets a
 ``.grad`` just before that hook runs, so one gradient (in the gradient dtype of the precision)
-lives at a time. Under FSDP2 (``gpus = N``) the hook gets the local shard:
-``ceil(largest * gradient bytes / N)`` (dim-0 sharding may round a shard up by a row: not counted).
-The states are unchanged: the per-tensor rules above apply per tensor either way.
+lives at a time. The states are unchanged: the per-tensor rules above apply per tensor either
+way. One GPU only: with ``gpus > 1`` the plan refuses it, as ``fastmid train`` does (FSDP2
+reduce-scatters a gradient after its accumulate hook has fired).
 (c) torchao 0.18 ``CPUOffloadOptimizer(params, optimizer_class, offload_gradients=False,
 minimal_size=4096)`` (``torchao/optim/cpu_offload.py``): the GPU keeps every gradient; tensors of
 < 4096 elements stay on the GPU, stepped by an on-device optimizer of the same class.
 (d) One host optimizer of the same class per offloaded tensor, on its pinned copy (the trained
 dtype), so the per-tensor rules above give its states. The host figure is per GPU (a machine with
-N GPUs pins N times as much); it is not part of the GPU total and not in ``fits``. Under FSDP2 it
-is sharded like the states (torchao documents the offload optimizer for one GPU: an estimate).
+N GPUs pins N times as much); it is not part of the GPU total and not in ``fits``. One GPU only:
+with ``gpus > 1`` the plan refuses it, as ``fastmid train`` does.
 
 The LoRA column keeps its own setup under both options (no step in backward, no offload).
 
@@ -214,20 +214,65 @@ long as one of those kernels runs: SDPA's math fallback (inputs no fused kernel 
 the ``s x s`` attention matrix and is not modelled. The loss, weight, gradient and state figures
 are the same on both devices, except the CPU-only fused-loss term above.
 
-Several GPUs (``gpus = N``): FSDP2 (``fully_shard`` per decoder layer) shards weights, gradients
-and optimizer states over N (the 8-bit/4-bit rules are applied to whole tensors, then divided;
-torchao decides per local shard); activations and logits are per GPU and not sharded. FSDP2
-all-gathers one layer at a time in the compute dtype (bf16 under ``bf16-master``, whose
-mixed-precision policy replaces the autocast copy; fp32 under ``fp32``; bf16 under ``bf16``): the
-all-gather buffers of the current and the prefetched layer, ``2 * a * params_per_layer``.
+Several GPUs (``gpus = N``, what ``fastmid train --nproc N`` runs): the FSDP2 arrangement of
+``fastmid.train.distributed.shard_model`` (torch 2.13 ``fully_shard``), counted per rank
+(:func:`fsdp_plan`):
+
+* Units. Every decoder layer is one unit, resharded after its forward; the input embeddings are
+  one unit unless they are tied to ``lm_head``; the root unit holds the rest (final norm,
+  ``lm_head``, tied embeddings, GPT-2's position embeddings) and is not resharded after forward
+  (FSDP2's default for the root), so its unsharded weights stay from the start of forward to the
+  end of backward.
+* Shards. FSDP2 splits every parameter on dim 0 as ``torch.chunk`` does, ``c = ceil(d0 / N)``
+  rows per chunk (rank ``r`` holds ``max(0, min(c, d0 - r c))`` rows), and stores each rank's
+  chunk padded to ``c`` rows. *Parameter shards*: every parameter's padded chunk in its stored
+  dtype (trained: the trained dtype, the fp32 master under ``bf16-master``; frozen: the frozen
+  dtype).
+* Gather dtype ``a``: bf16 under ``bf16-master`` (``MixedPrecisionPolicy(param_dtype=bf16)``,
+  which replaces the autocast copy), fp32 under ``fp32``, bf16 under ``bf16``. *Root,
+  unsharded*: the root's weights padded to ``c N`` rows, ``a`` bytes each. *All-gather
+  buffers*: two unsharded copies of the largest decoder layer: in backward the layer being
+  computed and the next one, prefetched (FSDP2's default backward prefetch); in forward the
+  layer being computed and its flat all-gather output, which FSDP2 keeps until the next layer's
+  copy-out. The embeddings' unit is gathered only at the start of forward, before any activation
+  or gradient exists, and is not added.
+* *Gradient shards*: every trained parameter's padded chunk in the gradient dtype (FSDP2
+  reduce-scatters in fp32, ``MixedPrecisionPolicy(reduce_dtype=fp32)``, and casts the shard back
+  to the parameter's dtype). *Gradient accumulation* (``grad_accum > 1``): between micro-batches
+  FSDP2 keeps every trained parameter's unsharded gradient (``set_requires_gradient_sync(
+  False)``) in fp32 (the reduce dtype: bf16 gradients are upcast after each unit's backward), 4
+  bytes per trained element on every rank. *Reduce-scatter*: what backward holds above
+  ``max(shards, accumulation)`` at its peak (:func:`_backward_gradient_peak` replays it unit by
+  unit): the unsharded gradients of the unit whose backward is ending (``a`` bytes per element)
+  beside the shards reduced so far and the padded fp32 reduce-scatter input FSDP2 keeps for the
+  previous unit until the next one reduces (``reduce_scatter_max_input_buffers = 1``). For
+  Mid-Block the peak comes just before the first band layer reduces: its input comes from the
+  no-grad prefix, so FSDP2 reduces it only in its final callback; with equal layers of ``P``
+  elements that is ``(a + 4 - g / N) P`` bytes above the shards (``g``: gradient bytes).
+* *Optimizer states*: the per-tensor rules above, applied to each rank's local (unpadded) chunk:
+  torchao keeps 8-bit (4-bit) states only where the *local* chunk has >= 4096 elements and a
+  multiple of the block (the rule of ``fastmid.train.distributed.fp32_state_parameters``), so a
+  tensor can keep 8-bit states on one GPU and fp32 states on N. ``adamw``:
+  8 bytes per local element. bitsandbytes' optimizers (``adamw8bit``, ``paged_adamw8bit``) fail
+  on DTensor parameters: the plan refuses them, and ``--optim auto`` means ``ao_adamw8bit``.
+* Activations and logits: per rank, as on one GPU (each rank runs its own micro-batches).
+
+The plan computes every rank (later ranks can hold fewer rows) and reports the rank with the
+most weights + gradients + states. ``tests/models/test_plan_fsdp_measured.py`` checks the
+per-rank lines against two gloo processes on CPU within 5%. Full fine-tuning follows the same
+arrangement with every parameter trained. The LoRA column divides its weights, gradients and
+states by N and adds two gathered layers (an approximation: fastmid runs no LoRA).
 
 Not counted: the CUDA context and cuBLAS workspaces (about 0.5-1 GiB), allocator fragmentation,
-transient gradient buffers inside one layer's backward, the ``s x s`` boolean padding mask of a
-padded batch (shared by all layers). Leave some headroom.
+transient gradient buffers inside one layer's backward (beyond FSDP2's reduce-scatter line),
+FSDP2's transients (a third gathered copy during a forward copy-out, the bf16 cast of an fp32
+shard as all-gather input, the fp32 reduce-scatter output before its cast), the ``s x s``
+boolean padding mask of a padded batch (shared by all layers). Leave some headroom.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -237,7 +282,13 @@ import torch
 
 from fastmid.errors import FastmidError
 from fastmid.models.band import BandPlan, apply_band
-from fastmid.models.families import FamilySpec, family_of
+from fastmid.models.families import (
+    FamilySpec,
+    decoder_layers,
+    family_of,
+    input_embeddings,
+    output_head,
+)
 
 GIB = 2**30
 BF16_BYTES = 2
@@ -270,6 +321,16 @@ OPTIMIZERS: tuple[str, ...] = get_args(Optim)
 STOCHASTIC_ROUNDING_OPTIMIZERS: tuple[str, ...] = ("ao_adamw8bit", "ao_adamw4bit")
 # What "auto" means in a plan: the plan is a GPU estimate, so the CUDA default.
 AUTO_PRECISION = "bf16-master"
+# The --optim values that step FSDP2's sharded (DTensor) parameters (= fastmid.train.distributed.
+# FSDP_OPTIMIZERS; models/ cannot import train, so a test checks that the two agree).
+FSDP_OPTIMIZERS: tuple[str, ...] = ("adamw", "ao_adamw8bit", "ao_adamw4bit")
+# What --optim auto means with several GPUs: bitsandbytes' 8-bit AdamW fails on DTensors.
+AUTO_FSDP_OPTIM = "ao_adamw8bit"
+# FSDP2 reduces gradients in fp32 in every precision on CUDA (shard_model's
+# MixedPrecisionPolicy(reduce_dtype=fp32); fp32 gradients need no cast), and accumulates unsharded
+# gradients between micro-batches in that dtype.
+REDUCE_BYTES = FP32_BYTES
+ROOT_UNIT = "<root>"
 Method = Literal["mid_block", "full", "lora"]
 
 
@@ -305,11 +366,14 @@ def resolve_plan_precision(precision: str) -> str:
     return AUTO_PRECISION if precision == "auto" else precision
 
 
-def resolve_plan_optim(optim: str, precision: str) -> str:
-    """``auto`` -> ``ao_adamw8bit`` under ``bf16``, else ``adamw8bit``; any other value unchanged
-    (the rule of :func:`fastmid.config.resolve_optim`, which models/ cannot import)."""
+def resolve_plan_optim(optim: str, precision: str, gpus: int = 1) -> str:
+    """``auto`` -> ``ao_adamw8bit`` under ``bf16`` or on several GPUs (FSDP2 cannot step
+    bitsandbytes' optimizers), else ``adamw8bit``; any other value unchanged (on one GPU the rule
+    of :func:`fastmid.config.resolve_optim`, which models/ cannot import)."""
     if optim != "auto":
         return optim
+    if gpus > 1:
+        return AUTO_FSDP_OPTIM
     return "ao_adamw8bit" if precision == "bf16" else "adamw8bit"
 
 
@@ -518,11 +582,13 @@ class TrainingSetup:
     Attributes:
         seq_len: tokens per sequence.
         micro_batch: sequences per GPU per forward/backward.
-        gpus: GPUs sharing weights, gradients and optimizer states (FSDP2 when > 1).
+        gpus: GPUs sharing weights, gradients and optimizer states (FSDP2 when > 1: the
+            arrangement of the module docstring, per rank).
         gpu_memory_gib: memory of one GPU in GiB (2^30 bytes); an H200 "141 GB" shows about
             140 GiB to CUDA.
-        optim: one of :data:`OPTIMIZERS` or ``auto`` (``ao_adamw8bit`` under ``bf16``, else
-            ``adamw8bit``); resolved on construction, so the attribute never reads ``auto``.
+        optim: one of :data:`OPTIMIZERS` or ``auto`` (``ao_adamw8bit`` under ``bf16`` or with
+            ``gpus > 1``, else ``adamw8bit``); resolved on construction, so the attribute never
+            reads ``auto``. With ``gpus > 1`` only :data:`FSDP_OPTIMIZERS`.
         checkpointing: non-reentrant activation checkpointing of every layer that stores
             activations (band and layers above it).
         lora_rank: rank of the LoRA baseline.
@@ -539,6 +605,16 @@ class TrainingSetup:
         fused_loss: the loss runs :func:`fastmid.kernels.linear_cross_entropy` (``--kernels``,
             on by default on CUDA with Triton); with ``supervised_fraction=None`` every token
             counts as a row.
+        grad_accum: micro-batches per optimizer step (``--grad-accum``). On one GPU it changes
+            nothing (gradients accumulate in place); with ``gpus > 1`` FSDP2 keeps unsharded
+            fp32 gradients between micro-batches (module docstring).
+
+    Raises:
+        MemoryPlanError: a non-positive size, an unknown precision or optimizer, and the
+            combinations ``fastmid train`` refuses (one line each, naming the flag): ``bf16``
+            with an optimizer that cannot round stochastically; both optimizer options; offload
+            with ``paged_adamw8bit``; the step in backward with ``grad_accum > 1``; with
+            ``gpus > 1`` a bitsandbytes optimizer, the step in backward or offload.
     """
 
     seq_len: int = 4096
@@ -553,12 +629,14 @@ class TrainingSetup:
     optimizer_offload: bool = False
     supervised_fraction: float | None = None
     fused_loss: bool = False
+    grad_accum: int = 1
 
     def __post_init__(self) -> None:
         for flag, value in (
             ("--seq-len", self.seq_len),
             ("--micro-batch", self.micro_batch),
             ("--gpus", self.gpus),
+            ("--grad-accum", self.grad_accum),
             ("lora_rank", self.lora_rank),
         ):
             if not isinstance(value, int) or value < 1:
@@ -577,7 +655,7 @@ class TrainingSetup:
             )
         precision = resolve_plan_precision(self.precision)
         precision_bytes(precision)  # refuses an unknown precision, naming --precision
-        optim = resolve_plan_optim(self.optim, precision)
+        optim = resolve_plan_optim(self.optim, precision, self.gpus)
         if optim not in OPTIMIZERS:
             raise MemoryPlanError(
                 f"--optim '{self.optim}' is not known (choose auto, {', '.join(OPTIMIZERS)})"
@@ -600,6 +678,13 @@ class TrainingSetup:
                 "--optim paged_adamw8bit pages its states itself; with --optimizer-offload use "
                 "adamw, adamw8bit, ao_adamw8bit or ao_adamw4bit"
             )
+        if self.optimizer_in_backward and self.grad_accum > 1:
+            raise MemoryPlanError(
+                f"--optimizer-in-backward: the step in backward runs once per backward, so it "
+                f"cannot accumulate {self.grad_accum} micro-batches; use --grad-accum 1"
+            )
+        if self.gpus > 1:
+            _check_fsdp(optim, self.gpus, self.optimizer_in_backward, self.optimizer_offload)
         object.__setattr__(self, "precision", precision)  # frozen dataclass: resolve once
         object.__setattr__(self, "optim", optim)
 
@@ -622,6 +707,27 @@ class TrainingSetup:
         return round(self.supervised_fraction * self.tokens)
 
 
+def _check_fsdp(optim: str, gpus: int, in_backward: bool, offload: bool) -> None:
+    """Refuse, in one line each, what FSDP2 cannot run (the rules of
+    ``fastmid.train.distributed.check_settings``, which models/ cannot import)."""
+    if optim not in FSDP_OPTIMIZERS:
+        raise MemoryPlanError(
+            f"--optim {optim} cannot step FSDP2's sharded (DTensor) parameters (bitsandbytes "
+            f"issues #89, #1633); with --gpus {gpus} use {', '.join(FSDP_OPTIMIZERS)}"
+        )
+    if in_backward:
+        raise MemoryPlanError(
+            f"--optimizer-in-backward: FSDP2 reduce-scatters a gradient after its accumulate "
+            f"hook has fired, so the step cannot run inside backward with --gpus {gpus}; drop "
+            "--optimizer-in-backward"
+        )
+    if offload:
+        raise MemoryPlanError(
+            f"--optimizer-offload: not available with --gpus {gpus}; drop it (FSDP2 already "
+            "keeps 1/N of the optimizer states per GPU)"
+        )
+
+
 @dataclass(frozen=True)
 class MemoryEstimate:
     """Per-GPU memory of one training step, in bytes.
@@ -634,6 +740,10 @@ class MemoryEstimate:
         host_memory: pinned host bytes per GPU of ``--optimizer-offload`` (weight copies,
             gradient buffers and states of the offloaded tensors); 0 without offload. Not part
             of :attr:`total` nor of :attr:`fits`.
+        fsdp: with ``gpus > 1`` (Mid-Block and full fine-tuning) the FSDP2 arrangement and every
+            rank's lines (:class:`FsdpPlan`); ``weights``, ``gradients`` and
+            ``optimizer_states`` are then those of :attr:`FsdpPlan.peak`. None on one GPU and
+            for LoRA.
     """
 
     method: Method
@@ -645,6 +755,7 @@ class MemoryEstimate:
     logits: int
     gpu_memory_gib: float
     host_memory: int = 0
+    fsdp: FsdpPlan | None = None
 
     @property
     def total(self) -> int:
@@ -661,7 +772,8 @@ class MemoryEstimate:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready view: bytes and GiB (rounded to 3 decimals) per term, ``fits``.
 
-        ``host_memory`` follows ``total`` and is not part of it (pinned host memory).
+        ``host_memory`` follows ``total`` and is not part of it (pinned host memory). With
+        :attr:`fsdp`, the key ``fsdp`` holds :meth:`FsdpPlan.to_dict`.
         """
         terms = {
             "weights": self.weights,
@@ -672,7 +784,7 @@ class MemoryEstimate:
             "total": self.total,
             "host_memory": self.host_memory,
         }
-        return {
+        out = {
             "method": self.method,
             "trainable_parameters": self.trainable_parameters,
             "bytes": terms,
@@ -680,6 +792,9 @@ class MemoryEstimate:
             "gpu_memory_gib": self.gpu_memory_gib,
             "fits": self.fits,
         }
+        if self.fsdp is not None:
+            out["fsdp"] = self.fsdp.to_dict()
+        return out
 
 
 # ---- building blocks -------------------------------------------------------------------------
@@ -811,8 +926,9 @@ def offload_bytes(numels: list[int], optim: str, param_bytes: int = FP32_BYTES) 
 
 
 def _gradients_and_optimizer(numels: list[int], setup: TrainingSetup) -> tuple[int, int, int]:
-    """Per-GPU ``(gradients, optimizer states, host memory)`` of the trained tensors ``numels``
-    under ``setup``'s precision, optimizer and options (module docstring)."""
+    """One GPU's ``(gradients, optimizer states, host memory)`` of the trained tensors ``numels``
+    under ``setup``'s precision, optimizer and options (module docstring; several GPUs:
+    :func:`fsdp_plan`)."""
     b = setup.dtype_bytes
     if setup.optimizer_in_backward:
         gradients = max(numels, default=0) * b.gradient
@@ -822,11 +938,360 @@ def _gradients_and_optimizer(numels: list[int], setup: TrainingSetup) -> tuple[i
         states, host = offload_bytes(numels, setup.optim, b.trained)
     else:
         states, host = optimizer_state_bytes(numels, setup.optim, b.trained), 0
-    return (
-        _sharded(gradients, setup.gpus),
-        _sharded(states, setup.gpus),
-        _sharded(host, setup.gpus),
+    return gradients, states, host
+
+
+# ---- FSDP2 (gpus > 1) -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FsdpUnit:
+    """One FSDP2 unit (one ``fully_shard`` call) of ``fastmid.train.distributed.shard_model``.
+
+    Attributes:
+        name: the module's name (``model.layers.3``, ``model.embed_tokens``) or ``<root>``.
+        kind: ``layer``, ``embeddings`` or ``root``.
+        modules: the modules whose parameters the unit holds (for the root: those no other unit
+            holds, e.g. ``model.norm``, ``lm_head``).
+        shapes: its parameters' shapes (a tied weight once).
+        trained: per parameter, whether it trains.
+    """
+
+    name: str
+    kind: Literal["layer", "embeddings", "root"]
+    modules: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    trained: tuple[bool, ...]
+
+    @property
+    def reshard_after_forward(self) -> bool:
+        """False for the root (FSDP2's default: it is needed again at the start of backward)."""
+        return self.kind != "root"
+
+    @property
+    def parameters(self) -> int:
+        """Elements of the unit's parameters."""
+        return sum(math.prod(shape) for shape in self.shapes)
+
+    @property
+    def trained_parameters(self) -> int:
+        """Elements of the unit's trained parameters."""
+        return sum(math.prod(s) for s, t in zip(self.shapes, self.trained, strict=True) if t)
+
+    def unsharded_numel(self, world_size: int, trained_only: bool = False) -> int:
+        """Elements of the unit gathered on one rank: each parameter padded to ``ceil(d0 / N) * N``
+        rows (FSDP2's all-gather output), all parameters or the trained ones."""
+        return sum(
+            _chunk_rows(shape, world_size) * world_size * _row_numel(shape)
+            for shape, t in zip(self.shapes, self.trained, strict=True)
+            if t or not trained_only
+        )
+
+
+def _dim0(shape: tuple[int, ...]) -> int:
+    return shape[0] if shape else 1  # a 0-dim parameter is one row
+
+
+def _row_numel(shape: tuple[int, ...]) -> int:
+    return math.prod(shape[1:])
+
+
+def _chunk_rows(shape: tuple[int, ...], world_size: int) -> int:
+    """Rows of FSDP2's padded chunk: ``ceil(d0 / N)`` (``torch.chunk``'s chunk size)."""
+    return -(-_dim0(shape) // world_size)
+
+
+def _local_rows(shape: tuple[int, ...], world_size: int, rank: int) -> int:
+    """Rows of rank ``rank``'s chunk before padding: ``max(0, min(c, d0 - rank * c))``."""
+    c = _chunk_rows(shape, world_size)
+    return max(0, min(c, _dim0(shape) - rank * c))
+
+
+def fsdp_units(model: torch.nn.Module, trained: set[int]) -> list[FsdpUnit]:
+    """The FSDP2 units of ``model``, in the order ``shard_model`` wraps them: every decoder layer,
+    the input embeddings unless tied to ``lm_head``, then the root (everything else).
+
+    Args:
+        model: a ``*ForCausalLM`` of a supported family (meta tensors are fine).
+        trained: ``id()`` of the parameters that train.
+
+    Returns:
+        The units; every parameter (a tied one once) is in exactly one.
+    """
+    names = {id(m): n for n, m in model.named_modules()}
+    taken: set[int] = set()
+    units: list[FsdpUnit] = []
+
+    def unit(module: torch.nn.Module, kind: Literal["layer", "embeddings"]) -> FsdpUnit:
+        params = [p for p in module.parameters() if id(p) not in taken]
+        taken.update(id(p) for p in params)
+        name = names[id(module)]
+        shapes = tuple(tuple(p.shape) for p in params)
+        return FsdpUnit(name, kind, (name,), shapes, tuple(id(p) in trained for p in params))
+
+    for layer in decoder_layers(model):
+        units.append(unit(layer, "layer"))
+    embed, head = input_embeddings(model), output_head(model)
+    if embed.weight is not getattr(head, "weight", None):
+        units.append(unit(embed, "embeddings"))
+    rest = [(n, p) for n, p in model.named_parameters() if id(p) not in taken]
+    owners = tuple(dict.fromkeys(n.rpartition(".")[0] or n for n, _ in rest))
+    units.append(
+        FsdpUnit(
+            ROOT_UNIT,
+            "root",
+            owners,
+            tuple(tuple(p.shape) for _, p in rest),
+            tuple(id(p) in trained for _, p in rest),
+        )
     )
+    return units
+
+
+@dataclass(frozen=True)
+class FsdpRank:
+    """What one rank holds under FSDP2, bytes (module docstring: several GPUs).
+
+    Attributes:
+        rank: 0..N-1.
+        parameter_shards: every parameter's padded chunk in its stored dtype.
+        root_unsharded: the root unit's unsharded weights in the gather dtype (resident from
+            forward through backward).
+        all_gather_buffers: two unsharded copies of the largest decoder layer, gather dtype
+            (the current layer and the prefetched one).
+        gradient_shards: the trained parameters' padded gradient chunks, gradient dtype.
+        gradient_accumulation: ``grad_accum > 1``: the unsharded fp32 gradients of every
+            trained parameter kept between micro-batches; else 0.
+        reduce_scatter: what backward holds above ``max(gradient_shards,
+            gradient_accumulation)`` at its peak: the unsharded gradients (gather dtype) of the
+            unit whose backward is ending and the padded fp32 reduce-scatter input kept for the
+            previous one (:func:`_backward_gradient_peak`).
+        optimizer_states: the optimizer's states of this rank's local (unpadded) chunks.
+        fp32_state_tensors: trained tensors whose local chunk keeps plain (not 8/4-bit) states
+            under torchao (under 4096 elements or not a multiple of the block); 0 for ``adamw``.
+    """
+
+    rank: int
+    parameter_shards: int
+    root_unsharded: int
+    all_gather_buffers: int
+    gradient_shards: int
+    gradient_accumulation: int
+    reduce_scatter: int
+    optimizer_states: int
+    fp32_state_tensors: int
+
+    @property
+    def weights(self) -> int:
+        """``parameter_shards + root_unsharded + all_gather_buffers``."""
+        return self.parameter_shards + self.root_unsharded + self.all_gather_buffers
+
+    @property
+    def gradients(self) -> int:
+        """``max(gradient_shards, gradient_accumulation) + reduce_scatter``: the last
+        micro-batch's reduce-scatters replace the unsharded gradients by shards unit by unit."""
+        return max(self.gradient_shards, self.gradient_accumulation) + self.reduce_scatter
+
+    @property
+    def total(self) -> int:
+        """``weights + gradients + optimizer_states`` (activations and logits are the same on
+        every rank)."""
+        return self.weights + self.gradients + self.optimizer_states
+
+    def to_dict(self) -> dict[str, int]:
+        """JSON-ready view: every line and the three sums, bytes."""
+        out = dataclasses.asdict(self)
+        out.update(weights=self.weights, gradients=self.gradients, total=self.total)
+        return out
+
+
+@dataclass(frozen=True)
+class FsdpPlan:
+    """The FSDP2 arrangement of one estimate and every rank's lines.
+
+    Attributes:
+        world_size: ``N``.
+        units: :func:`fsdp_units`.
+        ranks: one :class:`FsdpRank` per rank.
+        gather_bytes: bytes per gathered element (the compute dtype of the precision).
+        grad_accum: micro-batches per step.
+    """
+
+    world_size: int
+    units: tuple[FsdpUnit, ...]
+    ranks: tuple[FsdpRank, ...]
+    gather_bytes: int
+    grad_accum: int
+
+    @property
+    def peak(self) -> FsdpRank:
+        """The rank with the most ``weights + gradients + optimizer_states`` (the lowest such
+        rank on a tie)."""
+        return max(self.ranks, key=lambda r: (r.total, -r.rank))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready view: ``world_size``, ``gather_bytes``, ``reduce_bytes``, ``grad_accum``,
+        ``units`` (name, kind, modules, parameters, trained_parameters,
+        reshard_after_forward, unsharded_bytes in the gather dtype), ``peak_rank`` and
+        ``ranks`` (:meth:`FsdpRank.to_dict`)."""
+        return {
+            "world_size": self.world_size,
+            "gather_bytes": self.gather_bytes,
+            "reduce_bytes": REDUCE_BYTES,
+            "grad_accum": self.grad_accum,
+            "units": [
+                {
+                    "name": u.name,
+                    "kind": u.kind,
+                    "modules": list(u.modules),
+                    "parameters": u.parameters,
+                    "trained_parameters": u.trained_parameters,
+                    "reshard_after_forward": u.reshard_after_forward,
+                    "unsharded_bytes": u.unsharded_numel(self.world_size) * self.gather_bytes,
+                }
+                for u in self.units
+            ],
+            "peak_rank": self.peak.rank,
+            "ranks": [r.to_dict() for r in self.ranks],
+        }
+
+
+def _backward_gradient_peak(
+    units: list[FsdpUnit], world_size: int, a: int, g: int, accumulate: bool
+) -> int:
+    """The most gradient bytes one rank holds during a step's backward passes under FSDP2.
+
+    Replays the last micro-batch's backward unit by unit (torch 2.13 ``FSDPParamGroup.
+    post_backward`` and ``foreach_reduce``): the root's gradients come first, then the decoder
+    layers from the top, then the embeddings. When a unit's backward ends, its post-backward hook
+    (fired by the gradient of the unit's input) adds its gradients into the accumulated ones
+    (``grad_accum > 1``), drops the reduce-scatter input kept for the previous unit, allocates its
+    own (padded, fp32), copies the gradients in and frees them; the shard it receives stays. A
+    unit whose input needs no gradient (the root, the embeddings, a first band layer above a
+    no-grad prefix) reduces only in the root's final callback, so its gradients stay unsharded
+    until then. A unit without trained parameters still drops the kept input.
+
+    Args:
+        units: :func:`fsdp_units`, the root last.
+        world_size: ``N``.
+        a: bytes of autograd's unsharded gradients (the gather dtype).
+        g: bytes of a gradient shard (the trained weights' dtype).
+        accumulate: ``grad_accum > 1``: every trained element also has an unsharded fp32
+            gradient from the earlier micro-batches until its unit reduces. With ``a == 4`` (no
+            mixed precision) autograd accumulates into it in place; otherwise each unit's new
+            gradients are upcast into it after the unit's backward (an earlier micro-batch: a new
+            fp32 copy beside the ``a``-byte one for a moment).
+
+    Returns:
+        The peak of gradient shards + unsharded (and accumulated) gradients + kept reduce-scatter
+        inputs, bytes.
+    """
+    root = units[-1]
+    forward = [u for u in units if u.kind == "embeddings"] + [u for u in units if u.kind == "layer"]
+    first = next((i for i, u in enumerate(forward) if u.trained_parameters), len(forward))
+    # The units that run a backward, in its order, each with whether its reduce waits for the
+    # final callback: nothing below the first trained unit needs a gradient (a trained root holds
+    # tied embeddings, whose output does).
+    order = [(root, True)] + [
+        (
+            forward[i],
+            forward[i].kind == "embeddings" or (i == first and not root.trained_parameters),
+        )
+        for i in reversed(range(first, len(forward)))
+    ]
+    separate = not (accumulate and a == REDUCE_BYTES)
+    accumulated = {u.name: REDUCE_BYTES * u.trained_parameters if accumulate else 0 for u in units}
+    current = dict.fromkeys(accumulated, 0)
+    shards = kept = 0
+    peak = 0
+    if accumulate:
+        # An earlier micro-batch: at its end every unit's fp32 gradient, the last one just upcast
+        # from its a-byte copy.
+        largest = max((u.trained_parameters for u in units), default=0)
+        peak = sum(accumulated.values()) + (a * largest if separate else 0)
+
+    def held() -> int:
+        return shards + kept + sum(accumulated.values()) + sum(current.values())
+
+    def reduce(u: FsdpUnit) -> None:
+        nonlocal shards, kept, peak
+        if accumulate:
+            current[u.name] = 0  # added into the accumulated gradient in place
+        kept = 0
+        if not u.trained_parameters:
+            return
+        padded_input = REDUCE_BYTES * u.unsharded_numel(world_size, trained_only=True)
+        peak = max(peak, held() + padded_input)  # the copy-in: gradients and input together
+        kept, accumulated[u.name], current[u.name] = padded_input, 0, 0
+        shards += g * sum(
+            _chunk_rows(s, world_size) * _row_numel(s)
+            for s, t in zip(u.shapes, u.trained, strict=True)
+            if t
+        )
+
+    deferred = []
+    for u, later in order:
+        if u.trained_parameters and separate:
+            current[u.name] = a * u.trained_parameters
+        peak = max(peak, held())
+        if later:
+            deferred.append(u)
+        else:
+            reduce(u)
+    for u in deferred:
+        reduce(u)
+    return max(peak, held())
+
+
+def fsdp_plan(model: torch.nn.Module, trained: set[int], setup: TrainingSetup) -> FsdpPlan:
+    """Every rank's memory under FSDP2 with ``setup.gpus`` ranks (module docstring: several GPUs).
+
+    Args:
+        model: a ``*ForCausalLM`` (meta tensors are fine); not modified.
+        trained: ``id()`` of the parameters that train.
+        setup: the precision, optimizer, GPU count and ``grad_accum``.
+
+    Returns:
+        The :class:`FsdpPlan`: units and one :class:`FsdpRank` per rank.
+    """
+    n = setup.gpus
+    b = setup.dtype_bytes
+    a = b.compute
+    units = fsdp_units(model, trained)
+    layers = [u for u in units if u.kind == "layer"]
+    root = units[-1]
+    all_gather = 2 * a * max((u.unsharded_numel(n) for u in layers), default=0)
+    root_bytes = a * root.unsharded_numel(n)
+    n_trained = sum(u.trained_parameters for u in units)
+    accumulation = REDUCE_BYTES * n_trained if setup.grad_accum > 1 else 0
+    params = [(s, t) for u in units for s, t in zip(u.shapes, u.trained, strict=True)]
+    shards = sum(
+        _chunk_rows(s, n) * _row_numel(s) * (b.trained if t else b.frozen) for s, t in params
+    )
+    grad_shards = sum(_chunk_rows(s, n) * _row_numel(s) * b.gradient for s, t in params if t)
+    peak = _backward_gradient_peak(units, n, a, b.gradient, setup.grad_accum > 1)
+    reduce_scatter = peak - max(grad_shards, accumulation)
+    block = {"ao_adamw8bit": AO8_BLOCKSIZE, "ao_adamw4bit": AO4_BLOCKSIZE}.get(setup.optim)
+    ranks = []
+    for rank in range(n):
+        local = [_local_rows(s, n, rank) * _row_numel(s) for s, t in params if t]
+        plain = 0
+        if block is not None:
+            plain = sum(1 for k in local if k < AO_MIN_QUANT_SIZE or k % block)
+        ranks.append(
+            FsdpRank(
+                rank=rank,
+                parameter_shards=shards,
+                root_unsharded=root_bytes,
+                all_gather_buffers=all_gather,
+                gradient_shards=grad_shards,
+                gradient_accumulation=accumulation,
+                reduce_scatter=reduce_scatter,
+                optimizer_states=optimizer_state_bytes(local, setup.optim, b.trained),
+                fp32_state_tensors=plain,
+            )
+        )
+    return FsdpPlan(n, tuple(units), tuple(ranks), a, setup.grad_accum)
 
 
 def lora_adapter_numels(model: torch.nn.Module, rank: int) -> list[int]:
@@ -917,7 +1382,9 @@ def estimate_mid_block(
         The :class:`MemoryEstimate` (formulas in the module docstring): under in-backward the
         gradients are the largest band tensor's; under offload the optimizer states are the
         GPU-resident ones (tensors of < 4096 elements) and ``host_memory`` holds the rest; the
-        logits follow ``setup.supervised_fraction`` and ``setup.fused_loss``.
+        logits follow ``setup.supervised_fraction`` and ``setup.fused_loss``. With
+        ``setup.gpus > 1``, ``fsdp`` holds every rank's lines (:func:`fsdp_plan`) and weights,
+        gradients and optimizer states are those of its peak rank.
 
     Raises:
         BandError: the plan's layer count differs from the model's.
@@ -937,11 +1404,18 @@ def estimate_mid_block(
         else:
             per_layer.append(0 if role == "frozen-prefix" else shape.frozen_layer(prec))
     stored = [plan.role(i) != "frozen-prefix" for i in range(plan.num_hidden_layers)]
-    gradients, states, host = _gradients_and_optimizer([p.numel() for p in trainable], setup)
+    fsdp = None
+    if setup.gpus > 1:
+        fsdp = fsdp_plan(model, {id(p) for p in trainable}, setup)
+        weights, gradients = fsdp.peak.weights, fsdp.peak.gradients
+        states, host = fsdp.peak.optimizer_states, 0
+    else:
+        weights = _weights_bytes(n_total - n_trained, n_trained, max(layer_params), 1, prec)
+        gradients, states, host = _gradients_and_optimizer([p.numel() for p in trainable], setup)
     return MemoryEstimate(
         method="mid_block",
         trainable_parameters=n_trained,
-        weights=_weights_bytes(n_total - n_trained, n_trained, max(layer_params), setup.gpus, prec),
+        weights=weights,
         gradients=gradients,
         optimizer_states=states,
         activations=_activation_bytes(
@@ -950,6 +1424,7 @@ def estimate_mid_block(
         logits=_logits_bytes(shape, setup),
         gpu_memory_gib=setup.gpu_memory_gib,
         host_memory=host,
+        fsdp=fsdp,
     )
 
 
@@ -965,7 +1440,8 @@ def estimate_full(model: torch.nn.Module, setup: TrainingSetup) -> MemoryEstimat
     Returns:
         The :class:`MemoryEstimate`; the checkpointed input of a layer is the residual (``4h``
         bytes per token under ``bf16-master``, whose trained embeddings are fp32, and ``fp32``;
-        ``2h`` under ``bf16``).
+        ``2h`` under ``bf16``). With ``setup.gpus > 1``, the FSDP2 arrangement with every
+        parameter trained (``fsdp``, as :func:`estimate_mid_block`).
     """
     spec = family_of(model)
     params = list(model.parameters())
@@ -974,11 +1450,18 @@ def estimate_full(model: torch.nn.Module, setup: TrainingSetup) -> MemoryEstimat
     L = len(model.get_submodule(spec.layers))
     prec = setup.precision
     per_layer = [shape.full_layer(prec)] * L
-    gradients, states, host = _gradients_and_optimizer([p.numel() for p in params], setup)
+    fsdp = None
+    if setup.gpus > 1:
+        fsdp = fsdp_plan(model, {id(p) for p in params}, setup)
+        weights, gradients = fsdp.peak.weights, fsdp.peak.gradients
+        states, host = fsdp.peak.optimizer_states, 0
+    else:
+        weights = _weights_bytes(0, n_total, max(_layer_params(model, spec)), 1, prec)
+        gradients, states, host = _gradients_and_optimizer([p.numel() for p in params], setup)
     return MemoryEstimate(
         method="full",
         trainable_parameters=n_total,
-        weights=_weights_bytes(0, n_total, max(_layer_params(model, spec)), setup.gpus, prec),
+        weights=weights,
         gradients=gradients,
         optimizer_states=states,
         activations=_activation_bytes(
@@ -987,6 +1470,7 @@ def estimate_full(model: torch.nn.Module, setup: TrainingSetup) -> MemoryEstimat
         logits=_logits_bytes(shape, setup, "full"),
         gpu_memory_gib=setup.gpu_memory_gib,
         host_memory=host,
+        fsdp=fsdp,
     )
 
 

@@ -11,6 +11,12 @@ fits the GPU with :func:`default_min_headroom_gib` to spare; :func:`make_plan` r
 ``recommended``, with the exact ``fastmid train`` flags that select it, and :func:`print_plan`
 prints it beside the table of the requested mode.
 
+With ``gpus > 1`` the estimate is FSDP2's arrangement as ``fastmid train --nproc N`` shards the
+model (:func:`fastmid.models.memory.fsdp_plan`): :func:`print_plan` adds the units and what the
+rank holding the most keeps (parameter shards, the root's unsharded weights, the all-gather
+buffers, gradient shards, accumulation and reduce-scatter buffers, optimizer states on its local
+shards), and there is no recommendation.
+
 All sizes are bytes, reported in GiB (2^30 bytes). Not counted (as in
 :mod:`fastmid.models.memory`): the CUDA context and cuBLAS workspaces (about 0.5-1 GiB),
 allocator fragmentation and transient buffers.
@@ -184,7 +190,9 @@ def mode_table(
     """The Mid-Block estimate of ``plan`` in every mode of :data:`MODE_ORDER`, in that order.
 
     Each mode keeps ``setup``'s other settings (sequence length, micro-batch, GPUs, GPU memory
-    and whatever else the setup holds), with activation checkpointing on.
+    and whatever else the setup holds), with activation checkpointing on. The modes are one-GPU
+    modes: with ``setup.gpus > 1`` the bitsandbytes ones, the step in backward and offload raise
+    :class:`MemoryPlanError` (FSDP2 runs none of them; :func:`make_plan` then recommends nothing).
 
     Args:
         model: the ``*ForCausalLM`` (meta tensors are fine); its ``requires_grad`` flags end as
@@ -358,6 +366,7 @@ def make_plan(
     min_headroom_gib: float | None = None,
     supervised_fraction: float | None = None,
     fused_loss: bool = False,
+    grad_accum: int = 1,
 ) -> dict[str, Any]:
     """Plan a Mid-Block run: band, parameter counts and per-GPU memory, loading no weights.
 
@@ -368,11 +377,15 @@ def make_plan(
         layers: explicit indices ``"6-23"`` / ``"3,5,9"``.
         seq_len: tokens per sequence.
         micro_batch: sequences per GPU per step.
-        gpus: GPUs sharing weights, gradients and optimizer states (FSDP2).
+        gpus: GPUs sharing weights, gradients and optimizer states: above 1, the FSDP2
+            arrangement of ``fastmid train --nproc N``, per rank (:func:`fastmid.models.memory.
+            fsdp_plan`; ``memory[...]["fsdp"]``), and no recommendation (its modes are one-GPU
+            modes: bitsandbytes optimizers, the step in backward, offload).
         gpu_memory_gib: memory of one GPU, GiB (2^30 bytes).
-        optim: ``auto`` (``ao_adamw8bit`` under ``bf16``, else ``adamw8bit``), ``adamw8bit``,
-            ``paged_adamw8bit``, ``adamw``, ``ao_adamw8bit`` or ``ao_adamw4bit`` (Mid-Block and
-            full fine-tuning; LoRA uses fp32 AdamW).
+        optim: ``auto`` (``ao_adamw8bit`` under ``bf16`` or with ``gpus > 1``, else
+            ``adamw8bit``), ``adamw8bit``, ``paged_adamw8bit``, ``adamw``, ``ao_adamw8bit`` or
+            ``ao_adamw4bit`` (Mid-Block and full fine-tuning; LoRA uses fp32 AdamW); with
+            ``gpus > 1`` only ``adamw``, ``ao_adamw8bit`` and ``ao_adamw4bit``.
         checkpointing: activation checkpointing of every layer that stores activations.
         lora_rank: rank of the LoRA comparison column.
         precision: ``auto`` (``bf16-master``, the CUDA default), ``fp32``, ``bf16-master`` or
@@ -390,27 +403,34 @@ def make_plan(
         fused_loss: the chunked linear cross-entropy kernel (``--kernels`` on CUDA).
         min_headroom_gib: GiB the recommended mode must leave free; None:
             :func:`default_min_headroom_gib` (``max(2, 3%)`` of ``gpu_memory_gib``).
+        grad_accum: micro-batches per step (``--grad-accum``); with ``gpus > 1`` FSDP2 then
+            keeps unsharded fp32 band gradients between micro-batches.
 
     Returns:
         JSON-ready dict with keys ``model`` (source, model_type, sizes), ``band``
         (:meth:`BandPlan.to_dict` plus ``describe``), ``layers`` (per layer: index, role,
         parameters, trainable), ``parameters`` (:meth:`ParameterCounts.to_dict`), ``setup``
         (the settings with ``precision`` and ``optim`` resolved, ``tokens_per_gpu``, the two
-        optimizer options), ``memory`` (``mid_block``, ``full``, ``lora``:
-        :meth:`MemoryEstimate.to_dict`, bytes and GiB, ``host_memory`` beside ``total``) and
+        optimizer options, ``grad_accum``), ``memory`` (``mid_block``, ``full``, ``lora``:
+        :meth:`MemoryEstimate.to_dict`, bytes and GiB, ``host_memory`` beside ``total``; with
+        ``gpus > 1`` Mid-Block and full fine-tuning add ``fsdp``: the units and every rank's
+        lines, :meth:`fastmid.models.memory.FsdpPlan.to_dict`) and
         ``activation_model`` (``exact`` for Llama-style families, else ``approximate``),
         ``recommended`` (:func:`pick_mode`'s dict: ``flags``, ``total_bytes``,
         ``headroom_bytes``, ``precision``, ``optim``, ``optimizer_in_backward``,
         ``optimizer_offload``...; None when no mode fits or ``recommend`` is off) and
-        ``recommendation``: ``status`` (``fits``, ``none-fits`` or ``off``) and, unless off,
-        ``gpu_memory_gib``, ``min_headroom_gib`` and ``modes`` (:func:`mode_table`).
+        ``recommendation``: ``status`` (``fits``, ``none-fits`` or ``off``: also with
+        ``gpus > 1``) and, unless off, ``gpu_memory_gib``, ``min_headroom_gib`` and ``modes``
+        (:func:`mode_table`).
 
     Raises:
         ModelSourceError: the source cannot be read, or its ``model_type`` is unsupported.
         BandError: an invalid ``band`` / ``layers`` string (message names the flag).
         MemoryPlanError: a non-positive size, unknown ``optim`` or ``precision``, ``bf16`` with
             an optimizer that cannot round stochastically, both optimizer options, offload with
-            ``paged_adamw8bit``, a negative ``min_headroom_gib``.
+            ``paged_adamw8bit``, the step in backward with ``grad_accum > 1``, with
+            ``gpus > 1`` a bitsandbytes optimizer, the step in backward or offload (what
+            ``fastmid train`` refuses), a negative ``min_headroom_gib``.
     """
     _check_min_headroom(min_headroom_gib, gpu_memory_gib)
     setup = TrainingSetup(
@@ -426,7 +446,11 @@ def make_plan(
         optimizer_offload=optimizer_offload,
         supervised_fraction=supervised_fraction,
         fused_loss=fused_loss,
+        grad_accum=grad_accum,
     )
+    # The recommendation's modes are one-GPU modes (bitsandbytes optimizers, the step in
+    # backward, offload): FSDP2 runs none of them.
+    recommend = recommend and gpus == 1
     config = load_config(model_source)
     try:
         spec = family_for_config(config)
@@ -492,6 +516,7 @@ def make_plan(
             "lora_rank": setup.lora_rank,
             "optimizer_in_backward": setup.optimizer_in_backward,
             "optimizer_offload": setup.optimizer_offload,
+            "grad_accum": setup.grad_accum,
         },
         "memory": {name: est.to_dict() for name, est in memory.items()},
         "activation_model": "exact"
@@ -633,11 +658,8 @@ def print_plan(plan_dict: dict[str, Any], console: Any = None) -> None:
             "note: host memory (offload) is pinned CPU memory per GPU (weight copies, gradient "
             "buffers and optimizer states of tensors of >= 4096 elements), not in the GPU total"
         )
-    if setup["gpus"] > 1:
-        console.print(
-            f"note: the {setup['gpus']}-GPU figures are estimates for FSDP2 sharding, which "
-            "`fastmid train` cannot run yet (it trains on one device)"
-        )
+    if setup["gpus"] > 1 and "fsdp" in mem["mid_block"]:
+        print_fsdp(plan_dict, console)
     if plan_dict.get("activation_model") != "exact":
         console.print(
             f"note: activations use the Llama-style block formulas; {m['model_type']} differs "
@@ -649,6 +671,111 @@ def print_plan(plan_dict: dict[str, Any], console: Any = None) -> None:
         for line in recommendation_lines(plan_dict):
             # soft_wrap: the command stays one line, to copy.
             console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+FSDP_ROWS = (
+    ("parameter_shards", "parameter shards"),
+    ("root_unsharded", "root, unsharded"),
+    ("all_gather_buffers", "all-gather (2 layers)"),
+    ("weights", "= weights"),
+    ("gradient_shards", "gradient shards"),
+    ("gradient_accumulation", "grad accumulation"),
+    ("reduce_scatter", "reduce-scatter"),
+    ("gradients", "= gradients"),
+    ("optimizer_states", "optimizer states"),
+)
+_DTYPE = {4: "fp32", 2: "bf16"}
+
+
+def fsdp_units_line(fsdp: dict[str, Any]) -> str:
+    """One line naming the FSDP2 units of a ``memory[...]["fsdp"]`` dict and what each keeps
+    between its uses: ``"FSDP2 on 2 GPUs, 66 units: model.layers.0 .. model.layers.63 ..."``."""
+    units, n = fsdp["units"], fsdp["world_size"]
+    layers = [u for u in units if u["kind"] == "layer"]
+    sizes = sorted({u["parameters"] for u in layers})
+    size = _millions(sizes[0]) + ("" if len(sizes) == 1 else f" to {_millions(sizes[-1])}")
+    parts = [
+        f"{layers[0]['name']} .. {layers[-1]['name']} (one unit per decoder layer, {size} "
+        "each, resharded after forward)"
+    ]
+    for u in units:
+        if u["kind"] == "embeddings":
+            parts.append(f"{u['name']} ({_millions(u['parameters'])}, resharded after forward)")
+        elif u["kind"] == "root":
+            parts.append(
+                f"{u['name']} ({', '.join(u['modules'])}: {_millions(u['parameters'])}, kept "
+                "unsharded from forward through backward)"
+            )
+    return f"FSDP2 on {n} GPUs, {len(units)} units: " + ", ".join(parts)
+
+
+def fsdp_note(setup: dict[str, Any], fsdp: dict[str, Any]) -> str:
+    """What each per-rank line of :func:`print_fsdp` holds, in the plan's dtypes."""
+    n, gather = fsdp["world_size"], _DTYPE[fsdp["gather_bytes"]]
+    stored = {
+        "bf16-master": "band fp32, frozen bf16",
+        "fp32": "fp32",
+        "bf16": "bf16",
+    }[setup["precision"]]
+    grad = "bf16" if setup["precision"] == "bf16" else "fp32"
+    accumulation = (
+        f"; grad accumulation: the unsharded fp32 band gradients FSDP2 keeps between the "
+        f"{fsdp['grad_accum']} micro-batches of a step"
+        if fsdp["grad_accum"] > 1
+        else ""
+    )
+    return (
+        f"note: per rank, as `fastmid train --nproc {n}` shards (fastmid/train/distributed.py). "
+        f"parameter shards: 1/{n} of every weight (dim 0, padded to ceil(rows/{n})) in its "
+        f"stored dtype ({stored}); root, unsharded: the root unit's weights in {gather}, "
+        "resident from forward through backward; all-gather: the current and the prefetched "
+        f"layer, unsharded, {gather}; gradient shards: 1/{n} of the band's gradients, {grad}"
+        f"{accumulation}; reduce-scatter: what backward holds above those at its peak, one "
+        f"layer's unsharded {gather} gradients and FSDP2's fp32 reduce-scatter input kept for "
+        "the layer before; optimizer states: on each rank's local shard "
+        "(torchao keeps 8/4-bit states only where the local shard has >= 4096 elements and a "
+        "multiple of the block, else fp32). Activations and logits: per GPU, not sharded. "
+        "Optimizers under FSDP2: adamw, ao_adamw8bit, ao_adamw4bit."
+    )
+
+
+def print_fsdp(plan_dict: dict[str, Any], console: Any) -> None:
+    """Print the FSDP2 part of a :func:`make_plan` result with ``gpus > 1``: the units, what
+    the rank holding the most keeps (Mid-Block and full fine-tuning), and a note on each line."""
+    from rich.table import Table
+
+    setup, mem = plan_dict["setup"], plan_dict["memory"]
+    mid = mem["mid_block"]["fsdp"]
+    console.print(fsdp_units_line(mid), markup=False, highlight=False)
+    order = [name for name in ("mid_block", "full") if "fsdp" in mem[name]]
+    peaks = {name: mem[name]["fsdp"]["ranks"][mem[name]["fsdp"]["peak_rank"]] for name in order}
+    held = {peaks[name]["rank"] for name in order}
+    which = (
+        f"rank {held.pop()}"
+        if len(held) == 1
+        else ", ".join(f"{METHOD_LABELS[name]} rank {peaks[name]['rank']}" for name in order)
+    )
+    table = Table(
+        title=f"Per rank under FSDP2, GiB: {which} of {mid['world_size']} (the one holding most)"
+    )
+    table.add_column("")
+    for name in order:
+        table.add_column(METHOD_LABELS[name], justify="right")
+    for key, label in FSDP_ROWS:
+        if key == "gradient_accumulation" and mid["grad_accum"] == 1:
+            continue
+        table.add_row(
+            label,
+            *(f"{peaks[name][key] / GIB:.2f}" for name in order),
+            end_section=key in ("weights", "gradients"),
+        )
+    if setup["optim"] in ("ao_adamw8bit", "ao_adamw4bit"):
+        table.add_row(
+            "fp32-state tensors",
+            *(str(peaks[name]["fp32_state_tensors"]) for name in order),
+        )
+    console.print(table)
+    console.print(fsdp_note(setup, mid), markup=False, highlight=False)
 
 
 def recommendation_lines(plan_dict: dict[str, Any]) -> list[str]:

@@ -7,7 +7,6 @@ import contextlib
 import copy
 import dataclasses
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -121,18 +120,133 @@ def test_mid_block_estimate_by_hand() -> None:
 
 
 def test_fsdp_shards_states_not_activations() -> None:
+    """FSDP2 over 4 GPUs, by hand: every dim 0 here divides by 4, so every chunk is a quarter."""
     model = build_meta_model(small_config())
     plan = BandPlan.from_fractions(L, 0.2, 0.8)
     one = estimate_mid_block(model, plan, TrainingSetup(seq_len=64, gpus=1))
     four = estimate_mid_block(model, plan, TrainingSetup(seq_len=64, gpus=4))
     trained = 6 * P_LAYER
     frozen = P_TOTAL - trained
-    # Sharded fp32 masters and bf16 frozen weights + two all-gathered bf16 layers.
-    assert four.weights == math.ceil((frozen * 2 + trained * 4) / 4) + 2 * 2 * P_LAYER
-    assert four.gradients == math.ceil(trained * 4 / 4)
-    assert four.optimizer_states == math.ceil(one.optimizer_states / 4)
+    fsdp = four.fsdp
+    assert fsdp is not None and one.fsdp is None
+    # Units: ten layers, the (untied) embeddings, the root with the final norm and lm_head.
+    names = [u.name for u in fsdp.units]
+    assert names == [f"model.layers.{i}" for i in range(L)] + ["model.embed_tokens", "<root>"]
+    assert fsdp.units[-1].modules == ("model.norm", "lm_head")
+    assert [u.reshard_after_forward for u in fsdp.units] == [True] * (L + 1) + [False]
+    assert sum(u.parameters for u in fsdp.units) == P_TOTAL
+    # bf16-master: fp32 band masters and bf16 frozen weights, a quarter each; the root (lm_head
+    # and final norm) and two decoder layers unsharded in bf16, the gather dtype.
+    rank = fsdp.peak
+    assert rank.parameter_shards == (frozen * 2 + trained * 4) // 4
+    assert rank.root_unsharded == (V * H + H) * 2
+    assert rank.all_gather_buffers == 2 * 2 * P_LAYER
+    assert (
+        four.weights
+        == rank.weights
+        == (frozen * 2 + trained * 4) // 4 + (V * H + H) * 2 + (4 * P_LAYER)
+    )
+    # Gradients: fp32 quarters (6P bytes for the 6 band layers of P elements). Backward reduces
+    # layers 7..3 as it leaves each; layer 2, whose input comes from the no-grad prefix, reduces
+    # in the final callback. Just before: five fp32 quarters (5P), layer 2's unsharded bf16
+    # gradients (2P) and the fp32 reduce-scatter input FSDP2 keeps for layer 3 (4P): 11P, 5P
+    # above the shards.
+    assert rank.gradient_shards == trained * 4 // 4 == 6 * P_LAYER
+    assert rank.reduce_scatter == 5 * P_LAYER
+    assert rank.gradient_accumulation == 0
+    assert four.gradients == 11 * P_LAYER
+    # --optim auto is ao_adamw8bit on several GPUs. Its 8-bit state needs a local chunk of >= 4096
+    # elements: q and o (4096) and gate/up/down (10240) qualify on one GPU, but their quarters
+    # (1024, 2560) do not, so every band tensor keeps two fp32 states (8 bytes per element).
+    assert four.fsdp is not None and TrainingSetup(gpus=4).optim == "ao_adamw8bit"
+    assert rank.optimizer_states == four.optimizer_states == 8 * trained // 4
+    assert rank.fp32_state_tensors == 6 * len(LAYER_TENSORS)
     assert four.activations == one.activations
     assert four.logits == one.logits
+    assert four.to_dict()["fsdp"]["ranks"][0]["total"] == rank.total
+
+    # Gradient accumulation: unsharded fp32 band gradients between micro-batches (24P). In the
+    # last micro-batch layer 7's bf16 gradients are added into them, then its reduce-scatter
+    # input (4P) is filled from them: 28P.
+    accum = estimate_mid_block(model, plan, TrainingSetup(seq_len=64, gpus=4, grad_accum=2))
+    assert accum.fsdp is not None
+    assert accum.fsdp.peak.gradient_accumulation == trained * 4 == 24 * P_LAYER
+    assert accum.gradients == 28 * P_LAYER
+    assert estimate_mid_block(model, plan, TrainingSetup(seq_len=64, grad_accum=2)) == one
+
+
+def test_fsdp_uneven_chunks_tied_embeddings_and_full_ft_by_hand() -> None:
+    """Three GPUs: dim 0 of 64 splits 22/22/20, of 32 11/11/10, of 160 54/54/52 and of 300
+    100 x 3; every rank stores chunks padded to the first one. Tied embeddings live in the root."""
+    model = build_meta_model(small_config(tie_word_embeddings=True))
+    plan = BandPlan.from_fractions(L, 0.2, 0.8)  # layers 2..7
+    setup = TrainingSetup(seq_len=16, gpus=3, precision="fp32", optim="adamw")
+    est = estimate_mid_block(model, plan, setup)
+    assert est.fsdp is not None
+    assert [u.name for u in est.fsdp.units][-2:] == ["model.layers.9", "<root>"]
+    assert est.fsdp.units[-1].modules == ("model.embed_tokens", "model.norm")
+    # Padded chunks: rows x row length per parameter of a layer (q, k, v, o, gate, up, down,
+    # two norms), the tied embedding and the final norm.
+    padded_layer = 22 * 64 + 11 * 64 + 11 * 64 + 22 * 64 + 54 * 64 + 54 * 64 + 22 * 160 + 22 + 22
+    local = {
+        0: 22 * 64 + 11 * 64 + 11 * 64 + 22 * 64 + 54 * 64 + 54 * 64 + 22 * 160 + 22 + 22,
+        2: 20 * 64 + 10 * 64 + 10 * 64 + 20 * 64 + 52 * 64 + 52 * 64 + 20 * 160 + 20 + 20,
+    }
+    ranks = est.fsdp.ranks
+    assert ranks[0].parameter_shards == ranks[2].parameter_shards
+    assert ranks[0].parameter_shards == 4 * (L * padded_layer + 100 * H + 22)
+    assert ranks[0].gradient_shards == 4 * 6 * padded_layer
+    # adamw: 8 bytes per element of the local (unpadded) chunk, so the last rank holds less.
+    assert ranks[0].optimizer_states == 8 * 6 * local[0]
+    assert ranks[2].optimizer_states == 8 * 6 * local[2]
+    assert est.fsdp.peak.rank == 0 and est.optimizer_states == ranks[0].optimizer_states
+    # Unsharded: padded to 3 chunks (66, 33, 162 and 66 rows), fp32 under fp32.
+    padded_full = 66 * 64 + 33 * 64 + 33 * 64 + 66 * 64 + 162 * 64 + 162 * 64 + 66 * 160 + 66 + 66
+    assert ranks[0].all_gather_buffers == 2 * 4 * padded_full
+    assert ranks[0].root_unsharded == 4 * (300 * H + 66)
+    # Before layer 2 (deferred: its input needs no gradient) reduces: five padded fp32 gradient
+    # chunks, its own unsharded fp32 gradients and the padded input kept for layer 3.
+    peak = 4 * (5 * padded_layer + P_LAYER + padded_full)
+    assert ranks[0].gradients == peak
+    assert ranks[0].reduce_scatter == peak - 4 * 6 * padded_layer
+
+    # Full fine-tuning: every unit trains (fp32: gradient shards = parameter shards). The root
+    # (tied embeddings and the final norm: 19,264 elements) has its gradients first and reduces
+    # last, so they stay unsharded through the whole backward; layer 0 (whose input, the trained
+    # embeddings' output, needs a gradient) reduces as it ends: the peak is just before that.
+    full = estimate_full(model, setup)
+    assert full.fsdp is not None
+    assert full.fsdp.peak.gradient_shards == full.fsdp.peak.parameter_shards
+    full_peak = 4 * ((V * H + H) + 9 * padded_layer + P_LAYER + padded_full)
+    assert full.fsdp.peak.gradients == full_peak
+
+
+def test_fsdp_refuses_what_fsdp2_cannot_run() -> None:
+    """The rules of fastmid.train.distributed.check_settings, one line each."""
+    from fastmid.train import distributed
+
+    assert memory.FSDP_OPTIMIZERS == distributed.FSDP_OPTIMIZERS
+    assert (memory.AO_MIN_QUANT_SIZE, memory.AO8_BLOCKSIZE, memory.AO4_BLOCKSIZE) == (
+        distributed.TORCHAO_MIN_QUANT_NUMEL,
+        distributed.TORCHAO_BLOCK_SIZE["ao_adamw8bit"],
+        distributed.TORCHAO_BLOCK_SIZE["ao_adamw4bit"],
+    )
+    for optim in ("adamw8bit", "paged_adamw8bit"):
+        with pytest.raises(MemoryPlanError, match=f"--optim {optim} .*FSDP2") as err:
+            TrainingSetup(optim=optim, gpus=2)  # type: ignore[arg-type]
+        assert "\n" not in str(err.value) and "adamw, ao_adamw8bit, ao_adamw4bit" in str(err.value)
+    for precision in ("fp32", "bf16-master", "bf16"):
+        assert TrainingSetup(precision=precision, gpus=2).optim == "ao_adamw8bit"  # type: ignore[arg-type]
+        # The same rule as train's --optim auto with several processes.
+        assert train_config.resolve_optim("auto", precision, distributed=True) == "ao_adamw8bit"
+    with pytest.raises(MemoryPlanError, match="--optimizer-in-backward.*FSDP2"):
+        TrainingSetup(optim="adamw", gpus=2, optimizer_in_backward=True)
+    with pytest.raises(MemoryPlanError, match="--optimizer-offload.*--gpus 2"):
+        TrainingSetup(optim="adamw", gpus=2, optimizer_offload=True)
+    with pytest.raises(MemoryPlanError, match="--grad-accum 1"):
+        TrainingSetup(optimizer_in_backward=True, grad_accum=2)
+    with pytest.raises(MemoryPlanError, match="--grad-accum"):
+        TrainingSetup(grad_accum=0)
 
 
 def test_full_and_lora_by_hand() -> None:
@@ -244,12 +358,15 @@ def test_weights_gradients_and_states_per_precision_by_hand(precision: str) -> N
     assert full.weights == P_TOTAL * trained_b
     assert full.gradients == P_TOTAL * grad_b
 
-    # FSDP2 over 4 GPUs: stored weights sharded, two all-gathered layers in the compute dtype.
+    # FSDP2 over 4 GPUs (every dim 0 divides by 4): stored weights in quarters; the root (lm_head,
+    # final norm) and two decoder layers unsharded in the compute dtype. Gradients at their peak
+    # (just before the first band layer reduces): the other five layers' quarters, its
+    # compute-dtype gradients and the fp32 reduce-scatter input kept for the layer above.
     four = estimate_mid_block(model, plan, dataclasses.replace(setup, gpus=4))
-    assert four.weights == math.ceil((frozen * frozen_b + trained * stored_b) / 4) + (
-        2 * compute_b * P_LAYER
+    assert four.weights == (frozen * frozen_b + trained * stored_b) // 4 + compute_b * (
+        V * H + H + 2 * P_LAYER
     )
-    assert four.gradients == math.ceil(trained * grad_b / 4)
+    assert four.gradients == 5 * P_LAYER * grad_b // 4 + (compute_b + 4) * P_LAYER
 
     # LoRA keeps its own setup (bf16 base, fp32 adapters) whatever the precision.
     master = TrainingSetup(seq_len=16, precision="bf16-master", optim="ao_adamw8bit")
@@ -326,9 +443,9 @@ def test_optimizer_in_backward_keeps_one_gradient_by_hand(
     full = estimate_full(model, setup)
     assert full.gradients == V * H * grad_b == 19200 * grad_b
 
-    # FSDP2 over 4 GPUs: the largest tensor's shard.
-    four = estimate_mid_block(model, plan, dataclasses.replace(setup, gpus=4))
-    assert four.gradients == math.ceil(10240 * grad_b / 4)
+    # FSDP2 reduce-scatters after the accumulate hook: several GPUs refuse the step in backward.
+    with pytest.raises(MemoryPlanError, match="FSDP2"):
+        dataclasses.replace(setup, gpus=4)
 
     # LoRA keeps its ordinary step.
     assert estimate_lora(model, setup) == estimate_lora(model, ordinary)
@@ -372,10 +489,9 @@ def test_optimizer_offload_keeps_small_states_on_the_gpu_by_hand() -> None:
     assert full.optimizer_states == 8 * full_kept
     assert full.host_memory == 16 * full_moved
 
-    # FSDP2 over 4 GPUs: states and host memory sharded alike.
-    four = estimate_mid_block(model, plan, dataclasses.replace(setup, gpus=4))
-    assert four.optimizer_states == math.ceil(202752 / 4)
-    assert four.host_memory == math.ceil(3735552 / 4)
+    # Several GPUs: fastmid train has no offload under FSDP2, so the plan refuses it.
+    with pytest.raises(MemoryPlanError, match="--optimizer-offload.*--gpus 4"):
+        dataclasses.replace(setup, gpus=4)
 
     assert estimate_lora(model, setup) == estimate_lora(model, ordinary)
 
