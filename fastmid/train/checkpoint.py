@@ -423,6 +423,34 @@ def _save_json(obj: Any, path: Path) -> None:
         f.write(json.dumps(obj, indent=1) + "\n")
 
 
+def save_state_json(obj: Any, folder: Path, stem: str) -> None:
+    """Write ``obj.state_dict()`` (a scheduler, an optimizer) as ``<stem>.json`` (and
+    ``<stem>.safetensors`` when it holds tensors), in this module's format."""
+    enc = _Encoder(stem)
+    data = {
+        "format": FORMAT,
+        "class": _class_name(obj),
+        "state_dict": enc.encode(obj.state_dict(), ""),
+    }
+    if enc.tensors:
+        _save_safetensors(
+            enc.tensors, folder / f"{stem}.safetensors", {"fastmid_checkpoint_format": str(FORMAT)}
+        )
+    _save_json(data, folder / f"{stem}.json")
+
+
+def load_state_json(folder: Path, stem: str, live: Any) -> dict[str, Any]:
+    """The state dict :func:`save_state_json` wrote for ``live``'s class.
+
+    Raises:
+        CheckpointError: a damaged file or a state of another class (the file named).
+    """
+    try:
+        return _load_state_format2(Path(folder), stem, live)
+    except _Damaged as damaged:
+        raise _damaged_error(Path(folder), damaged) from None
+
+
 def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
@@ -656,6 +684,12 @@ def _find_problem(path: Path) -> _Damaged | None:
         if not path.is_dir():
             raise _Damaged(path, "not a folder")
         _check_trainer_state(_read_json(path / "trainer_state.json"), path / "trainer_state.json")
+        if (path / "sharded.json").exists():  # fastmid.train.sharded_checkpoint's format
+            _read_json(path / "sharded.json")
+            _check_state_json(_read_json(path / "scheduler.json"), path / "scheduler.json")
+            if not (path / "dcp" / ".metadata").is_file():
+                raise _Damaged(path / "dcp" / ".metadata", "missing")
+            return None
         _check_safetensors(path / "band.safetensors")
         if not (path / "optimizer.json").exists() and (path / "optimizer.pt").exists():
             for name in _FORMAT1_STATE_FILES:  # their contents are checked when loading
@@ -881,13 +915,7 @@ def load_checkpoint(
             sched_state = _load_state_format1(path / "scheduler.pt")
     except _Damaged as damaged:
         raise _damaged_error(path, damaged) from None
-    if sorted(tensors) != sorted(trainable_names):
-        missing = sorted(set(trainable_names) - set(tensors))[:3]
-        extra = sorted(set(tensors) - set(trainable_names))[:3]
-        raise CheckpointError(
-            f"{path}: its trained tensors do not match this run's band (missing {missing}, "
-            f"unexpected {extra}); resume with the same --model and --band/--layers"
-        )
+    _check_band_names(path, tensors, trainable_names)
     params = dict(model.named_parameters())
     for name, value in tensors.items():
         if params[name].shape != value.shape:
@@ -921,3 +949,40 @@ def load_checkpoint(
         for name, value in tensors.items():
             params[name].copy_(value.to(params[name].device, params[name].dtype))
     return TrainerState(**data)
+
+
+def _check_band_names(path: Path, tensors: dict[str, Any], trainable_names: list[str]) -> None:
+    if sorted(tensors) != sorted(trainable_names):
+        missing = sorted(set(trainable_names) - set(tensors))[:3]
+        extra = sorted(set(tensors) - set(trainable_names))[:3]
+        raise CheckpointError(
+            f"{path}: its trained tensors do not match this run's band (missing {missing}, "
+            f"unexpected {extra}); resume with the same --model and --band/--layers"
+        )
+
+
+def load_checkpoint_parts(
+    path: Path, trainable_names: list[str], optimizer: torch.optim.Optimizer
+) -> tuple[TrainerState, dict[str, torch.Tensor], dict[str, Any] | None]:
+    """Read a one-process checkpoint without applying it: the state, the band's full tensors
+    by name, and the optimizer's state dict (None when the checkpoint's optimizer class is not
+    ``optimizer``'s: the caller starts that state fresh). For resuming it in several processes
+    (:mod:`fastmid.train.sharded_checkpoint`).
+
+    Raises:
+        CheckpointError: a damaged checkpoint, or band tensors that do not match
+            ``trainable_names``.
+    """
+    path = Path(path)
+    verify_checkpoint(path)
+    try:
+        data = _read_json(path / "trainer_state.json")
+        tensors = _load_safetensors(path / "band.safetensors")
+        opt_state = None
+        saved = _read_json(path / "optimizer.json") if (path / "optimizer.json").exists() else {}
+        if saved.get("class") == _class_name(optimizer):
+            opt_state = _load_state_format2(path, "optimizer", optimizer)
+    except _Damaged as damaged:
+        raise _damaged_error(path, damaged) from None
+    _check_band_names(path, tensors, trainable_names)
+    return TrainerState(**data), tensors, opt_state

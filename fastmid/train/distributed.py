@@ -107,6 +107,43 @@ class DistContext:
         first = start + self.rank * grad_accum
         return list(range(first, first + grad_accum))
 
+    def check_shared_folder(self, folder: Any) -> None:
+        """Check that every rank sees ``folder`` (the run folder) as the same folder: rank 0
+        writes a marker file, every rank reads it back. Checkpoints are written by every rank
+        into one folder, so on several nodes it must be on a shared filesystem.
+
+        Raises:
+            DistributedError: on every rank, naming the ranks that do not see the marker.
+        """
+        import uuid
+        from pathlib import Path
+
+        marker = Path(folder) / ".fastmid-shared-check"
+        token = self.broadcast(uuid.uuid4().hex if self.is_main else None)
+        if self.is_main:
+            marker.write_text(token)
+        self.barrier()
+        try:
+            seen = marker.read_text() == token
+        except OSError:
+            seen = False
+        missing = [r for r, ok in enumerate(self.gather_flags(seen)) if not ok]
+        self.barrier()
+        if self.is_main:
+            marker.unlink(missing_ok=True)
+        if missing:
+            raise DistributedError(
+                f"--output {folder}: rank(s) {missing} do not see the run folder rank 0 wrote; "
+                "on several nodes put --output on a filesystem every node mounts at the same path"
+            )
+
+    def gather_flags(self, flag: bool) -> list[bool]:
+        """Every rank's ``flag``, in rank order (one all-gather)."""
+        t = torch.zeros(self.world_size, dtype=torch.float64, device=self._comm_device)
+        t[self.rank] = float(flag)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return [bool(v) for v in t.tolist()]
+
     @property
     def _comm_device(self) -> torch.device:
         return self.device if self.backend == "nccl" else torch.device("cpu")
@@ -173,8 +210,7 @@ def check_settings(cfg: Any, world_size: int) -> None:
 
     Raises:
         DistributedError: an ``--optim`` that fails on DTensor parameters, the step in backward,
-            optimizer offload, ``--resume`` or periodic checkpoints (sharded checkpoints are not
-            written yet).
+            optimizer offload.
     """
     if world_size < 2:
         return
@@ -190,20 +226,16 @@ def check_settings(cfg: Any, world_size: int) -> None:
             "has fired, so the step cannot run inside backward with several processes; drop "
             "--optimizer-in-backward (FSDP2 already keeps 1/N of the gradients per rank)"
         )
+    if cfg.precision == "bf16":
+        raise DistributedError(
+            "--precision bf16: torchao's low-bit AdamW fails on bf16 DTensor shards (torchao "
+            "0.18: a dtype error in its step; pytorch/ao#3314); with several processes use "
+            "--precision bf16-master (bf16 compute, fp32 band masters)"
+        )
     if cfg.optimizer_offload:
         raise DistributedError(
             "--optimizer-offload: not available with several processes; drop it (FSDP2 already "
             "keeps 1/N of the optimizer states per rank)"
-        )
-    if cfg.resume is not None:
-        raise DistributedError(
-            "--resume: runs of several processes cannot resume yet (their sharded checkpoints "
-            "are not written); resume with one process, or start again"
-        )
-    if cfg.save_every:
-        raise DistributedError(
-            f"--save-every {cfg.save_every}: runs of several processes write no checkpoint yet "
-            "(only their final export); pass --save-every 0 to train without checkpoints"
         )
 
 

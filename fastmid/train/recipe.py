@@ -112,6 +112,7 @@ from fastmid.train.optim import (
     lr_factor,
 )
 from fastmid.train.runfolder import LOCK_NAME, acquire_run_lock, clear_run_folder
+from fastmid.train.sharded_checkpoint import is_sharded, load_sharded, save_sharded
 from fastmid.train.trackers import Trackers
 
 # What a run writes before its first checkpoint (``.lock`` aside).
@@ -517,6 +518,7 @@ class MidBlockRecipe:
         self.trackers: Trackers | None = None
         self._interrupted = False
         self.units: list[str] = []  # FSDP2 units (several processes)
+        self.optimizer_restarted = False  # resumed across world sizes without optimizer state
         self.fp32_state: list[str] = []  # torchao parameters whose state stays fp32 on this rank
 
     def _on_main(self, fn: Any) -> Any:
@@ -622,19 +624,24 @@ class MidBlockRecipe:
                     highlight=False,
                 )
         self.state.plan = self.plan.to_dict()
+        self._on_main(self._prepare_run_folder)
+        if self.dist is not None:
+            self.dist.check_shared_folder(self.out)
+        if cfg.resume is not None:
+            self._resume()  # on every rank: a sharded checkpoint loads collectively
         self._on_main(self._write_run_folder)
 
-    def _write_run_folder(self) -> None:
-        """Rank 0: replace an old run (--overwrite), resume, write ``config.yaml``, ``plan.json``
-        and open the trackers."""
-        cfg = self.cfg
+    def _prepare_run_folder(self) -> None:
+        """Rank 0: replace an old run (--overwrite) and create the folder."""
         # Only now, with model and data loaded, may --overwrite replace an old run (keeping the
         # run lock, so no second run can take the folder meanwhile).
-        if cfg.resume is None and self._replace_folder and self.out.exists():
+        if self.cfg.resume is None and self._replace_folder and self.out.exists():
             clear_run_folder(self.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        if cfg.resume is not None:
-            self._resume()
+
+    def _write_run_folder(self) -> None:
+        """Rank 0: write ``config.yaml``, ``plan.json`` and open the trackers."""
+        cfg = self.cfg
         dump_yaml(cfg, self.out / "config.yaml")
         (self.out / "plan.json").write_text(json.dumps(self.plan_record(), indent=1) + "\n")
         # Last: a tracker's package that is missing stops the run before any step.
@@ -697,9 +704,25 @@ class MidBlockRecipe:
             for k, v in saved.items()
         }
         current = asdict(self.cfg)
+        # Another number of processes may resume with another --grad-accum, as long as the
+        # global batch (micro-batch x grad-accum x processes) stays the same.
+        saved_world = (
+            json.loads((path / "sharded.json").read_text())["world_size"]
+            if (is_sharded(path))
+            else 1
+        )
+        world = self.dist.world_size if self.dist else 1
+        if "grad_accum" in saved:
+            saved["grad_accum"] = saved["grad_accum"] * saved_world
+            current["grad_accum"] = current["grad_accum"] * world
         diff = [k for k in resume_keys() if k in saved and saved[k] != current.get(k)]
         if diff:
-            shown = ", ".join(f"{k}: {saved[k]!r} -> {current.get(k)!r}" for k in diff)
+            shown = ", ".join(
+                f"{k} x processes: {saved[k]!r} -> {current.get(k)!r}"
+                if k == "grad_accum"
+                else f"{k}: {saved[k]!r} -> {current.get(k)!r}"
+                for k in diff
+            )
             raise CheckpointError(
                 f"--resume {path}: this run's settings differ from the checkpoint's ({shown}); "
                 f"resume with the run's own config: `fastmid train "
@@ -753,17 +776,43 @@ class MidBlockRecipe:
 
     def _resume(self) -> None:
         assert self.optimizer is not None and self.scheduler is not None
-        path = resolve_resume(self.cfg.resume, self.out)  # type: ignore[arg-type]
-        self.state = load_checkpoint(
-            path, self.model, self.trainable_names, self.optimizer, self.scheduler
-        )
+        cfg = self.cfg
+        # Rank 0 finds and checks the checkpoint; every rank then reads it (a shared folder).
+        found = self._on_main(lambda: str(resolve_resume(cfg.resume, self.out)))  # type: ignore[arg-type]
+        path = Path(self.dist.broadcast(found) if self.dist else found)
+        if self.dist is not None or is_sharded(path):
+            resumed = load_sharded(
+                path,
+                self.model,
+                self.trainable_names,
+                self.optimizer,
+                self.scheduler,
+                self.dist,
+                cfg.optim,
+            )
+            self.state = resumed.state
+            world = self.dist.world_size if self.dist else 1
+            if not resumed.optimizer_restored:
+                self.optimizer_restarted = True
+                self.console.print(
+                    f"[yellow]warning:[/] {path} was written by {resumed.saved_world_size} "
+                    f"process(es) with {cfg.optim}, whose state cannot be resharded to {world}: "
+                    "the band weights, schedule and data position resume, the optimizer state "
+                    "starts fresh (summary.json: optimizer_state_restarted)",
+                    highlight=False,
+                )
+        else:
+            self.state = load_checkpoint(
+                path, self.model, self.trainable_names, self.optimizer, self.scheduler
+            )
         if self.state.step >= self.total_steps:
             raise RunFolderError(
                 f"{path}: the run already finished its {self.total_steps} steps; pass a "
                 "larger --max-steps to train on, or use its final/ model"
             )
         restore_rng(self.state.rng)
-        truncate_metrics(self.out / "metrics.jsonl", self.state.step)
+        if self.is_main:
+            truncate_metrics(self.out / "metrics.jsonl", self.state.step)
         self.console.print(f"resumed from {path} at step {self.state.step}")
         self._follow_schedule()
 
@@ -1029,9 +1078,10 @@ class MidBlockRecipe:
                         self.save_checkpoint()
                     if self.dist is not None and self.dist.max([self._interrupted])[0]:
                         # A signal may reach one rank only: all stop after the same step.
+                        path = self.save_checkpoint()
                         stop = TrainingInterrupted(
-                            f"interrupted at step {state.step}; runs of several processes save "
-                            "no checkpoint yet, so there is nothing to resume: start again"
+                            f"interrupted at step {state.step}; checkpoint saved to {path}. "
+                            f"Resume with: {self.resume_command()}"
                         )
                         stop.repeated = not self.is_main  # rank 0 alone says it
                         raise stop
@@ -1047,8 +1097,7 @@ class MidBlockRecipe:
                 metrics.close()
             if self.trackers is not None:
                 self.trackers.close()
-        if self.dist is None:  # several processes: no checkpoint format yet, only final/
-            self.save_checkpoint()
+        self.save_checkpoint()
         return last
 
     def _checked_eval_loss(self) -> float | None:
@@ -1090,12 +1139,15 @@ class MidBlockRecipe:
         if self._interrupted:  # second Ctrl-C: stop now
             raise KeyboardInterrupt
         self._interrupted = True
-        then = "stopping every rank" if self.dist else "saving a checkpoint"
-        self.console.print(f"[yellow]interrupt: finishing this step, then {then}[/]")
+        self.console.print("[yellow]interrupt: finishing this step, then saving a checkpoint[/]")
 
     def resume_command(self) -> str:
-        """The command that continues this run."""
-        return f"fastmid train {self.out / 'config.yaml'} --resume latest"
+        """The command that continues this run (for a run started by torchrun itself, the same
+        torchrun options are needed: the run's config.yaml does not know them)."""
+        args = f"train {self.out / 'config.yaml'} --resume latest"
+        if self.dist is not None and self.cfg.nproc == 1:  # started by torchrun, not --nproc
+            return f"torchrun <this run's torchrun options> -m fastmid {args}"
+        return f"fastmid {args}"
 
     def interruption(self) -> TrainingInterrupted:
         """The error for a Ctrl-C outside the training loop, saying what there is to continue."""
@@ -1116,6 +1168,20 @@ class MidBlockRecipe:
         """Write ``checkpoints/step-<N>/`` of the current step atomically; returns the folder."""
         assert self.optimizer is not None and self.scheduler is not None
         self.state.rng = capture_rng()
+        if self.dist is not None:
+            path = save_sharded(
+                self.out / "checkpoints",
+                self.model,
+                self.optimizer,
+                self.scheduler,
+                self.state,
+                self.cfg.keep_last,
+                self.dist,
+                self.cfg.optim,
+            )
+            if self.is_main:
+                self.plot_loss()
+            return path
         path = save_checkpoint(
             self.out / "checkpoints",
             self.model,
@@ -1237,6 +1303,7 @@ class MidBlockRecipe:
             "loss_plot": str(plot) if self.is_main and (plot := self.plot_loss()) else None,
             "final_loss": last.get("loss"),
             "final_eval_loss": eval_loss,
+            "optimizer_state_restarted": self.optimizer_restarted,
             "accuracy_before": before,
             "accuracy_after": after,
         }

@@ -4,7 +4,8 @@ Builds a tiny random Llama of 5 layers with the default band (layers 1..3), shar
 :func:`fastmid.train.distributed.shard_model`, runs two steps of :func:`train_step` with 2
 accumulated micro-batches per rank, and counts FSDP2's reduce-scatter calls per step by wrapping
 ``torch.distributed.reduce_scatter_single`` (what FSDP2's default reduce-scatter calls). Rank 0
-writes what it saw to the JSON file named by the first argument.
+writes what it saw to the JSON file named by the first argument. With a second argument ``nan``
+it runs :func:`nan_on_one_rank` instead.
 """
 
 from __future__ import annotations
@@ -73,5 +74,45 @@ def main(out: Path) -> None:
     shutdown()
 
 
+def nan_on_one_rank(out: Path) -> None:
+    """Rank 1's forward returns NaN hidden states: both ranks must stop in the same step with a
+    NonFiniteStep (rank 1 naming its micro-batch, rank 0 naming the other rank), and neither may
+    hang in a collective. Each rank writes what it raised to ``out.<rank>``."""
+    from fastmid.train.recipe import NonFiniteStep
+
+    ctx = init_from_env()
+    assert ctx is not None
+    model = tiny_model("llama", seed=0, num_hidden_layers=5)
+    plan = BandPlan.parse(5, None, None, None, 0)
+    apply_band(model, plan)
+    install_execution_policy(model, plan)
+    if ctx.rank == 1:
+        model.model.layers[3].register_forward_hook(
+            lambda m, i, o: (
+                (o[0] * float("nan"), *o[1:]) if isinstance(o, tuple) else o * float("nan")
+            )
+        )
+    shard_model(model, ctx, "fp32")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = build_optimizer(named, "adamw", 1e-3, 0.0)
+    scheduler = build_scheduler(optimizer, 2, 0, "constant", 0.0)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(ctx.rank))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    before = [p.detach().clone() for _, p in named]
+    try:
+        train_step(
+            model, [batch, batch], optimizer, scheduler, [p for _, p in named], 1.0, dist=ctx
+        )
+        raised = None
+    except NonFiniteStep as exc:
+        raised = {"what": exc.what, "micro_batch": exc.micro_batch, "stepped": exc.stepped}
+    unchanged = all(torch.equal(b, p.detach()) for b, (_, p) in zip(before, named, strict=True))
+    Path(f"{out}.{ctx.rank}").write_text(json.dumps({"raised": raised, "unchanged": unchanged}))
+    shutdown()
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    if sys.argv[2:] == ["nan"]:
+        nan_on_one_rank(Path(sys.argv[1]))
+    else:
+        main(Path(sys.argv[1]))

@@ -89,31 +89,6 @@ def _assert_close_weights(a: Path, b: Path, rel: float, files: tuple[str, ...]) 
 
 
 @pytest.fixture(scope="module")
-def dist_model_dir(tmp_path_factory: pytest.TempPathFactory, smol_tokenizer) -> Path:
-    """A tiny Llama (hidden 128, 5 layers, tied embeddings) whose band tensors are big enough for
-    torchao's 8-bit state on each of 2 ranks (local shards of 64 x 128 elements)."""
-    from tiny import save_tiny, tiny_model
-
-    tok = smol_tokenizer
-    model = tiny_model(
-        "llama",
-        seed=1234,
-        vocab_size=len(tok),
-        hidden_size=128,
-        intermediate_size=128,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        num_hidden_layers=5,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    return save_tiny(tmp_path_factory.mktemp("tiny-dist"), model, tok)
-
-
-@pytest.fixture(scope="module")
 def one_process(dist_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The reference: one process, global batch 4 (micro-batch 2 x 2 accumulated), AdamW."""
     out = tmp_path_factory.mktemp("one") / "run"
