@@ -105,10 +105,12 @@ def load_examples(
     train_on_prompt: bool = False,
     last_turn_only: bool = False,
     skip_bad_rows: bool = False,
+    console: Any = None,
 ) -> list[dict[str, list[int]]]:
     """Tokenize ``data`` with the SFT pipeline until ``max_tokens`` analysed tokens are reached.
 
-    ``format`` ... ``skip_bad_rows`` are passed to the pipeline, as in training.
+    ``format`` ... ``skip_bad_rows`` are passed to the pipeline, as in training; ``console``
+    shows the pipeline's progress when a round tokenizes many conversations (its ``console``).
 
     Asks ``fastmid.data.build_sft_examples`` for 64 examples, then doubles until the budget is met
     or the source runs dry, so a large data set is never tokenized in full.
@@ -132,6 +134,7 @@ def load_examples(
             train_on_prompt=train_on_prompt,
             last_turn_only=last_turn_only,
             skip_bad_rows=skip_bad_rows,
+            console=console,
         )
         chosen = take_token_budget(examples, max_tokens, mask_bos)
         got = sum(analysed_positions(len(e["input_ids"]), mask_bos) for e in chosen)
@@ -476,7 +479,11 @@ def run_analysis(
             activations in many models).
         grad_norms: also compute per-layer gradient norms of the SFT loss at the base model.
         output_dir: folder for ``analysis.json``/``.csv``/``.png``; None writes nothing.
-        console: a ``rich.console.Console`` for the progress bar and table; None is silent.
+        console: a ``rich.console.Console`` for the progress and the table; None is silent.
+            Progress covers the (layer group, batch) steps of the layer statistics and the
+            batches of ``grad_norms`` (and tokenization of large data): a rich bar on a
+            terminal, else plain lines (``analyze: layer statistics 5/50 elapsed 0:00:12 ETA
+            0:01:48``), one per tenth of the steps and at least one a minute.
         split: data split.
         device: default CUDA if available, else CPU.
         dtype: model dtype; default float32 on CPU, bfloat16 on CUDA.
@@ -543,6 +550,7 @@ def run_analysis(
         train_on_prompt=train_on_prompt,
         last_turn_only=last_turn_only,
         skip_bad_rows=skip_bad_rows,
+        console=console,
     )
     batches = make_batches(examples, batch_size, pad_token_id(tokenizer))
     t_data = time.perf_counter()
@@ -569,7 +577,15 @@ def run_analysis(
     if grad_norms:
         if console is not None:
             console.print("analyze: gradient norms of the SFT loss at the base model")
-        for row, g in zip(rows, layer_grad_norms(base_model, batches), strict=True):
+        progress = _progress(console)
+        with progress:
+            task = progress.add_task("analyze: gradient norms", total=len(batches))
+            norms = layer_grad_norms(
+                base_model,
+                batches,
+                on_batch=lambda done, total: progress.update(task, completed=done, total=total),
+            )
+        for row, g in zip(rows, norms, strict=True):
             row.grad_norm = g
     t_grad = time.perf_counter()
 
@@ -614,5 +630,18 @@ def run_analysis(
     return result
 
 
+# Plain progress lines (a console that is not a terminal) per analysis stage: one per tenth of
+# its steps, besides the one printed at least every minute.
+PROGRESS_PLAIN_LINES = 10
+
+
 def _progress(console: Any) -> Any:
-    return make_progress(console, label="[progress.description]{task.description}", transient=True)
+    """The progress of one stage (:func:`fastmid.progress.make_progress`): a transient rich bar
+    on a terminal, else plain lines, as the total is known only once the stage starts."""
+    return make_progress(
+        console,
+        label="[progress.description]{task.description}",
+        eta=True,
+        transient=True,
+        plain_lines=PROGRESS_PLAIN_LINES,
+    )

@@ -12,7 +12,7 @@ eigenvalues in float32 (see :func:`prompt_spectra`).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -307,7 +307,9 @@ class SpectralMeans:
 
 
 def layer_grad_norms(
-    model: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]]
+    model: torch.nn.Module,
+    batches: Sequence[dict[str, torch.Tensor]],
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> list[float]:
     """Per-layer L2 norm of the gradient of the SFT loss at the model's current weights.
 
@@ -321,6 +323,7 @@ def layer_grad_norms(
     Args:
         model: a ``*ForCausalLM`` model.
         batches: dicts with ``input_ids``, ``attention_mask``, ``labels`` (batch, seq) int64.
+        on_batch: called as ``on_batch(done, total)`` after each batch's backward pass.
 
     Returns:
         One float per decoder layer (units of loss per parameter unit).
@@ -343,11 +346,13 @@ def layer_grad_norms(
         p.requires_grad_(True)
     device = next(model.parameters()).device
     try:
-        for batch in _on_device(batches, device):
+        for done, batch in enumerate(_on_device(batches, device), 1):
             loss_sum, _ = causal_lm_loss_sum(
                 model, batch["input_ids"], batch["attention_mask"], batch["labels"]
             )
             (loss_sum / total).backward()
+            if on_batch is not None:
+                on_batch(done, len(batches))
         norms = []
         for layer in layers:
             sq = sum(

@@ -20,7 +20,6 @@ from rich.text import Text
 from fastmid.data.pipeline import build_sft_examples
 from fastmid.data.stats import DataStats, summarize
 from fastmid.labels import IGNORE_INDEX
-from fastmid.progress import make_progress
 
 TRAINED_STYLE = "bold black on green"
 PROMPT_STYLE = "dim"
@@ -184,7 +183,9 @@ def inspect_data(
         split, format, skip_bad_rows, truncation, train_on_prompt, last_turn_only,
             max_examples, shuffle_seed: as in :func:`fastmid.data.build_sft_examples`
             (``shuffle_seed=0`` as ``fastmid train``, so the same examples are chosen).
-        console: where to print (a fresh ``rich.console.Console`` when None).
+        console: where to print the report, and the tokenization progress of large data
+            (``console`` of :func:`fastmid.data.build_sft_examples`); a fresh
+            ``rich.console.Console`` when None.
 
     Returns:
         The :class:`DataStats` of the build.
@@ -194,23 +195,21 @@ def inspect_data(
             not raised).
     """
     console = console or Console()
-    with make_progress(console, label="tokenizing", transient=True) as bar:
-        task = bar.add_task("tokenize", total=None)
-        examples, stats = build_sft_examples(
-            data,
-            tokenizer,
-            split=split,
-            max_seq_len=max_seq_len,
-            format=format,
-            max_examples=max_examples,
-            shuffle_seed=shuffle_seed,
-            truncation=truncation,
-            train_on_prompt=train_on_prompt,
-            last_turn_only=last_turn_only,
-            skip_bad_rows=skip_bad_rows,
-            require_examples=False,
-            progress=lambda done, total: bar.update(task, completed=done, total=total),
-        )
+    examples, stats = build_sft_examples(
+        data,
+        tokenizer,
+        split=split,
+        max_seq_len=max_seq_len,
+        format=format,
+        max_examples=max_examples,
+        shuffle_seed=shuffle_seed,
+        truncation=truncation,
+        train_on_prompt=train_on_prompt,
+        last_turn_only=last_turn_only,
+        skip_bad_rows=skip_bad_rows,
+        require_examples=False,
+        console=console,  # progress for large data, as in training
+    )
     for table in stats_tables(stats):
         console.print(table)
     marks = needs_text_marks(console)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastmid.data.formats import (
     FORMATS,
@@ -23,8 +23,21 @@ from fastmid.data.sources import load_source, split_data_spec
 from fastmid.data.stats import DataStats
 from fastmid.data.tokenize import ExampleTokenizer
 from fastmid.data.truncate import TRUNCATION_MODES, truncate_example
+from fastmid.progress import make_progress
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 TOKENIZE_CHUNK = 64  # conversations per batched tokenizer call
+# build_sft_examples shows progress only from this many conversations to tokenize (``max_examples``
+# when it is smaller). fastmid train's default 2,000 arith examples take about a second with
+# SmolLM2's tokenizer on 2 cores, where a bar or log lines would only be noise; at 0.3-3 ms per
+# conversation (short problems to long multi-turn chats), 10,000 take seconds to half a minute,
+# long enough for a silent wait to look like a hang.
+PROGRESS_MIN_CONVERSATIONS = 10_000
+# Plain progress lines (a console that is not a terminal) per tokenization: one per tenth of the
+# work, besides the one printed at least every minute.
+PROGRESS_PLAIN_LINES = 10
 
 
 def load_conversations(
@@ -109,6 +122,7 @@ def build_sft_examples(
     require_examples: bool = True,
     progress: Callable[[int, int], None] | None = None,
     flag: str = "--data",
+    console: Console | None = None,
 ) -> tuple[list[dict[str, list[int]]], DataStats]:
     """Build tokenized SFT examples with labels.
 
@@ -131,6 +145,12 @@ def build_sft_examples(
             chunk of 64 conversations is tokenized (for a progress bar).
         flag: the option that gave ``data``, named in its errors: ``--data`` (training data),
             ``--eval-data`` (the held-out loss data) or ``--eval-accuracy-data``.
+        console: where to show tokenization progress (:func:`fastmid.progress.make_progress`:
+            a transient rich bar on a terminal, else a plain line per tenth of the work and at
+            least one a minute, e.g. ``tokenizing --data 2048/20000 elapsed 0:00:02 ETA
+            0:00:17``), only when at least :data:`PROGRESS_MIN_CONVERSATIONS` (10,000)
+            conversations are to be tokenized (``max_examples`` when smaller: then the count is
+            of examples kept); None (the default) shows nothing.
 
     Returns:
         ``(examples, stats)``: each example is ``{"input_ids": list[int], "labels": list[int]}``
@@ -173,24 +193,44 @@ def build_sft_examples(
         stats.count_dropped("empty_answer")
     conversations = answered
     examples: list[dict[str, list[int]]] = []
-    for begin in range(0, len(conversations), TOKENIZE_CHUNK):
-        if max_examples is not None and len(examples) >= max_examples:
-            break
-        chunk = conversations[begin : begin + TOKENIZE_CHUNK]
-        for tokenized in encode.encode_batch(chunk):
+    # With a binding max_examples the work ends when that many examples are kept, so that count
+    # is the progress (an ETA over every conversation of a large source would be wrong).
+    capped = max_examples is not None and max_examples < len(conversations)
+    work = max_examples if capped else len(conversations)
+    shown = console if work >= PROGRESS_MIN_CONVERSATIONS else None
+    bar = make_progress(
+        shown,
+        label="tokenizing {task.description}",
+        eta=True,
+        transient=True,
+        plain_lines=PROGRESS_PLAIN_LINES,
+    )
+    done = 0
+    with bar:
+        task = bar.add_task(flag, total=work)
+        for begin in range(0, len(conversations), TOKENIZE_CHUNK):
             if max_examples is not None and len(examples) >= max_examples:
                 break
-            if isinstance(tokenized, BadRowError):
-                if not skip_bad_rows:
-                    raise tokenized
-                stats.count_bad_row(tokenized.kind)
-                continue
-            example, outcome = truncate_example(tokenized, max_seq_len, truncation)
-            stats.record(outcome, example)
-            if example is not None:
-                examples.append(example)
-        if progress is not None:
-            progress(min(begin + TOKENIZE_CHUNK, len(conversations)), len(conversations))
+            chunk = conversations[begin : begin + TOKENIZE_CHUNK]
+            for tokenized in encode.encode_batch(chunk):
+                if max_examples is not None and len(examples) >= max_examples:
+                    break
+                if isinstance(tokenized, BadRowError):
+                    if not skip_bad_rows:
+                        raise tokenized
+                    stats.count_bad_row(tokenized.kind)
+                    continue
+                example, outcome = truncate_example(tokenized, max_seq_len, truncation)
+                stats.record(outcome, example)
+                if example is not None:
+                    examples.append(example)
+            converted = min(begin + TOKENIZE_CHUNK, len(conversations))
+            if progress is not None:
+                progress(converted, len(conversations))
+            done = len(examples) if capped else converted
+            bar.update(task, completed=done)
+        if done < work:  # a capped source ran dry (dropped examples): end the bar where it is
+            bar.update(task, total=done, completed=done)
     if require_examples and not examples:
         what = "training example" if flag == "--data" else "example"
         named = f"{data}: no {what} left" if flag == "--data" else f"{flag} {data}: no {what} left"

@@ -18,6 +18,7 @@ loads read the folder (seconds instead of tens of seconds). The cached model car
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import importlib.metadata
 import json
@@ -307,25 +308,87 @@ def gguf_to_hf_folder(path: str | os.PathLike[str]) -> Path:
     return target
 
 
-class _DeprecatedEnumFilter(logging.Filter):
-    """Drops torch's notice that torchao registers its enums the old way (torchao's to fix)."""
+class _LibraryNotices(logging.Handler):
+    """Holds the last ``capacity`` WARNING (and worse) records of torchao and bitsandbytes.
+
+    Attached to their loggers, it keeps their notices off the console (a logger with a handler
+    never reaches Python's last-resort stderr handler) while the records still propagate to any
+    handler an application configured; :func:`replay_library_notices` hands them to a run log
+    opened later, since they are logged at import, before any run log exists.
+    """
+
+    def __init__(self, capacity: int = 200) -> None:
+        super().__init__(logging.WARNING)
+        self.records: collections.deque[logging.LogRecord] = collections.deque(maxlen=capacity)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+_NOTICES = _LibraryNotices()
+# The loggers whose notices are held: torchao's, bitsandbytes' (and torch's enum notice, which
+# _EnumNoticeToTorchao routes through torchao's).
+NOTICE_LOGGERS = ("torchao", "bitsandbytes")
+
+
+def _hold_notices(name: str) -> None:
+    logger = logging.getLogger(name)
+    if _NOTICES not in logger.handlers:
+        logger.addHandler(_NOTICES)
+
+
+def replay_library_notices(handler: logging.Handler) -> int:
+    """Hand the held torchao/bitsandbytes notices to ``handler`` (a run log), oldest first.
+
+    Args:
+        handler: e.g. the ``FileHandler`` of ``train.log``; its level and filters apply.
+
+    Returns:
+        How many records were held; they are forgotten, so a later run log gets only newer ones.
+    """
+    records = list(_NOTICES.records)
+    _NOTICES.records.clear()
+    for record in records:
+        handler.handle(record)
+    return len(records)
+
+
+class _EnumNoticeToTorchao(logging.Filter):
+    """Takes torch's notice that torchao registers its enums the deprecated way (torchao's to
+    fix) off torch's console handler and logs it through the ``torchao`` logger instead."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "register_constant()" not in record.getMessage()
+        if "register_constant()" not in record.getMessage():
+            return True
+        logging.getLogger("torchao").handle(record)
+        return False
 
 
 def quiet_torchao() -> None:
-    """Silence what importing torchao 0.18 prints and nobody can act on.
+    """Route what importing torchao 0.18 prints, and nobody can act on, to Python logging.
 
     torchao logs a warning for every optional CUDA extension it cannot load (all of them on a CPU
-    build of torch), and torch warns that torchao registers two enums the deprecated way.
-    transformers imports torchao while loading any model when it is installed, and stray lines
-    would break fastmid's one-line errors. Errors still show.
+    build of torch), and torch warns through its own stderr handler that torchao registers two
+    enums the deprecated way. transformers imports torchao while loading any model when it is
+    installed, and stray lines would break fastmid's one-line errors. The records stay WARNING
+    records of the ``torchao`` logger: off the console, held for a run log
+    (:func:`replay_library_notices`), and seen by any handler an application attaches. Call this
+    before torchao is imported.
     """
-    logging.getLogger("torchao").setLevel(logging.ERROR)
+    _hold_notices("torchao")
     pytree_log = logging.getLogger("torch.utils._pytree")
-    if not any(isinstance(f, _DeprecatedEnumFilter) for f in pytree_log.filters):
-        pytree_log.addFilter(_DeprecatedEnumFilter())
+    if not any(isinstance(f, _EnumNoticeToTorchao) for f in pytree_log.filters):
+        pytree_log.addFilter(_EnumNoticeToTorchao())
+
+
+def quiet_bitsandbytes() -> None:
+    """Route bitsandbytes' import notices to Python logging, as :func:`quiet_torchao`.
+
+    On AVX512-BF16 CPUs its import looks for a 4-bit CPU matmul in the ``kernels`` hub package
+    and logs a warning when it is absent; fastmid never runs 4-bit matmuls. Call this before
+    bitsandbytes is imported.
+    """
+    _hold_notices("bitsandbytes")
 
 
 def _quiet_transformers() -> None:

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from fastmid.errors import FastmidError
-from fastmid.models.loading import quiet_torchao
+from fastmid.models.loading import quiet_bitsandbytes, quiet_torchao
 
 MIN_8BIT_SIZE = 4096
 # The optimizers whose step writes bf16 weights back with stochastic rounding (equals
@@ -48,23 +48,29 @@ class OptimizerError(FastmidError, ValueError):
 
 
 def import_torchao_optim() -> Any:
-    """``torchao.optim``, imported without its noise.
+    """``torchao.optim``, imported without its noise on the console.
 
-    Its import notices are silenced first (:func:`fastmid.models.loading.quiet_torchao`).
+    Its import notices go to the ``torchao`` logger at WARNING
+    (:func:`fastmid.models.loading.quiet_torchao`), Python warnings raised by the import
+    included.
 
     Raises:
         OptimizerError: torchao is not installed or does not import.
     """
     quiet_torchao()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        # the warnings filters in force decide what is caught: what would have been printed
+        with warnings.catch_warnings(record=True) as caught:
             import torchao.optim
     except Exception as exc:  # ImportError, or an extension that fails to initialize
         raise OptimizerError(
             f"the ao_* optimizers need torchao>=0.18 ({str(exc).splitlines()[0] if str(exc) else exc!r}); "
             "pip install 'torchao>=0.18,<0.19', or use --optim adamw8bit"
         ) from None
+    for caught_warning in caught:  # held with torchao's other notices, for train.log
+        logging.getLogger("torchao").warning(
+            "%s: %s", caught_warning.category.__name__, caught_warning.message
+        )
     # torch warns once per compiled graph that torchao's state subclasses lack a stable hash for
     # its autograd cache; the optimizer step has no autograd, so the warning says nothing here.
     warnings.filterwarnings("ignore", message=".*_stable_hash_for_caching.*")
@@ -213,10 +219,9 @@ def _optimizer_class(name: str, on_cuda: bool) -> tuple[type, dict[str, Any]]:
                 "--optim paged_adamw8bit needs CUDA (paged states live in CUDA unified memory); "
                 "use --optim adamw8bit on CPU"
             )
-        # On AVX512-BF16 CPUs bitsandbytes' import looks for a 4-bit CPU matmul in the `kernels`
-        # hub package and logs a warning when it is absent; fastmid never runs 4-bit matmuls, and
-        # the stray line would break the one-line errors that follow.
-        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+        # its import notices (a missing 4-bit CPU kernel fastmid never uses) to logging, not
+        # the console, where a stray line would break the one-line errors that follow
+        quiet_bitsandbytes()
         try:
             import bitsandbytes as bnb
         except ImportError as exc:

@@ -71,7 +71,11 @@ from fastmid.models.band import (
     install_execution_policy,
 )
 from fastmid.models.families import decoder_layers
-from fastmid.models.loading import default_device, load_model_and_tokenizer
+from fastmid.models.loading import (
+    default_device,
+    load_model_and_tokenizer,
+    replay_library_notices,
+)
 from fastmid.models.loss import batch_loss_sum, count_supervised
 from fastmid.models.patching import PatchReport, patch_model, resolve_kernels_flag
 from fastmid.models.precision import PrecisionPolicy
@@ -134,14 +138,15 @@ _RUN_LOG = logging.getLogger("fastmid.run")
 # Where train.log is not open (ranks > 0 of several processes), the run's lines go nowhere rather
 # than to Python's last-resort stderr handler.
 _RUN_LOG.addHandler(logging.NullHandler())
-_LIBRARY_LOGGERS = ("transformers", "datasets", "bitsandbytes", "torch", "py.warnings")
+_LIBRARY_LOGGERS = ("transformers", "datasets", "bitsandbytes", "torchao", "torch", "py.warnings")
 
 
 @contextlib.contextmanager
 def train_log(path: Path) -> Any:
     """Append ``path`` (``train.log``) with fastmid's run lines (INFO) and the WARNING records of
-    transformers, datasets, bitsandbytes, torch and Python ``warnings`` (which, while the run
-    lasts, go to the file instead of the console). Handlers are removed on exit.
+    transformers, datasets, bitsandbytes, torchao, torch and Python ``warnings`` (which, while the
+    run lasts, go to the file instead of the console), the libraries' import notices held since
+    start-up included. Handlers are removed on exit.
     """
     handler = logging.FileHandler(path, mode="a", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -152,6 +157,7 @@ def train_log(path: Path) -> Any:
     logging.getLogger("py.warnings").propagate = False
     for lg in loggers:
         lg.addHandler(handler)
+    replay_library_notices(handler)  # import notices logged before the file opened
     logging.captureWarnings(True)
     try:
         yield _RUN_LOG
@@ -738,6 +744,7 @@ class MidBlockRecipe:
             train_on_prompt=cfg.train_on_prompt,
             last_turn_only=cfg.last_turn_only,
             skip_bad_rows=cfg.skip_bad_rows,
+            console=self.console,  # progress for large data (rank 0's console alone shows it)
         )
         examples, self.data_stats = build_sft_examples(
             cfg.data,

@@ -7,8 +7,12 @@ bytes alive at once). The step axis is the optimizer step.
 
 * ``tensorboard``: ``torch.utils.tensorboard.SummaryWriter`` into ``<run>/tensorboard/`` (needs
   the ``tensorboard`` package: ``pip install 'fastmid[tensorboard]'``).
-* ``wandb``: ``wandb.init(project="fastmid", dir=<run>, config=...)``; ``WANDB_MODE=offline``
-  works with no network (``pip install 'fastmid[wandb]'``).
+* ``wandb``: ``wandb.init(project="fastmid", dir=<run>, config=...)``
+  (``pip install 'fastmid[wandb]'``). ``WANDB_MODE`` is wandb's to read (``offline`` for no
+  network); when it is unset and no API key is found (``WANDB_API_KEY``, or the netrc entry that
+  ``wandb login`` writes for ``WANDB_BASE_URL``'s host), the run logs offline into
+  ``<run>/wandb`` (``wandb sync`` uploads it later) rather than stop at wandb's login prompt,
+  which nobody answers in a run left alone (:func:`wandb_mode`).
 * ``trackio``: ``trackio.init(project="fastmid", config=...)`` (``pip install 'fastmid[trackio]'``).
 
 A tracker that is asked for and not installed is a one-line :class:`TrackerError` before training
@@ -18,8 +22,12 @@ starts.
 from __future__ import annotations
 
 import importlib
+import netrc
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from fastmid.errors import FastmidError
 
@@ -50,6 +58,36 @@ def _require(name: str) -> Any:
         ) from None
 
 
+def _netrc_has_key(host: str, environ: Mapping[str, str]) -> bool:
+    """Whether the netrc file wandb reads (``$NETRC``, else ``~/.netrc``) has a password for
+    ``host``; an unreadable or malformed file counts as none."""
+    path = environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
+    try:
+        entry = netrc.netrc(path).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return bool(entry and entry[2])
+
+
+def wandb_mode(environ: Mapping[str, str] | None = None) -> str | None:
+    """The ``mode`` fastmid passes to ``wandb.init``.
+
+    Args:
+        environ: the environment (``os.environ`` when None).
+
+    Returns:
+        ``"offline"`` when ``WANDB_MODE`` is unset (or empty) and no W&B credential is found:
+        no ``WANDB_API_KEY``, no ``WANDB_IDENTITY_TOKEN_FILE``, and no netrc password for the
+        host of ``WANDB_BASE_URL`` (default ``https://api.wandb.ai``). Else None: wandb decides
+        (``WANDB_MODE``, or online with the key).
+    """
+    env = os.environ if environ is None else environ
+    if env.get("WANDB_MODE") or env.get("WANDB_API_KEY") or env.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return None
+    host = urlparse(env.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or ""
+    return None if _netrc_has_key(host, env) else "offline"
+
+
 class Trackers:
     """The trackers of one run; :meth:`log` sends a step record to each, :meth:`close` ends them.
 
@@ -77,9 +115,11 @@ class Trackers:
             elif name == "wandb":
                 import wandb
 
-                self._writers.append(
-                    (name, wandb.init(project="fastmid", dir=str(run_dir), config=config))
-                )
+                options: dict[str, Any] = {"project": "fastmid", "dir": str(run_dir)}
+                mode = wandb_mode()
+                if mode is not None:  # else WANDB_MODE or the key decides, as wandb documents
+                    options["mode"] = mode
+                self._writers.append((name, wandb.init(**options, config=config)))
             elif name == "trackio":
                 import trackio
 
