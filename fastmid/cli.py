@@ -637,11 +637,14 @@ def data_inspect(
     train_on_prompt: bool = config_option("train_on_prompt"),
     last_turn_only: bool = config_option("last_turn_only"),
     skip_bad_rows: bool = config_option("skip_bad_rows"),
+    packing: bool = config_option("packing"),
+    micro_batch: int = config_option("micro_batch"),
     n: int = typer.Option(
         2, help="examples to render", rich_help_panel="output", callback=_at_least(0)
     ),
 ) -> None:
-    """Format, counts, token statistics, and examples with the trained tokens highlighted."""
+    """Format, counts, token statistics, and examples with the trained tokens highlighted
+    (with --packing: rows, fill ratio and the padding packing saves)."""
 
     def go() -> None:
         from fastmid.data.inspect import inspect_data
@@ -660,6 +663,8 @@ def data_inspect(
             skip_bad_rows=skip_bad_rows,
             train_on_prompt=train_on_prompt,
             last_turn_only=last_turn_only,
+            packing=packing,
+            micro_batch=micro_batch,
             console=Console(),
         )
 

@@ -251,6 +251,15 @@ class TrainConfig:
             "batch examples of similar length (less padding)", "data", resume_must_match=True
         ),
     )
+    packing: bool = field(
+        default=False,
+        metadata=_meta(
+            "pack several examples into each row of --max-seq-len tokens (best-fit decreasing; "
+            "no attention across examples)",
+            "data",
+            resume_must_match=True,
+        ),
+    )
     # band
     band: str | None = field(
         default=None,
@@ -969,6 +978,11 @@ def validate(cfg: TrainConfig, where: Callable[[str], str] = flag) -> None:
         raise ConfigError(
             f"{where('optim')}: paged_adamw8bit pages its states itself; with "
             "--optimizer-offload use adamw, adamw8bit, ao_adamw8bit or ao_adamw4bit"
+        )
+    if cfg.packing and cfg.group_by_length:
+        raise ConfigError(
+            f"{where('packing')}: packed rows are already filled by length; drop "
+            "--group-by-length (or --packing)"
         )
     trackers = [t.strip() for t in cfg.report_to.split(",") if t.strip()]
     unknown = [t for t in trackers if t not in TRACKERS]

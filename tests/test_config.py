@@ -128,9 +128,14 @@ def test_every_field_has_help_group_and_bounds_metadata():
     assert not hasattr(TrainConfig(), "extra")
 
 
+# --packing changes which examples share a micro-batch, so a resumed run must keep it.
+DATA_ORDER_RESUME_KEYS = {"packing"}
+
+
 def test_resume_keys_come_from_metadata():
-    assert set(resume_keys()) == OLD_RESUME_KEYS | OPTIMIZER_RESUME_KEYS
-    assert len(resume_keys()) == len(OLD_RESUME_KEYS | OPTIMIZER_RESUME_KEYS)
+    expected = OLD_RESUME_KEYS | OPTIMIZER_RESUME_KEYS | DATA_ORDER_RESUME_KEYS
+    assert set(resume_keys()) == expected
+    assert len(resume_keys()) == len(expected)
 
 
 def test_literal_choices_and_format_matches_the_data_layer():

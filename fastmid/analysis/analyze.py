@@ -17,6 +17,7 @@ models.
 from __future__ import annotations
 
 import functools
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
 
 from fastmid.analysis.advice import default_band, depth_pattern, recommend_band
 from fastmid.analysis.capture import layer_outputs
@@ -423,6 +425,12 @@ def check_output_dir(output_dir: str | Path, overwrite: bool) -> None:
                     f"--output {out} is not a folder{where}; choose a folder for the report"
                 )
             break
+    blocked = [name for name in REPORT_FILES.values() if (out / name).is_dir()]
+    if blocked:  # found now rather than after minutes of analysis
+        raise AnalysisError(
+            f"--output: cannot write {out / blocked[0]} (a folder is in the way); move it or "
+            "choose another --output"
+        )
     earlier = [name for name in REPORT_FILES.values() if (out / name).exists()]
     if earlier and not overwrite:
         raise AnalysisError(
@@ -550,12 +558,12 @@ def run_analysis(
         train_on_prompt=train_on_prompt,
         last_turn_only=last_turn_only,
         skip_bad_rows=skip_bad_rows,
-        console=console,
+        console=_progress_console(console),
     )
     batches = make_batches(examples, batch_size, pad_token_id(tokenizer))
     t_data = time.perf_counter()
 
-    progress = _progress(console)
+    progress = _progress(_progress_console(console))
     with progress:
         task = progress.add_task("analyze: layer statistics", total=None)
 
@@ -577,7 +585,7 @@ def run_analysis(
     if grad_norms:
         if console is not None:
             console.print("analyze: gradient norms of the SFT loss at the base model")
-        progress = _progress(console)
+        progress = _progress(_progress_console(console))
         with progress:
             task = progress.add_task("analyze: gradient norms", total=len(batches))
             norms = layer_grad_norms(
@@ -633,6 +641,15 @@ def run_analysis(
 # Plain progress lines (a console that is not a terminal) per analysis stage: one per tenth of
 # its steps, besides the one printed at least every minute.
 PROGRESS_PLAIN_LINES = 10
+
+
+def _progress_console(console: Any) -> Any:
+    """Where progress goes: ``console`` itself, except that progress meant for stdout goes to
+    stderr when stdout is not a terminal (stdout carries the result table, which a pipe or a log
+    reader should get alone)."""
+    if console is not None and console.file is sys.stdout and not console.is_terminal:
+        return Console(stderr=True, soft_wrap=True, no_color=console.no_color)
+    return console
 
 
 def _progress(console: Any) -> Any:

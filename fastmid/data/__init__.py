@@ -21,6 +21,7 @@ from fastmid.data.chat_template import ChatTemplateFallbackWarning
 from fastmid.data.collate import LengthGroupedSampler, collate_batch, pad_token_id
 from fastmid.data.formats import FORMATS, detect_format
 from fastmid.data.inspect import inspect_data
+from fastmid.data.packing import PackingStats, collate_packed, pack_rows, packing_stats
 from fastmid.data.pipeline import build_sft_examples, load_conversations, split_eval
 from fastmid.data.schema import (
     BadRowError,
@@ -44,17 +45,21 @@ __all__ = [
     "DataStats",
     "EvalProblem",
     "LengthGroupedSampler",
+    "PackingStats",
     "RowOrigin",
     "TemplatePrefixError",
     "arith_problems",
     "build_sft_examples",
     "collate_batch",
+    "collate_packed",
     "detect_format",
     "extract_final_answer",
     "inspect_data",
     "load_conversations",
     "load_eval_problems",
     "normalize_number",
+    "pack_rows",
+    "packing_stats",
     "pad_token_id",
     "split_eval",
 ]

@@ -17,6 +17,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from fastmid.data.packing import PackingStats, packing_stats
 from fastmid.data.pipeline import build_sft_examples
 from fastmid.data.stats import DataStats, summarize
 from fastmid.labels import IGNORE_INDEX
@@ -157,6 +158,23 @@ def stats_tables(stats: DataStats) -> list[Table]:
     return tables
 
 
+def packing_table(stats: PackingStats) -> Table:
+    """The ``--packing`` report: rows, fill ratio, tokens computed on with and without packing."""
+    table = Table(title=f"--packing: rows of {stats.max_len} tokens", show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    table.add_row("examples", f"{stats.examples:,}")
+    table.add_row("rows", f"{stats.rows:,}")
+    table.add_row("fill ratio", f"{stats.fill_ratio:.1%}")
+    table.add_row("real tokens", f"{stats.tokens:,}")
+    table.add_row("tokens computed, unpacked", f"{stats.padded_tokens_unpacked:,}")
+    table.add_row("tokens computed, packed", f"{stats.padded_tokens_packed:,}")
+    saved = stats.padded_tokens_unpacked - stats.padded_tokens_packed
+    share = saved / stats.padded_tokens_unpacked if stats.padded_tokens_unpacked else 0.0
+    table.add_row("padding saved", f"{saved:,} ({share:.1%})")
+    return table
+
+
 def inspect_data(
     data: str,
     tokenizer: Any,
@@ -171,6 +189,8 @@ def inspect_data(
     last_turn_only: bool = False,
     max_examples: int | None = 2000,
     shuffle_seed: int = 0,
+    packing: bool = False,
+    micro_batch: int = 8,
     console: Console | None = None,
 ) -> DataStats:
     """Build the examples of ``data`` and print the inspection report.
@@ -183,6 +203,9 @@ def inspect_data(
         split, format, skip_bad_rows, truncation, train_on_prompt, last_turn_only,
             max_examples, shuffle_seed: as in :func:`fastmid.data.build_sft_examples`
             (``shuffle_seed=0`` as ``fastmid train``, so the same examples are chosen).
+        packing: also show what ``--packing`` makes of the examples: rows of ``max_seq_len``
+            tokens, their fill ratio, and the padding it saves against micro-batches of
+            ``micro_batch`` examples padded to their longest (:func:`fastmid.data.packing_stats`).
         console: where to print the report, and the tokenization progress of large data
             (``console`` of :func:`fastmid.data.build_sft_examples`); a fresh
             ``rich.console.Console`` when None.
@@ -212,6 +235,12 @@ def inspect_data(
     )
     for table in stats_tables(stats):
         console.print(table)
+    if packing and examples:
+        console.print(
+            packing_table(
+                packing_stats([len(e["input_ids"]) for e in examples], max_seq_len, micro_batch)
+            )
+        )
     marks = needs_text_marks(console)
     if n > 0 and examples:
         console.print(legend_text(marks))

@@ -49,13 +49,78 @@ def decoder_hidden_states(
     attention_mask: torch.Tensor | None,
     position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Final-norm hidden states of the decoder, (B, T, H), without the vocabulary projection."""
+    """Final-norm hidden states of the decoder, (B, T, H), without the vocabulary projection.
+
+    With ``position_ids`` the batch is packed (:mod:`fastmid.data.packing`): the attention is
+    block-diagonal per example (:func:`packed_attention_mask`).
+    """
     base = backbone(model)
     kwargs = {"attention_mask": attention_mask, "use_cache": False}
     if position_ids is not None:
         kwargs["position_ids"] = position_ids
+        kwargs["attention_mask"] = packed_attention_mask(model, position_ids, attention_mask)
     out = base(input_ids=input_ids, **kwargs)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def packed_attention_path(model: torch.nn.Module) -> str:
+    """How a packed batch's attention runs for ``model``'s attention implementation:
+    ``"sdpa, block-diagonal boolean mask"``, ``"eager, block-diagonal additive mask"`` or
+    ``"flash_attention_2, variable length from position_ids"`` (``summary.json`` records it).
+
+    Raises:
+        ValueError: another implementation (flex attention...), for which packing is not checked.
+    """
+    impl = getattr(model.config, "_attn_implementation", None) or "eager"
+    paths = {
+        "sdpa": "sdpa, block-diagonal boolean mask",
+        "eager": "eager, block-diagonal additive mask",
+        "flash_attention_2": "flash_attention_2, variable length from position_ids",
+    }
+    if impl not in paths:
+        raise ValueError(
+            f"--packing: attention implementation {impl!r} is not supported with packing; "
+            f"fastmid packs for {', '.join(paths)}"
+        )
+    return paths[impl]
+
+
+def packed_attention_mask(
+    model: torch.nn.Module, position_ids: torch.Tensor, attention_mask: torch.Tensor | None
+) -> torch.Tensor | None:
+    """The block-diagonal causal attention of packed rows, in the form ``model``'s attention
+    implementation reads.
+
+    An example starts where ``position_ids`` is 0; a query attends to the keys of its own example
+    at or before it. Padding positions (``attention_mask`` 0) attend to themselves only, so no
+    softmax row is empty (their outputs carry no label).
+
+    Args:
+        position_ids: (B, T) int64, 0.. per example (:func:`fastmid.data.collate_packed`).
+        attention_mask: (B, T) 0/1, or None (no padding).
+
+    Returns:
+        SDPA: (B, 1, T, T) bool, True = attend. Eager: (B, 1, T, T) float32, 0 = attend and the
+        float32 minimum elsewhere (eager attention adds the mask to the scores; a boolean would be
+        added as 0/1). FlashAttention-2: None (transformers reads the examples' boundaries from
+        ``position_ids`` and runs the variable-length kernel).
+    """
+    path = packed_attention_path(model)
+    if path.startswith("flash_attention_2"):
+        return None
+    b, t = position_ids.shape
+    doc = torch.cumsum(position_ids == 0, dim=1)  # (B, T): example number within the row
+    if attention_mask is not None:
+        own = -torch.arange(1, t + 1, device=doc.device).expand(b, t)  # padding: its own block
+        doc = torch.where(attention_mask.bool(), doc, own)
+    causal = torch.ones(t, t, dtype=torch.bool, device=doc.device).tril()
+    allowed = (doc[:, :, None] == doc[:, None, :]) & causal  # (B, T, T)
+    allowed = allowed[:, None]
+    if path.startswith("sdpa"):
+        return allowed
+    return torch.zeros(allowed.shape, dtype=torch.float32, device=doc.device).masked_fill(
+        ~allowed, torch.finfo(torch.float32).min
+    )
 
 
 def logit_softcap(model: torch.nn.Module) -> float | None:

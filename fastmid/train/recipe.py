@@ -44,6 +44,7 @@ from rich.table import Table
 
 from fastmid.config import (
     PATH_FIELDS,
+    ConfigError,
     TrainConfig,
     dump_yaml,
     resolve_auto,
@@ -56,7 +57,10 @@ from fastmid.data import (
     LengthGroupedSampler,
     build_sft_examples,
     collate_batch,
+    collate_packed,
     load_eval_problems,
+    pack_rows,
+    packing_stats,
     pad_token_id,
     split_eval,
 )
@@ -76,7 +80,7 @@ from fastmid.models.loading import (
     load_model_and_tokenizer,
     replay_library_notices,
 )
-from fastmid.models.loss import batch_loss_sum, count_supervised
+from fastmid.models.loss import batch_loss_sum, count_supervised, packed_attention_path
 from fastmid.models.patching import PatchReport, patch_model, resolve_kernels_flag
 from fastmid.models.precision import PrecisionPolicy
 from fastmid.progress import make_progress
@@ -253,6 +257,8 @@ class StepResult:
         grad_norm: global L2 norm of the band's gradients before clipping.
         lr: the learning rate the step used.
         tokens: non-padding tokens in the window; supervised_tokens: tokens with a label.
+        padded_tokens: tokens the step computed on, padding included (``B x T`` summed over the
+            window's micro-batches).
         grad_bytes: the most bytes of band gradients alive at once during the step (storage
             sizes of ``.grad``): the whole band's after backward for an ordinary step, the
             largest sampled in the hooks for :class:`~fastmid.train.optim.OptimizerInBackward`.
@@ -264,6 +270,7 @@ class StepResult:
     tokens: int
     supervised_tokens: int
     grad_bytes: int = 0
+    padded_tokens: int = 0
 
 
 class NonFiniteStep(NonFiniteLossError):
@@ -324,13 +331,16 @@ def train_step(
     """
     supervised = sum(count_supervised(b["labels"]) for b in micro_batches)
     tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
+    padded = sum(b["input_ids"].numel() for b in micro_batches)
     if dist is not None:
-        supervised, tokens = (int(v) for v in dist.sum([supervised, tokens]))
+        supervised, tokens, padded = (int(v) for v in dist.sum([supervised, tokens, padded]))
     if isinstance(optimizer, OptimizerInBackward):
-        return _train_step_in_backward(
+        result = _train_step_in_backward(
             model, micro_batches, optimizer, scheduler, clip_params, fused, precision, tokens,
             supervised,
         )  # fmt: skip
+        result.padded_tokens = padded
+        return result
     optimizer.zero_grad(set_to_none=True)
     loss_total = 0.0
     bad: tuple[int, float] | None = None  # (micro-batch, loss) of the first non-finite loss
@@ -371,6 +381,7 @@ def train_step(
         tokens=tokens,
         supervised_tokens=supervised,
         grad_bytes=grad_bytes,
+        padded_tokens=padded,
     )
 
 
@@ -462,11 +473,12 @@ def micro_batch_loss(
 
 @dataclass
 class MicroBatchRef:
-    """Where a micro-batch comes from: position in the run, epoch, example indices."""
+    """Where a micro-batch comes from: position in the run, epoch, example indices (with
+    ``--packing``: the rows, each a list of example indices)."""
 
     position: int
     epoch: int
-    indices: list[int]
+    indices: list[Any]
 
 
 class MidBlockRecipe:
@@ -525,6 +537,9 @@ class MidBlockRecipe:
         self._interrupted = False
         self.units: list[str] = []  # FSDP2 units (several processes)
         self.optimizer_restarted = False  # resumed across world sizes without optimizer state
+        self.padded_tokens = 0  # tokens computed on (padding included) in this process's steps
+        self._train_s = 0.0  # seconds of this process's steps
+        self.packing_attention: str | None = None  # how packed rows attend (--packing)
         self.fp32_state: list[str] = []  # torchao parameters whose state stays fp32 on this rank
 
     def _on_main(self, fn: Any) -> Any:
@@ -595,6 +610,11 @@ class MidBlockRecipe:
             named_params = dict(self.model.named_parameters())
             self.trainable = [named_params[n] for n in self.trainable_names]
 
+        if cfg.packing:
+            try:
+                self.packing_attention = packed_attention_path(self.model)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         self._load_data()
         steps_per_epoch = math.ceil(len(self._epoch_batches(0)) / self._window_micro_batches)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
@@ -858,15 +878,21 @@ class MidBlockRecipe:
 
     # ---- data order ---------------------------------------------------------------------------
 
-    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+    def _epoch_batches(self, epoch: int) -> list[list[Any]]:
         """Example indices of each micro-batch in ``epoch``: a seeded permutation (or seeded
-        length-grouped order) cut into ``micro_batch``-sized pieces; the last may be smaller."""
+        length-grouped order) cut into ``micro_batch``-sized pieces; the last may be smaller.
+        With ``--packing``: this epoch's packed rows (:func:`fastmid.data.pack_rows`, seeded per
+        epoch) cut into micro-batches of ``micro_batch`` rows."""
         if self._epoch_order is not None and self._epoch_order[0] == epoch:
             return self._epoch_order[1]
         n, mb, seed = len(self.train_examples), self.cfg.micro_batch, self.cfg.seed
+        if self.cfg.packing:
+            rows = pack_rows(self._lengths(), self.cfg.max_seq_len, seed * 1_000_003 + epoch)
+            packed = [rows[i : i + mb] for i in range(0, len(rows), mb)]
+            self._epoch_order = (epoch, packed)
+            return packed
         if self.cfg.group_by_length:
-            lengths = [len(e["input_ids"]) for e in self.train_examples]
-            order = list(LengthGroupedSampler(lengths, mb, seed + epoch))
+            order = list(LengthGroupedSampler(self._lengths(), mb, seed + epoch))
         else:
             gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
             order = torch.randperm(n, generator=gen).tolist()
@@ -880,9 +906,21 @@ class MidBlockRecipe:
         epoch, k = divmod(position, len(self._epoch_batches(0)))
         return MicroBatchRef(position, epoch, self._epoch_batches(epoch)[k])
 
-    def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        """Right-padded training batch of ``indices`` on the model's device."""
-        batch = collate_batch([self.train_examples[i] for i in indices], self.pad_id)
+    def _lengths(self) -> list[int]:
+        """Tokens per training example."""
+        lengths = getattr(self.train_examples, "lengths", None)
+        if callable(lengths):
+            return list(lengths())
+        return [len(e["input_ids"]) for e in self.train_examples]
+
+    def collate(self, indices: list[Any]) -> dict[str, torch.Tensor]:
+        """Right-padded training batch of ``indices`` on the model's device (with ``--packing``,
+        ``indices`` are rows of example indices: :func:`fastmid.data.collate_packed`)."""
+        examples = self.train_examples
+        if self.cfg.packing:
+            batch = collate_packed([[examples[i] for i in row] for row in indices], self.pad_id)
+        else:
+            batch = collate_batch([examples[i] for i in indices], self.pad_id)
         return {k: v.to(self.device) for k, v in batch.items()}
 
     # ---- evaluate -----------------------------------------------------------------------------
@@ -1045,10 +1083,13 @@ class MidBlockRecipe:
                     state.step += 1
                     state.micro_batches += self._window_micro_batches
                     state.tokens += result.tokens
+                    self.padded_tokens += result.padded_tokens
+                    self._train_s = time.perf_counter() - t_start
                     state.supervised_tokens += result.supervised_tokens
                     state.elapsed_s = base_elapsed + time.perf_counter() - t_start
                     record: dict[str, Any] = {"step": state.step, **asdict(result)}
                     record["tokens_per_s"] = result.tokens / dt if dt > 0 else 0.0
+                    record["padded_tokens_per_s"] = result.padded_tokens / dt if dt > 0 else 0.0
                     record["step_time_s"] = dt
                     record["peak_memory_bytes"] = peak_memory_bytes(self.device)
                     record["elapsed_s"] = state.elapsed_s
@@ -1301,6 +1342,15 @@ class MidBlockRecipe:
             "supervised_tokens": state.supervised_tokens,
             "train_time_s": state.elapsed_s,
             "tokens_per_s": state.tokens / state.elapsed_s if state.elapsed_s else None,
+            "padded_tokens_per_s": (self.padded_tokens / self._train_s if self._train_s else None),
+            "packing": None
+            if not self.cfg.packing
+            else {
+                "attention": self.packing_attention,
+                **packing_stats(
+                    self._lengths(), self.cfg.max_seq_len, self.cfg.micro_batch, self.cfg.seed
+                ).to_dict(),
+            },
             "peak_memory_bytes": peak_memory_bytes(self.device),
             "device": str(self.device),
             "optimizer": self.cfg.optim,
