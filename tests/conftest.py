@@ -9,6 +9,9 @@
   ``smol_model_and_tokenizer`` (shared, so read-only: deep-copy the model before training it).
   A test that uses the model is marked ``realmodel`` here, so ``make test-fast``
   (``-m "not realmodel"``) leaves it out.
+* The tokenization cache (``fastmid.data.cache``, under ``HF_DATASETS_CACHE``) is a temporary
+  folder: one for the session (what session- and module-scoped fixtures build), and a fresh one
+  for every test, so no test reads another's entries or touches the user's cache.
 * Tiny random models come from one factory, ``tests/tiny.py`` (``from tiny import tiny_model``;
   pyproject puts tests/ on the import path); ``tiny_llama_dir`` is a tiny Llama saved once per
   session with SmolLM2's tokenizer.
@@ -43,6 +46,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_datasets_cache(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """``HF_DATASETS_CACHE`` in a temporary folder before any fixture builds examples."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("datasets-cache")))
+    yield
+    patch.undo()
+
+
+@pytest.fixture(autouse=True)
+def _test_datasets_cache(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fresh tokenization cache per test (a test that wants a second build to hit the cache
+    builds twice within itself)."""
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("datasets-cache")))
 
 
 def _skip_unless_installed() -> None:

@@ -114,6 +114,8 @@ def stats_tables(stats: DataStats) -> list[Table]:
     counts.add_row("sources", ", ".join(stats.sources))
     counts.add_row("format", stats.format)
     counts.add_row("chat template", stats.chat_template)
+    if getattr(stats, "cache_note", None):
+        counts.add_row("cache", stats.cache_note)
     counts.add_row("rows read", _fmt(stats.rows_read))
     counts.add_row("bad rows skipped", _fmt(stats.bad_rows_skipped))
     counts.add_row("conversations", _fmt(stats.conversations))

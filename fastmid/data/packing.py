@@ -165,6 +165,7 @@ def packing_stats(
 ) -> PackingStats:
     """:class:`PackingStats` of packing ``lengths`` into rows of ``max_len`` (``seed`` as in
     :func:`pack_rows`, and for the unpacked order)."""
+    lengths = [int(n) for n in lengths]  # plain ints: the stats go to JSON
     rows = pack_rows(lengths, max_len, seed)
     row_lengths = [sum(lengths[i] for i in row) for row in rows]
     tokens = int(sum(lengths))

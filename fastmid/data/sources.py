@@ -126,10 +126,11 @@ def split_data_spec(data: str, flag: str = "--data") -> list[str]:
 
 
 @contextlib.contextmanager
-def _quiet_datasets() -> Iterator[None]:
-    """Silence datasets while it reads: its progress bars would interleave with our report, and
-    its logged errors (e.g. "Failed to load JSON ...") would print a second, different message
-    before the one line fastmid raises."""
+def quiet_datasets() -> Iterator[None]:
+    """Silence datasets while it reads or maps: its progress bars would interleave with our
+    report, and its logged errors (e.g. "Failed to load JSON ...") would print a second,
+    different message before the one line fastmid raises. Every warning raised inside is
+    ignored too (fastmid's own warnings must be raised outside)."""
     import datasets
 
     was_disabled = datasets.are_progress_bars_disabled()
@@ -293,7 +294,7 @@ def _load_file(path: Path, name: str, skip_bad_rows: bool, flag: str = "--data")
     import datasets
 
     try:
-        with _quiet_datasets():
+        with quiet_datasets():
             dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as exc:
         raise DataError(
@@ -321,7 +322,7 @@ def _split_files(path: Path, name: str, split: str) -> list[Path] | None:
     from datasets.data_files import DataFilesDict, EmptyDatasetError, get_data_patterns
 
     try:
-        with _quiet_datasets():
+        with quiet_datasets():
             patterns = get_data_patterns(str(path))
             files = DataFilesDict.from_patterns(patterns, base_path=str(path))
     except EmptyDatasetError:
@@ -360,7 +361,7 @@ def _load_folder(
 
     if _is_saved_dataset(path):
         try:
-            with _quiet_datasets():
+            with quiet_datasets():
                 loaded = datasets.load_from_disk(str(path))
         except Exception as exc:
             raise DataError(f"{name}: load_from_disk failed: {_one_line(exc)}") from exc
@@ -384,7 +385,7 @@ def _load_folder(
         return _from_folder_files(path, name, split, files, skip_bad_rows, flag)
     # other file types (e.g. .txt, which datasets reads as one "text" row per line)
     try:
-        with _quiet_datasets():
+        with quiet_datasets():
             dataset = datasets.load_dataset(str(path), split=split)
     except Exception as exc:
         raise DataError(
@@ -430,3 +431,26 @@ def load_source(
     if path.exists():
         raise DataError(f"{source}: not a regular file or folder; {data_help(flag)}")
     raise DataError(f"{source}: no such file or folder; {data_help(flag)}")
+
+
+def source_files(source: str) -> list[Path] | None:
+    """The files whose bytes make up one source's rows (what the tokenization cache hashes).
+
+    Args:
+        source: one part of a ``--data`` string.
+
+    Returns:
+        ``[]`` for a built-in set (its rows come from fastmid's code alone); ``[file]`` for a
+        file; every regular file under a folder, recursively, sorted by path (a superset of
+        what :func:`load_source` reads, so that no change to the folder goes unnoticed); None
+        when ``source`` names nothing readable (:func:`load_source` then raises the error that
+        says why).
+    """
+    if source.startswith(BUILTIN_PREFIX):
+        return []
+    path = Path(source).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file())
+    return None

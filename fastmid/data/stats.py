@@ -66,6 +66,10 @@ class DataStats:
         tokens: tokens per kept example.
         supervised_tokens: trained tokens (labels != -100) per kept example.
         chat_template: ``"tokenizer"`` or ``"chatml-fallback"``.
+        cache: where the tokenized examples live and whether this build reused them (see
+            :mod:`fastmid.data.cache`): ``{"status": "cached" | "tokenized", "path": folder,
+            "seconds": time to data-ready, "num_proc": tokenizing processes (0 when cached)}``;
+            None for stats not made by :func:`fastmid.data.build_sft_examples`.
     """
 
     sources: list[str] = field(default_factory=list)
@@ -82,6 +86,7 @@ class DataStats:
     tokens: list[int] = field(default_factory=list)
     supervised_tokens: list[int] = field(default_factory=list)
     chat_template: str = "tokenizer"
+    cache: dict[str, Any] | None = None
 
     @property
     def format(self) -> str:
@@ -90,6 +95,22 @@ class DataStats:
         if not kinds:
             return "unknown"
         return kinds[0] if len(kinds) == 1 else f"mixed ({', '.join(kinds)})"
+
+    @property
+    def cache_note(self) -> str | None:
+        """One line on the tokenization cache for a data summary, e.g. ``"cached (read in 0.4 s
+        from /root/.cache/huggingface/datasets/fastmid-sft/v1/3f2a...)"`` or ``"tokenized in
+        41.0 s with 2 processes, cached in ..."``; None without a cache record."""
+        if self.cache is None:
+            return None
+        where, seconds = self.cache["path"], self.cache["seconds"]
+        if self.cache["status"] == "cached":
+            return f"cached (read in {seconds:.1f} s from {where})"
+        procs = self.cache["num_proc"]
+        return (
+            f"tokenized in {seconds:.1f} s with {procs} process{'es' if procs > 1 else ''}, "
+            f"cached in {where}"
+        )
 
     @property
     def bad_rows_skipped(self) -> int:
@@ -150,4 +171,5 @@ class DataStats:
             "dropped_by_reason": dict(self.dropped),
             "tokens": summarize(self.tokens),
             "supervised_tokens": summarize(self.supervised_tokens),
+            "cache": dict(self.cache) if self.cache is not None else None,
         }
