@@ -798,11 +798,21 @@ def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
         raise _Damaged(file, f"unreadable ({first_line(exc)})") from None
 
 
+# Optimizer classes with one state layout and update: a checkpoint of one resumes in the other.
+_SAME_STATE_CLASSES: tuple[frozenset[str], ...] = (
+    frozenset({"bitsandbytes.optim.adamw.AdamW8bit", "fastmid.train.adamw8bit_cpu.AdamW8bitCPU"}),
+)
+
+
+def _same_state_class(saved: str, live: str) -> bool:
+    return saved == live or any({saved, live} <= group for group in _SAME_STATE_CLASSES)
+
+
 def _load_state_format2(path: Path, stem: str, live: Any) -> dict[str, Any]:
     file = path / f"{stem}.json"
     data = _read_json(file)
     _check_state_json(data, file)
-    if data["class"] != _class_name(live):
+    if not _same_state_class(data["class"], _class_name(live)):
         raise CheckpointError(
             f"{file}: saved by {data['class']}, this run uses {_class_name(live)}; resume with "
             "the run's own --optim (or start without --resume)"
@@ -980,7 +990,7 @@ def load_checkpoint_parts(
         tensors = _load_safetensors(path / "band.safetensors")
         opt_state = None
         saved = _read_json(path / "optimizer.json") if (path / "optimizer.json").exists() else {}
-        if saved.get("class") == _class_name(optimizer):
+        if _same_state_class(str(saved.get("class")), _class_name(optimizer)):
             opt_state = _load_state_format2(path, "optimizer", optimizer)
     except _Damaged as damaged:
         raise _damaged_error(path, damaged) from None

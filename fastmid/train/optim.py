@@ -154,6 +154,11 @@ def build_optimizer(
         check_offload_device(on_cuda)
     cls, kwargs = _optimizer_class(name, on_cuda and not offload)
     if not offload:
+        if name == "adamw8bit" and not on_cuda:
+            # bitsandbytes' update and state layout, one fused kernel per step on CPU
+            from fastmid.train.adamw8bit_cpu import AdamW8bitCPU
+
+            cls = AdamW8bitCPU
         return cls(groups, lr=lr, betas=betas, eps=eps, **kwargs)
     offload_cls = import_torchao_optim().CPUOffloadOptimizer
     if name == "adamw":
