@@ -149,6 +149,14 @@ class TrainConfig:
         default="auto",
         metadata=_meta("Triton kernels (auto: on CUDA when Triton imports)", "model"),
     )
+    fuse_frozen: bool = field(
+        default=False,
+        metadata=_meta(
+            "frozen layers run packed q/k/v and gate/up GEMMs and a fused residual+RMSNorm "
+            "(llama, mistral, qwen2, qwen3; exact; off by default: no speed-up measured on CPU)",
+            "model",
+        ),
+    )
     grad_checkpointing: bool = field(
         default=False,
         metadata=_meta("recompute band and suffix activations in backward (less memory)", "model"),

@@ -13,7 +13,10 @@ op runs its torch reference there.
 Ops (one per module, each with its ``*_reference``):
 
 * :func:`rms_norm` - RMSNorm, plain or Gemma ``(1 + w)``, optional fused residual add.
+* :func:`fused_add_rms_norm` - ``h = x + residual`` and RMSNorm of ``h`` with a family's own
+  roundings (``casting="llama"`` or ``"gemma"``): the frozen decoder layer's add + norm.
 * :func:`swiglu` - ``silu(gate) * up``.
+* :func:`geglu` - ``gelu_tanh(gate) * up`` (Gemma's MLP).
 * :func:`rope` - rotary embedding of q and k (transformers' ``apply_rotary_pos_emb`` contract).
 * :func:`linear_cross_entropy` - chunked ``lm_head`` + cross-entropy returning
   ``(loss_sum, n_supervised)``.
@@ -75,6 +78,8 @@ from fastmid.kernels.cka_stats import (
     prepare_cka_block,
     syrk_accumulate,
 )
+from fastmid.kernels.fused_add_rms_norm import fused_add_rms_norm, fused_add_rms_norm_reference
+from fastmid.kernels.geglu import geglu, geglu_reference
 from fastmid.kernels.linear_cross_entropy import (
     default_chunk_size,
     linear_cross_entropy,
@@ -100,6 +105,10 @@ __all__ = [
     "cka_block_stats_reference",
     "cka_block_stats_triton",
     "default_chunk_size",
+    "fused_add_rms_norm",
+    "fused_add_rms_norm_reference",
+    "geglu",
+    "geglu_reference",
     "gram_to_stats",
     "interpreter_enabled",
     "kernels_disabled_by_env",

@@ -9,7 +9,10 @@ layer (used to classify parameters as attention / MLP / norm and by kernel patch
 
 The same entry says which of the family's transformers classes the kernels replace
 (:mod:`fastmid.models.patching`): the modeling module, its RMSNorm class with its epsilon attribute
-and output dtype rule, and its MLP class. Adding a family touches one entry here.
+and output dtype rule, and its MLP class; and how its frozen decoder layers run fused
+(:class:`FrozenFusion`, used by :mod:`fastmid.models.fused_frozen`: which linears pack into one
+GEMM, which norm takes the residual add, which layer-forward template runs them). Adding a family
+touches one entry here.
 
 Tests build every family from a tiny random config and check each path against the real module
 tree (``tests/models/test_families.py``).
@@ -30,6 +33,35 @@ ModuleKind = Literal["attention", "mlp", "norm", "other"]
 
 class UnsupportedModelError(FastmidError, ValueError):
     """The model's ``model_type`` is not in :data:`FAMILIES`; the message lists supported ones."""
+
+
+FrozenForward = Literal["pre_norm"]
+
+
+@dataclass(frozen=True)
+class FrozenFusion:
+    """How a frozen decoder layer of one family runs fused (:mod:`fastmid.models.fused_frozen`).
+
+    Attributes:
+        layer_class: the decoder layer's class name in transformers (``LlamaDecoderLayer``); a
+            layer of any other class (remote code, a changed transformers) is left unfused.
+        forward: the layer-forward template. ``pre_norm``: ``h = x + attn(attn_norm(x))``,
+            ``out = h + mlp(mlp_norm(h))``, with the add before ``mlp_norm`` fused into it (the
+            Llama/Mistral/Qwen2/Qwen3 block; OLMo-2's post-norm and Gemma 2/3's four norms would
+            be templates of their own).
+        attn_norm: the norm before attention (a layer attribute).
+        mlp_norm: the norm before the MLP, which takes the residual add.
+        qkv: the attention module's q, k, v linears, packed into one ``[q; k; v]`` GEMM (their
+            biases too, as Qwen2's).
+        gate_up: the MLP module's gate and up linears, packed into one ``[gate; up]`` GEMM.
+    """
+
+    layer_class: str
+    forward: FrozenForward = "pre_norm"
+    attn_norm: str = "input_layernorm"
+    mlp_norm: str = "post_attention_layernorm"
+    qkv: tuple[str, str, str] = ("q_proj", "k_proj", "v_proj")
+    gate_up: tuple[str, str] = ("gate_proj", "up_proj")
 
 
 @dataclass(frozen=True)
@@ -56,7 +88,8 @@ class FamilySpec:
         norm_out_dtype: ``promote`` (Llama: ``w * x_hat.to(input dtype)`` promotes to the
             weight's dtype) or ``input`` (OLMo-2 and Gemma cast the result to the input dtype).
         mlp_class: the MLP class name in ``modeling_module`` (kernel target when its activation
-            is SiLU), or None.
+            is SiLU or tanh-GELU), or None.
+        frozen_fusion: how frozen decoder layers run fused, or None (they run unfused).
     """
 
     model_type: str
@@ -75,6 +108,7 @@ class FamilySpec:
     norm_eps_attr: str = "variance_epsilon"
     norm_out_dtype: Literal["promote", "input"] = "promote"
     mlp_class: str | None = None
+    frozen_fusion: FrozenFusion | None = None
 
 
 def _kernel_targets(module: str, prefix: str) -> dict[str, str]:
@@ -104,10 +138,28 @@ def _llama_like(model_type: str, norm_kind: NormKind = "rms", **kw: Any) -> Fami
 FAMILIES: dict[str, FamilySpec] = {
     spec.model_type: spec
     for spec in (
-        _llama_like("llama", **_kernel_targets("llama", "Llama")),
-        _llama_like("mistral", **_kernel_targets("mistral", "Mistral")),
-        _llama_like("qwen2", **_kernel_targets("qwen2", "Qwen2")),
-        _llama_like("qwen3", **_kernel_targets("qwen3", "Qwen3")),
+        _llama_like(
+            "llama",
+            frozen_fusion=FrozenFusion("LlamaDecoderLayer"),
+            **_kernel_targets("llama", "Llama"),
+        ),
+        _llama_like(
+            "mistral",
+            frozen_fusion=FrozenFusion("MistralDecoderLayer"),
+            **_kernel_targets("mistral", "Mistral"),
+        ),
+        # Qwen2's q/k/v carry biases: they pack with the weights.
+        _llama_like(
+            "qwen2",
+            frozen_fusion=FrozenFusion("Qwen2DecoderLayer"),
+            **_kernel_targets("qwen2", "Qwen2"),
+        ),
+        # Qwen3's q_norm/k_norm run inside its own attention code, after the packed projection.
+        _llama_like(
+            "qwen3",
+            frozen_fusion=FrozenFusion("Qwen3DecoderLayer"),
+            **_kernel_targets("qwen3", "Qwen3"),
+        ),
         _llama_like("olmo2", norm_out_dtype="input", **_kernel_targets("olmo2", "Olmo2")),
         # phi3 fuses gate and up into one `gate_up_proj` linear; no kernel targets.
         _llama_like("phi3", gated_mlp=False),

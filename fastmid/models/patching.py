@@ -1,16 +1,18 @@
 """Swap a model's modules for kernel-backed ones, and the family-agnostic causal-LM loss.
 
-``patch_model(model, enabled, rms_norm=..., swiglu=..., rope=..., fused_loss=...)`` follows the
-family table (:data:`fastmid.models.families.FAMILIES`: where transformers defines each family's
-RMSNorm class, MLP class and ``apply_rotary_pos_emb``), with one switch per op as Liger-Kernel's
-``apply_liger_kernel_to_*`` functions have. It swaps:
+``patch_model(model, enabled, rms_norm=..., swiglu=..., geglu=..., rope=..., fused_loss=...)``
+follows the family table (:data:`fastmid.models.families.FAMILIES`: where transformers defines
+each family's RMSNorm class, MLP class and ``apply_rotary_pos_emb``), with one switch per op as
+Liger-Kernel's ``apply_liger_kernel_to_*`` functions have. It swaps:
 
 * every RMSNorm instance (layer norms, final norm, q/k norms) for :class:`KernelRMSNorm`, which
   holds the *same* ``weight`` Parameter (optimizer state, ``requires_grad`` and state-dict keys are
   unchanged) and calls :func:`fastmid.kernels.rms_norm` (``offset=1`` for Gemma's ``1 + w``);
 * every gated MLP whose activation is SiLU for :class:`KernelSwiGLUMLP` (same ``gate_proj`` /
-  ``up_proj`` / ``down_proj`` children) calling :func:`fastmid.kernels.swiglu`. Gemma's MLPs use
-  tanh-GELU (GeGLU), which has no kernel here: they are left alone and listed in ``skipped``;
+  ``up_proj`` / ``down_proj`` children) calling :func:`fastmid.kernels.swiglu`, and every one whose
+  activation is tanh-GELU (Gemma, Gemma 2, Gemma 3: ``gelu_pytorch_tanh``) for
+  :class:`KernelGeGLUMLP` calling :func:`fastmid.kernels.geglu`; other activations are left alone
+  and listed in ``skipped``;
 * the modeling module's ``apply_rotary_pos_emb`` for :func:`fastmid.kernels.rope`. transformers
   calls it as a module-level function, so this swap is global to that modeling module (every
   model of the family in the process); the kernel computes the same function, and
@@ -84,12 +86,9 @@ class KernelRMSNorm(nn.Module):
         )
 
 
-class KernelSwiGLUMLP(nn.Module):
-    """``down_proj(swiglu(gate_proj(x), up_proj(x)))`` with the original MLP's own linears.
-
-    The children keep their names, so state-dict keys (``...mlp.gate_proj.weight``) are unchanged.
-    Input (..., hidden_size); output (..., hidden_size).
-    """
+class _KernelGatedMLP(nn.Module):
+    """``down_proj(act(gate_proj(x), up_proj(x)))`` with the original MLP's own linears and a
+    kernel ``act``; the children keep their names, so state-dict keys are unchanged."""
 
     def __init__(self, original: nn.Module) -> None:
         super().__init__()
@@ -98,9 +97,30 @@ class KernelSwiGLUMLP(nn.Module):
         self.down_proj = original.down_proj
         object.__setattr__(self, "_fastmid_original", original)
 
+
+class KernelSwiGLUMLP(_KernelGatedMLP):
+    """``down_proj(swiglu(gate_proj(x), up_proj(x)))`` with the original MLP's own linears.
+
+    The children keep their names, so state-dict keys (``...mlp.gate_proj.weight``) are unchanged.
+    Input (..., hidden_size); output (..., hidden_size).
+    """
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The gated MLP on ``x`` (..., hidden_size)."""
         return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class KernelGeGLUMLP(_KernelGatedMLP):
+    """``down_proj(geglu(gate_proj(x), up_proj(x)))``: Gemma's MLP (tanh-GELU gate) with the
+    original MLP's own linears, calling :func:`fastmid.kernels.geglu`.
+
+    The children keep their names, so state-dict keys (``...mlp.gate_proj.weight``) are unchanged.
+    Input (..., hidden_size); output (..., hidden_size).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The gated MLP on ``x`` (..., hidden_size)."""
+        return self.down_proj(kernels.geglu(self.gate_proj(x), self.up_proj(x)))
 
 
 def _kernel_apply_rotary_pos_emb(
@@ -163,6 +183,7 @@ def patch_model(
     *,
     rms_norm: bool = True,
     swiglu: bool = True,
+    geglu: bool = True,
     rope: bool = True,
     fused_loss: bool = True,
 ) -> PatchReport:
@@ -174,6 +195,7 @@ def patch_model(
             ``--kernels off``); the per-op switches below apply when it is True.
         rms_norm: swap the family's RMSNorm modules.
         swiglu: swap the family's SiLU-gated MLPs.
+        geglu: swap the family's tanh-GELU-gated MLPs (Gemma's).
         rope: swap the modeling module's ``apply_rotary_pos_emb`` (global to that module).
         fused_loss: report the fused linear cross-entropy as the loss path.
 
@@ -208,8 +230,10 @@ def patch_model(
             getattr(modeling, spec.norm_class),
             lambda m: KernelRMSNorm(m, spec.norm_eps_attr, offset, spec.norm_out_dtype),
         )
-    if swiglu and spec.mlp_class is not None:
-        report.mlps = _patch_mlps(model, spec, getattr(modeling, spec.mlp_class), report)
+    if (swiglu or geglu) and spec.mlp_class is not None:
+        report.mlps = _patch_mlps(
+            model, spec, getattr(modeling, spec.mlp_class), report, swiglu=swiglu, geglu=geglu
+        )
     if rope:
         if spec.modeling_module not in _ORIGINAL_ROPE:
             _ORIGINAL_ROPE[spec.modeling_module] = modeling.apply_rotary_pos_emb
@@ -218,17 +242,48 @@ def patch_model(
     return report
 
 
-def _patch_mlps(model: nn.Module, spec: FamilySpec, mlp_cls: type, report: PatchReport) -> int:
-    if not spec.gated_mlp:
-        report.skipped.append(f"{spec.model_type}: MLP is not a separate gate/up/down SwiGLU")
-        return 0
-    silu_types: tuple[type, ...] = (nn.SiLU,)
-    try:
-        from transformers.activations import SiLUActivation
+def _activation_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(SiLU module classes, tanh-GELU module classes) of torch and this transformers version."""
+    from transformers import activations
 
-        silu_types += (SiLUActivation,)
-    except ImportError:  # pragma: no cover - older transformers name it differently
-        pass
+    silu: tuple[type, ...] = (nn.SiLU,)
+    gelu_tanh: tuple[type, ...] = ()
+    # transformers 5 names its tanh GELU `GELUTanh` (keeping `PytorchGELUTanh` as an alias);
+    # earlier versions had only `PytorchGELUTanh`.
+    for name, kind in (
+        ("SiLUActivation", "silu"),
+        ("GELUTanh", "gelu"),
+        ("PytorchGELUTanh", "gelu"),
+    ):
+        cls = getattr(activations, name, None)
+        if isinstance(cls, type):
+            if kind == "silu":
+                silu += (cls,)
+            else:
+                gelu_tanh += (cls,)
+    return silu, gelu_tanh
+
+
+def _is_gelu_tanh(act: Any, gelu_tanh_types: tuple[type, ...]) -> bool:
+    """True for transformers' tanh GELU module and for ``nn.GELU(approximate="tanh")``."""
+    if isinstance(act, nn.GELU):
+        return act.approximate == "tanh"
+    return isinstance(act, gelu_tanh_types)
+
+
+def _patch_mlps(
+    model: nn.Module,
+    spec: FamilySpec,
+    mlp_cls: type,
+    report: PatchReport,
+    *,
+    swiglu: bool = True,
+    geglu: bool = True,
+) -> int:
+    if not spec.gated_mlp:
+        report.skipped.append(f"{spec.model_type}: MLP is not a separate gate/up/down gated MLP")
+        return 0
+    silu_types, gelu_tanh_types = _activation_types()
     skipped_acts: set[str] = set()
     swapped = 0
 
@@ -236,16 +291,23 @@ def _patch_mlps(model: nn.Module, spec: FamilySpec, mlp_cls: type, report: Patch
         nonlocal swapped
         act = getattr(mlp, "act_fn", None)
         if isinstance(act, silu_types):
+            if not swiglu:
+                return mlp
             swapped += 1
             return KernelSwiGLUMLP(mlp)
+        if _is_gelu_tanh(act, gelu_tanh_types):
+            if not geglu:
+                return mlp
+            swapped += 1
+            return KernelGeGLUMLP(mlp)
         skipped_acts.add(type(act).__name__)
         return mlp
 
     _swap(model, mlp_cls, make)
     if skipped_acts:
         report.skipped.append(
-            f"{spec.model_type}: MLP activation {', '.join(sorted(skipped_acts))} is not SiLU "
-            "(no GeGLU kernel); MLPs left eager"
+            f"{spec.model_type}: MLP activation {', '.join(sorted(skipped_acts))} is neither "
+            "SiLU nor tanh-GELU (no kernel); MLPs left eager"
         )
     return swapped
 

@@ -75,6 +75,7 @@ from fastmid.models.band import (
     install_execution_policy,
 )
 from fastmid.models.families import decoder_layers
+from fastmid.models.fused_frozen import fuse_frozen_layers, unfuse_frozen_layers
 from fastmid.models.loading import (
     default_device,
     load_model_and_tokenizer,
@@ -539,6 +540,7 @@ class MidBlockRecipe:
         self.optimizer_restarted = False  # resumed across world sizes without optimizer state
         self.padded_tokens = 0  # tokens computed on (padding included) in this process's steps
         self._train_s = 0.0  # seconds of this process's steps
+        self.fuse_report: Any = None  # fastmid.models.fused_frozen.FuseReport after setup()
         self.packing_attention: str | None = None  # how packed rows attend (--packing)
         self.fp32_state: list[str] = []  # torchao parameters whose state stays fp32 on this rank
 
@@ -604,6 +606,20 @@ class MidBlockRecipe:
         kernels_on = resolve_kernels_flag(cfg.kernels, self.device)  # type: ignore[arg-type]
         self.kernel_report = patch_model(self.model, kernels_on)
         self.fused_loss = self.kernel_report.loss == "fused_linear_cross_entropy"
+        self.fuse_report = fuse_frozen_layers(
+            self.model,
+            self.plan,
+            enabled=cfg.fuse_frozen and self.dist is None,
+            off_reason=(
+                "several processes (FSDP2): packed views do not survive fully_shard; frozen "
+                "layers run unfused"
+                if self.dist is not None
+                else "--no-fuse-frozen"
+            ),
+            backend="auto" if kernels_on else "torch",
+        )
+        if cfg.fuse_frozen:
+            self.console.print(self.fuse_report.describe(), highlight=False)
         if self.dist is not None:
             self.units = shard_model(self.model, self.dist, cfg.precision)
             # FSDP2 replaced every parameter by its sharded DTensor: take the band's new ones.
@@ -910,7 +926,7 @@ class MidBlockRecipe:
         """Tokens per training example."""
         lengths = getattr(self.train_examples, "lengths", None)
         if callable(lengths):
-            return list(lengths())
+            return [int(n) for n in lengths()]
         return [len(e["input_ids"]) for e in self.train_examples]
 
     def collate(self, indices: list[Any]) -> dict[str, torch.Tensor]:
@@ -1261,6 +1277,8 @@ class MidBlockRecipe:
         its training dtype); returns ``final/``."""
         assert self.plan is not None
         plan = self.plan.to_dict()
+        if self.dist is None:
+            unfuse_frozen_layers(self.model)  # save_pretrained would copy the packed views
         # Several processes: every rank takes part in gathering the full weights to rank 0.
         state = full_state_dict(self.model, self.dist) if self.dist else None
 
@@ -1361,6 +1379,7 @@ class MidBlockRecipe:
             "final_loss": last.get("loss"),
             "final_eval_loss": eval_loss,
             "optimizer_state_restarted": self.optimizer_restarted,
+            "fuse_frozen": self.fuse_report.to_dict() if self.fuse_report else None,
             "accuracy_before": before,
             "accuracy_after": after,
         }

@@ -19,6 +19,7 @@ from fastmid.errors import FastmidError
 from fastmid.models.families import decoder_layers, final_norm
 from fastmid.models.loss import causal_lm_loss_sum
 from fastmid.models.patching import (
+    KernelGeGLUMLP,
     KernelRMSNorm,
     KernelsUnavailableError,
     KernelSwiGLUMLP,
@@ -113,8 +114,12 @@ def test_patch_report_and_module_swaps(models):
 
     gemma = copy.deepcopy(models["gemma2"])
     report = patch_model(gemma, enabled=True)
-    assert report.norms == 2 * 4 + 1 and report.mlps == 0
-    assert any("GELUTanh" in reason for reason in report.skipped)
+    # Gemma's tanh-GELU MLPs get the GeGLU kernel.
+    assert report.norms == 2 * 4 + 1 and report.mlps == 2 and report.skipped == []
+    assert isinstance(decoder_layers(gemma)[0].mlp, KernelGeGLUMLP)
+    gemma = copy.deepcopy(models["gemma2"])
+    report = patch_model(gemma, enabled=True, geglu=False)
+    assert report.mlps == 0 and type(decoder_layers(gemma)[0].mlp).__name__ == "Gemma2MLP"
 
     unpatch_model(llama)
     assert type(final_norm(llama)).__name__ == "LlamaRMSNorm"
