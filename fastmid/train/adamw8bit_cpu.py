@@ -81,6 +81,7 @@ from typing import Any
 
 import torch
 
+from fastmid.errors import FastmidError
 from fastmid.models.loading import cache_root
 
 BLOCK_SIZE = 256
@@ -365,7 +366,7 @@ class _Task(ctypes.Structure):
     ]  # fmt: skip
 
 
-class NativeKernelError(RuntimeError):
+class NativeKernelError(FastmidError, RuntimeError):
     """The fused kernel cannot be built or loaded here (the reason in one line)."""
 
 

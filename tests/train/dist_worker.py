@@ -108,6 +108,7 @@ def nan_on_one_rank(out: Path) -> None:
         raised = {"what": exc.what, "micro_batch": exc.micro_batch, "stepped": exc.stepped}
     unchanged = all(torch.equal(b, p.detach()) for b, (_, p) in zip(before, named, strict=True))
     Path(f"{out}.{ctx.rank}").write_text(json.dumps({"raised": raised, "unchanged": unchanged}))
+    ctx.barrier()  # both ranks are done with the step's collectives before the group goes
     shutdown()
 
 

@@ -200,8 +200,9 @@ def test_refusals_are_one_line(dist_model_dir: Path, tmp_path: Path) -> None:
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "--optim: adamw8bit cannot step FSDP2" in lines[0], proc.stderr
-    proc = _fastmid("--model", str(dist_model_dir), "--nproc", "2", "--optim", "adamw")
-    assert proc.returncode == 2 and "--save-every 30" in proc.stderr, proc.stderr
+    proc = _fastmid("--model", str(dist_model_dir), "--nproc", "2", "--precision", "bf16")
+    assert proc.returncode == 2 and "--precision bf16: torchao" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     out = tmp_path / "held"
     (out / "final").mkdir(parents=True)
     (out / "checkpoints" / "step-1").mkdir(parents=True)
