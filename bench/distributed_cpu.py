@@ -22,12 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from machine import cpu_name  # bench/ is on sys.path when a script runs
 from safetensors.torch import load_file
 
 RESULTS = Path(__file__).parent / "results"
@@ -35,17 +35,6 @@ ARMS = {
     "one": ["--micro-batch", "2", "--grad-accum", "2"],
     "two": ["--micro-batch", "2", "--nproc", "2"],
 }
-
-
-def cpu_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def max_rel_diff(a: Path, b: Path) -> float:

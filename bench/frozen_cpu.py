@@ -40,7 +40,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -48,6 +47,7 @@ from typing import Any
 
 import torch
 import transformers
+from machine import cpu_name  # bench/ is on sys.path when a script runs
 
 from fastmid.models.band import BandPlan, apply_band, install_execution_policy
 from fastmid.models.families import backbone, decoder_layers
@@ -66,17 +66,6 @@ LAYER_SHAPES = {
 # The whole step: bench/step_cpu.py's micro-batch 4 x 256 for SmolLM2; a short one for the wide
 # model (one of its steps at 1024 tokens takes about a minute on 2 cores).
 STEP_SHAPES = {"smollm2-135m": (4, 256), "wide-h2048-l8": (1, 128)}
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (``platform.processor()`` is often empty on Linux)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def wide_model() -> torch.nn.Module:

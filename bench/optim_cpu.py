@@ -52,20 +52,10 @@ import time
 from pathlib import Path
 
 import torch
+from machine import cpu_name  # bench/ is on sys.path when a script runs
 
 RESULTS = Path(__file__).parent / "results"
 ARMS = ("bnb", "fastmid", "fastmid_torch", "ao", "foreach", "fused")
-
-
-def cpu_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def band_shapes() -> list[tuple[str, tuple[int, ...]]]:

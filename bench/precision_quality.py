@@ -23,28 +23,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from machine import cpu_name  # bench/ is on sys.path when a script runs
 
 RESULTS = Path(__file__).parent / "results"
 ARMS = {
     "fp32": ["--precision", "fp32", "--optim", "adamw8bit"],
     "bf16": ["--precision", "bf16"],
 }
-
-
-def cpu_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run_arm(name: str, flags: list[str], args: argparse.Namespace) -> dict:
