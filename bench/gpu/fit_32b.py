@@ -171,6 +171,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny model of the same architecture")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="folder for fit_32b.json/.md")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--results-json", default=None,
+        help="also merge the report, as it grows, into this results file of bench/gpu/run_all.sh",
+    )  # fmt: skip
+    parser.add_argument("--results-case", default="fit_32b")
     return parser.parse_args(argv)
 
 
@@ -587,6 +592,21 @@ def versions() -> dict[str, str | None]:
 # ---- the run -------------------------------------------------------------------------------
 
 
+# (results file, case) of bench/gpu/run_all.sh, set by main(): the report is merged there after the
+# plan, the build, the setup and every step, so a run stopped by its time box keeps what it had.
+PUBLISH: tuple[str | None, str] = (None, "fit_32b")
+
+
+def publish(report: dict[str, Any]) -> None:
+    path, case = PUBLISH
+    if not path:
+        return
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import gpu_results
+
+    gpu_results.merge_case(path, case, {"report": report})
+
+
 def log(msg: str) -> None:
     print(f"[fit_32b {time.perf_counter() - T_START:7.1f}s] {msg}", file=sys.stderr, flush=True)
 
@@ -643,6 +663,7 @@ def run(raw: argparse.Namespace) -> tuple[dict[str, Any], int]:
 
     plan = plan_for(config_path, args, gpu_gib)
     report["planned"] = planned_lines(plan)
+    publish(report)
     log(
         f"plan: Mid-Block total {report['planned']['total_gib']:.2f} GiB "
         f"({', '.join(f'{k} {v:.2f}' for k, v in report['planned']['gib'].items())})"
@@ -662,6 +683,7 @@ def run(raw: argparse.Namespace) -> tuple[dict[str, Any], int]:
     try:
         model, mat = materialize(config, policy.weight_dtype, device, args.seed)
         report["materialize"] = mat
+        publish(report)
         log(
             f"materialized {mat['parameter_gib']:.2f} GiB of {mat['dtype']} weights in "
             f"{mat['total_s']:.1f} s (meta {mat['meta_build_s']:.1f}, allocate "
@@ -706,6 +728,7 @@ def run(raw: argparse.Namespace) -> tuple[dict[str, Any], int]:
         log(f"band {band.describe()}, {counts.trainable:,} trainable; kernels {kernels.to_dict()}")
         sync(device)
         report["after_setup"] = peaks(device)
+        publish(report)
         steps: list[dict[str, Any]] = []
         report["steps"] = steps
         for k, batch in enumerate(batches):
@@ -733,6 +756,7 @@ def run(raw: argparse.Namespace) -> tuple[dict[str, Any], int]:
                 },
             }
             steps.append(record)
+            publish(report)
             log(
                 f"step {k + 1}: loss {result.loss:.4f}, grad norm {result.grad_norm:.3g}, "
                 f"{dt:.2f} s, {record['tokens_per_s']:.0f} tok/s"
@@ -891,10 +915,13 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
+    global PUBLISH
+    PUBLISH = (args.results_json, args.results_case)
     report, status = run(args)
     out = Path(args.out)
     (out / "fit_32b.json").write_text(json.dumps(report, indent=1) + "\n")
     write_markdown(report, out / "fit_32b.md")
+    publish(report)
     log(f"wrote {out / 'fit_32b.json'} and fit_32b.md ({report['status']})")
     return status
 

@@ -128,12 +128,13 @@ def _eager_lm_loss(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor) -> to
 
 
 def linear_cross_entropy_case(
-    impl: str, mode: str, tokens: int, device: str, dtype: torch.dtype
+    impl: str, mode: str, tokens: int, device: str, dtype: torch.dtype, vocab: int = VOCAB
 ) -> Case:
-    """lm_head (128256 x 4096, frozen: the Mid-Block default) + cross-entropy over ``tokens``."""
+    """lm_head (``vocab`` x 4096, default 128256; frozen: the Mid-Block default) +
+    cross-entropy over ``tokens``."""
     h = torch.randn(tokens, HIDDEN, device=device, dtype=dtype, requires_grad=True)
-    w = (0.02 * torch.randn(VOCAB, HIDDEN, device=device, dtype=dtype)).requires_grad_(False)
-    labels = torch.randint(0, VOCAB, (tokens,), device=device)
+    w = (0.02 * torch.randn(vocab, HIDDEN, device=device, dtype=dtype)).requires_grad_(False)
+    labels = torch.randint(0, vocab, (tokens,), device=device)
     labels[: tokens // 4] = -100
     if impl == "fastmid":
 

@@ -10,12 +10,19 @@ Runs, within about ten minutes on one GPU:
    8B-shaped Llama with random bf16 weights, seq 4096, band = layers [6, 26) of 32, frozen
    prefix under ``torch.no_grad()``, kernels on vs off: step time and peak memory.
 
-Targets (issue 6, H200): RMSNorm and SwiGLU >= 70% of copy bandwidth; linear_cross_entropy with
-a frozen lm_head < 1/4 of the eager path's peak memory and no slower than eager at 16384 tokens.
+Targets (issues 6 and 24, H200): RMSNorm and SwiGLU forward+backward >= 70% of copy bandwidth;
+linear_cross_entropy with a frozen lm_head at most 1/4 of the eager path's peak memory and no
+slower than eager (at the largest ``--lce-tokens``; issue 24 asks for 8192 tokens and a 150k
+vocabulary: ``--lce-tokens 8192 --lce-vocab 152064``).
+
+The cases that decide the targets run first (fastmid and eager, forward+backward, at the largest
+token counts), then the rest; ``--budget-s`` stops starting new cases after that many seconds, so
+a short budget drops the ``torch.compile`` comparisons (each compiles first) before the targets.
 
 Usage: ``python bench/kernels/run_gpu.py [--budget-s 540] [--smoke]``. ``--smoke`` runs tiny
 shapes on CPU under the Triton interpreter to check the script itself (no numbers worth keeping;
-writes under ``$TMPDIR`` unless ``--out`` is given).
+writes under ``$TMPDIR`` unless ``--out`` is given). ``--results-json`` merges every row into the
+prepared GPU run's results file as it is measured (``bench/gpu/run_all.sh``).
 """
 
 from __future__ import annotations
@@ -40,6 +47,14 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="tiny CPU run under TRITON_INTERPRET=1")
     p.add_argument("--out", type=Path, default=None, help="results folder")
     p.add_argument("--skip-e2e", action="store_true")
+    p.add_argument(
+        "--tokens", type=int, nargs="+", default=[4096, 16384],
+        help="token rows for rms_norm, swiglu, rope",
+    )  # fmt: skip
+    p.add_argument("--lce-tokens", type=int, nargs="+", default=[4096, 8192, 16384])
+    p.add_argument("--lce-vocab", type=int, default=None, help="default 128256 (Llama 3)")
+    p.add_argument("--results-json", default=None, help="bench/gpu/run_all.sh's results file")
+    p.add_argument("--results-case", default="kernel_bench")
     return p.parse_args()
 
 
@@ -50,8 +65,12 @@ if ARGS.smoke:
 import torch  # noqa: E402
 
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(REPO / "bench" / "gpu"))
 import cases  # noqa: E402
+import gpu_results  # noqa: E402
 from fastmid.kernels import use_backend  # noqa: E402
+
+LCE_VOCAB = ARGS.lce_vocab or (1031 if ARGS.smoke else cases.VOCAB)  # smoke: seconds, not a minute
 
 T0 = time.perf_counter()
 
@@ -70,59 +89,75 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
-def bench_ops(device: str, dtype: torch.dtype, copy_gbs: float) -> list[dict]:
-    rows = []
+def case_order(smoke: bool) -> list[tuple[str, int, str, str]]:
+    """Every ``(op, tokens, mode, impl)`` to measure, the targets' cases first."""
     sizes = {
-        "rms_norm": [4096, 16384],
-        "swiglu": [4096, 16384],
-        "rope": [4096, 16384],
-        "linear_cross_entropy": [4096, 8192, 16384],
+        "rms_norm": list(ARGS.tokens),
+        "swiglu": list(ARGS.tokens),
+        "rope": list(ARGS.tokens),
+        "linear_cross_entropy": list(ARGS.lce_tokens),
     }
     impls = list(cases.IMPLS)
-    if ARGS.smoke:
+    if smoke:
         sizes = {op: [8] for op in sizes}
         impls = ["eager", "fastmid"]
-    for op, token_list in sizes.items():
-        for tokens in token_list:
-            for mode in cases.MODES:
-                for impl in impls:
-                    if over_budget():
-                        rows.append(
-                            dict(op=op, impl=impl, mode=mode, tokens=tokens, skipped="budget")
-                        )
-                        continue
-                    try:
-                        case = cases.OPS[op](impl, mode, tokens, device, dtype)
-                        ctx = use_backend("triton") if ARGS.smoke else contextlib.nullcontext()
-                        with ctx:
-                            ms = cases.time_ms(
-                                case.run,
-                                device,
-                                warmup=1 if ARGS.smoke else 3,
-                                reps=1 if ARGS.smoke else 10,
-                            )
-                            peak = cases.peak_extra_bytes(case.run, device)
-                        gbs = case.bytes_moved / (ms * 1e-3) / 1e9 if case.bytes_moved else None
-                        rows.append(
-                            dict(
-                                op=op,
-                                impl=impl,
-                                mode=mode,
-                                tokens=tokens,
-                                ms=round(ms, 4),
-                                gb_per_s=round(gbs, 1) if gbs else None,
-                                copy_bw_share=round(gbs / copy_gbs, 3) if gbs else None,
-                                peak_extra_mib=round(peak / 2**20, 1),
-                            )
-                        )
-                    except Exception as exc:  # keep going: one failing case must not sink the run
-                        rows.append(
-                            dict(op=op, impl=impl, mode=mode, tokens=tokens, error=repr(exc)[:300])
-                        )
-                    finally:
-                        case = None
-                        _free()
-                    print(json.dumps(rows[-1]), flush=True)
+    first = [
+        (op, max(sizes[op]), "fwd_bwd", impl)
+        for op in ("rms_norm", "swiglu", "linear_cross_entropy")
+        for impl in ("fastmid", "eager")
+    ]
+    rest = [
+        (op, tokens, mode, impl)
+        for op, token_list in sizes.items()
+        for tokens in token_list
+        for mode in cases.MODES
+        for impl in impls
+    ]
+    return first + [c for c in rest if c not in first]
+
+
+def bench_ops(device: str, dtype: torch.dtype, copy_gbs: float) -> list[dict]:
+    rows: list[dict] = []
+    for op, tokens, mode, impl in case_order(ARGS.smoke):
+        if over_budget():
+            rows.append(dict(op=op, impl=impl, mode=mode, tokens=tokens, skipped="budget"))
+            continue
+        case = None
+        try:
+            extra = {"vocab": LCE_VOCAB} if op == "linear_cross_entropy" else {}
+            case = cases.OPS[op](impl, mode, tokens, device, dtype, **extra)
+            ctx = use_backend("triton") if ARGS.smoke else contextlib.nullcontext()
+            with ctx:
+                ms = cases.time_ms(
+                    case.run,
+                    device,
+                    warmup=1 if ARGS.smoke else 3,
+                    reps=1 if ARGS.smoke else 10,
+                )
+                peak = cases.peak_extra_bytes(case.run, device)
+            gbs = case.bytes_moved / (ms * 1e-3) / 1e9 if case.bytes_moved else None
+            rows.append(
+                dict(
+                    op=op,
+                    impl=impl,
+                    mode=mode,
+                    tokens=tokens,
+                    **extra,
+                    ms=round(ms, 4),
+                    gb_per_s=round(gbs, 1) if gbs else None,
+                    copy_bw_share=round(gbs / copy_gbs, 3) if gbs else None,
+                    peak_extra_mib=round(peak / 2**20, 1),
+                )
+            )
+        except Exception as exc:  # keep going: one failing case must not sink the run
+            rows.append(dict(op=op, impl=impl, mode=mode, tokens=tokens, error=repr(exc)[:300]))
+        finally:
+            case = None
+            _free()
+        print(json.dumps(rows[-1]), flush=True)
+        gpu_results.merge_case(
+            ARGS.results_json, ARGS.results_case, {"ops": rows, "lce_goal": _lce_goal(rows)}
+        )
     return rows
 
 
@@ -229,35 +264,54 @@ def bench_e2e(device: str) -> list[dict]:
     return rows
 
 
-def _targets(op_rows: list[dict]) -> dict:
-    def get(op, impl, mode, tokens):
-        for r in op_rows:
-            if (r["op"], r["impl"], r["mode"], r["tokens"]) == (
-                op,
-                impl,
-                mode,
-                tokens,
-            ) and "ms" in r:
-                return r
-        return None
+def _get(rows: list[dict], op: str, impl: str, mode: str, tokens: int | None) -> dict | None:
+    for r in rows:
+        if (r["op"], r["impl"], r["mode"], r["tokens"]) == (op, impl, mode, tokens) and "ms" in r:
+            return r
+    return None
 
+
+def _lce_goal(rows: list[dict]) -> dict:
+    """The frozen-head fused loss against eager (forward+backward) at the largest token count:
+    peak-memory and time ratios (target: memory <= 0.25, time <= 1.0)."""
+    top = max((r["tokens"] for r in rows if r["op"] == "linear_cross_entropy"), default=None)
+    ours, eager = (
+        _get(rows, "linear_cross_entropy", i, "fwd_bwd", top) for i in ("fastmid", "eager")
+    )
+    if not (ours and eager):
+        return {}
+    mem = ours["peak_extra_mib"] / max(eager["peak_extra_mib"], 1e-9)
+    return dict(
+        tokens=top,
+        vocab=ours.get("vocab"),
+        fastmid_ms=ours["ms"],
+        eager_ms=eager["ms"],
+        fastmid_peak_extra_mib=ours["peak_extra_mib"],
+        eager_peak_extra_mib=eager["peak_extra_mib"],
+        memory_ratio=round(mem, 4),
+        time_ratio=round(ours["ms"] / eager["ms"], 4),
+        met=mem <= 0.25 and ours["ms"] <= eager["ms"],
+    )
+
+
+def _targets(op_rows: list[dict]) -> dict:
     out = {}
-    big = max((r["tokens"] for r in op_rows if r["op"] == "rms_norm"), default=None)
     for op in ("rms_norm", "swiglu"):
+        big = max((r["tokens"] for r in op_rows if r["op"] == op), default=None)
         for mode in cases.MODES:
-            r = get(op, "fastmid", mode, big)
+            r = _get(op_rows, op, "fastmid", mode, big)
             out[f"{op}_{mode}_copy_bw_share>=0.70"] = (
                 None
-                if r is None
+                if r is None or r["copy_bw_share"] is None
                 else dict(value=r["copy_bw_share"], met=r["copy_bw_share"] >= 0.70)
             )
-    top = max((r["tokens"] for r in op_rows if r["op"] == "linear_cross_entropy"), default=None)
-    ours, eager = (get("linear_cross_entropy", i, "fwd_bwd", top) for i in ("fastmid", "eager"))
-    if ours and eager:
-        mem = ours["peak_extra_mib"] / max(eager["peak_extra_mib"], 1e-9)
-        out["lce_peak_memory_ratio<0.25"] = dict(value=round(mem, 3), met=mem < 0.25)
+    lce = _lce_goal(op_rows)
+    if lce:
+        out["lce_peak_memory_ratio<=0.25"] = dict(
+            value=round(lce["memory_ratio"], 3), met=lce["memory_ratio"] <= 0.25
+        )
         out["lce_time_ratio<=1.0"] = dict(
-            value=round(ours["ms"] / eager["ms"], 3), met=ours["ms"] <= eager["ms"]
+            value=round(lce["time_ratio"], 3), met=lce["time_ratio"] <= 1.0
         )
     return out
 
@@ -317,6 +371,12 @@ def main() -> None:
         name = torch.cuda.get_device_name(0)
     copy_gbs = cases.copy_bandwidth_gbs(device, n_bytes=(1 << 20) if ARGS.smoke else (2 << 30))
     print(f"device {name}: copy bandwidth {copy_gbs:.0f} GB/s", flush=True)
+    gpu_results.merge_case(
+        ARGS.results_json,
+        ARGS.results_case,
+        {"device": name, "dtype": str(dtype).replace("torch.", ""),
+         "copy_bandwidth_gbs": round(copy_gbs, 1), "lce_vocab": LCE_VOCAB},
+    )  # fmt: skip
     op_rows = bench_ops(device, dtype, copy_gbs)
     e2e_rows = [] if ARGS.skip_e2e else bench_e2e(device)
     result = dict(
@@ -329,6 +389,11 @@ def main() -> None:
         e2e=e2e_rows,
         targets=_targets(op_rows),
         wall_s=round(elapsed(), 1),
+    )
+    gpu_results.merge_case(
+        ARGS.results_json,
+        ARGS.results_case,
+        {"ops": op_rows, "targets": result["targets"], "e2e": e2e_rows},
     )
     out_dir = ARGS.out or (
         Path(os.environ.get("TMPDIR", "/tmp")) if ARGS.smoke else REPO / "bench" / "results"
