@@ -13,21 +13,39 @@ Splits: ``train`` (5000 problems, generator seed 20240601) and ``test`` (500 pro
 one split (``test`` when the hash is 0 mod 5), so no computation of the test split appears in
 ``train`` under another name. Within a split every identity appears once. The generator is pure
 Python ``random.Random``, so the sets are the same on every machine and Python version >= 3.2.
+
+``builtin:arith-unseen`` (split ``test`` only): 134 hand-written two-step problems in phrasings,
+names and items the generator never uses, stored as ``fastmid/data/sets/arith_unseen.jsonl`` (see
+the README there). It is a held-out check that a gain on ``builtin:arith:test`` is not memorized
+templates; it has no ``train`` split, so ``--data builtin:arith-unseen`` refuses to train on it.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import random
 from collections.abc import Callable
+from pathlib import Path
 
 from fastmid.data.schema import DataError
 
 SPLIT_SIZES: dict[str, int] = {"train": 5000, "test": 500}
 SPLIT_SEEDS: dict[str, int] = {"train": 20240601, "test": 20240602}
 TEST_BUCKETS = 5  # identity hash 0 mod 5 -> test, the rest -> train
-BUILTINS: tuple[str, ...] = ("arith",)
+BUILTINS: tuple[str, ...] = ("arith", "arith-unseen")
+SETS_DIR = Path(__file__).with_name("sets")
+#: Built-in sets stored as JSON-lines files in :data:`SETS_DIR`: name -> (file, its one split,
+#: SHA-256 of the file). The digest pins the file: the tokenization cache keys a built-in set by
+#: fastmid's code, not by the file's bytes, so an edited file must come with its new digest here.
+FILE_SETS: dict[str, tuple[str, str, str]] = {
+    "arith-unseen": (
+        "arith_unseen.jsonl",
+        "test",
+        "1939c3f1f8faae650566c43a5850ea6a590a27e429a4d0b9241e2ca34e3eae09",
+    ),
+}
 
 # (name, subject pronoun, object pronoun, possessive)
 NAMES: tuple[tuple[str, str, str, str], ...] = (
@@ -374,22 +392,49 @@ def arith_problems(split: str) -> list[tuple[int, str, str]]:
     return list(_generate(split))
 
 
+def _file_rows(name: str, split: str) -> list[dict[str, str]]:
+    """The rows of a file-backed built-in set (:data:`FILE_SETS`), checked against its digest."""
+    file, only_split, digest = FILE_SETS[name]
+    if split != only_split:
+        raise DataError(
+            f"builtin:{name} has only the split {only_split!r} (held-out data, never trained "
+            f"on), not {split!r}; use builtin:{name}:{only_split}"
+        )
+    path = SETS_DIR / file
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"builtin:{name}: cannot read {path}: {exc}") from exc
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != digest:
+        raise DataError(
+            f"builtin:{name}: {path} has SHA-256 {actual}, not the {digest} recorded in "
+            "fastmid/data/builtin.py (FILE_SETS); record the new digest if the edit is intended"
+        )
+    rows = [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
+    return [{"question": r["question"], "answer": r["answer"]} for r in rows]
+
+
 def builtin_rows(name: str, split: str) -> list[dict[str, str]]:
     """Rows of a built-in data set, in GSM8K's ``question``/``answer`` columns.
 
     Args:
-        name: the part after ``builtin:`` (only ``"arith"`` exists).
-        split: ``"train"`` or ``"test"``.
+        name: the part after ``builtin:``: ``"arith"`` (generated) or ``"arith-unseen"`` (a
+            file, :data:`FILE_SETS`).
+        split: ``"train"`` or ``"test"`` (``arith-unseen`` has only ``"test"``).
 
     Returns:
         Fresh row dicts (callers may modify them).
 
     Raises:
-        DataError: unknown name or split.
+        DataError: unknown name or split, or a set file that is missing or differs from its
+            recorded SHA-256.
     """
     if name not in BUILTINS:
         raise DataError(
             f"builtin:{name} does not exist; built-in data sets: "
             + ", ".join(f"builtin:{b}" for b in BUILTINS)
         )
+    if name in FILE_SETS:
+        return _file_rows(name, split)
     return [{"question": q, "answer": a} for _, q, a in arith_problems(split)]
