@@ -1,6 +1,6 @@
 """The ``fastmid`` command line (typer). Thin: parse flags, build a config, call the library.
 
-Commands: ``train``, ``plan``, ``eval``, ``generate``, ``analyze``, ``data inspect``. The ``train`` command's
+Commands: ``train``, ``ablate``, ``plan``, ``eval``, ``generate``, ``analyze``, ``data inspect``. The ``train`` command's
 flags are generated from the fields of :class:`fastmid.config.TrainConfig`, and the options other
 commands share with it (``--model``, ``--data``, ``--max-seq-len``, ...) come from the same fields
 through :func:`config_option`, so every option has one name, one help text and one default.
@@ -388,6 +388,149 @@ _train.__annotations__ = {
     for p in _train.__signature__.parameters.values()  # type: ignore[attr-defined]
 }
 app.command("train", cls=_Command)(_train)
+
+
+def _ablate(
+    ctx: typer.Context,
+    config: Path | None,
+    arms: str,
+    lrs: str,
+    seeds: int,
+    val_n: int,
+    lr_extend: int,
+    random_arm_seed: int,
+    bootstrap: int,
+    keep: str,
+    **values: Any,
+) -> None:
+    """Test the source paper's claim with controls: train the middle band and its controls at
+    the same steps and tokens, choose each arm's learning rate on a validation split, score every
+    arm with several seeds on the same test problems, and say which differences hold.
+
+    Arms: mid (the band, full rank), early and late (as many layers at the bottom and top), random
+    (as many layers drawn with --random-arm-seed), full (every layer), lora (LoRA on every linear
+    of every layer), lora-mid (the paper's released method: q/k/v/o LoRA on the middle of five
+    depth segments with uniform q/k/v/o LoRA's rank budget). Every train option is the shared
+    base of all arms; --band/--layers set mid's layers, --lora-rank the LoRA arms' rank, and
+    --eval-accuracy-data/--eval-n the test set. Re-running with the same --output resumes.
+    Writes ablate.json, ablate.csv and ablate.png. Precedence: defaults < the YAML CONFIG <
+    flags given here.
+    """
+    overrides = {name: value for name, value in values.items() if _given(ctx, name)}
+
+    def go() -> None:
+        from fastmid.ablate.protocol import AblateSettings, build_ablate_config, run_ablation
+
+        cfg, explicit = build_ablate_config(config, overrides)
+        settings = AblateSettings(
+            arms=arms,
+            lrs=lrs,
+            seeds=seeds,
+            val_n=val_n,
+            lr_extend=lr_extend,
+            random_arm_seed=random_arm_seed,
+            bootstrap=bootstrap,
+            keep=keep,
+        )
+        run_ablation(cfg, settings, err_console, explicit)
+
+    _run(go)
+
+
+def _ablate_signature() -> inspect.Signature:
+    """``_ablate``'s parameters: CONFIG, the ablation's own options, then one option per
+    ``TrainConfig`` field (the shared base of every arm; the defaults of
+    :data:`fastmid.ablate.defaults.TRAIN_DEFAULTS` where the ablation sizes them differently)."""
+    from fastmid.ablate.defaults import (
+        ARMS,
+        DEFAULT_BOOTSTRAP,
+        DEFAULT_LR_EXTEND,
+        DEFAULT_LRS,
+        DEFAULT_SEEDS,
+        DEFAULT_VAL_N,
+        KEEP_CHOICES,
+        TRAIN_DEFAULTS,
+    )
+
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    panel = "ablation"
+
+    def own(name: str, annotation: Any, default: Any, help: str, minimum: int | None = None) -> Any:
+        option = typer.Option(
+            default,
+            "--" + name.replace("_", "-"),
+            help=help,
+            rich_help_panel=panel,
+            show_default=True,
+            callback=_at_least(minimum) if minimum is not None else None,
+        )
+        return inspect.Parameter(name, keyword, annotation=annotation, default=option)
+
+    def shared(name: str) -> inspect.Parameter:
+        option = config_option(name)
+        if name in TRAIN_DEFAULTS:
+            option.default = TRAIN_DEFAULTS[name]
+            option.help = f"{option.help} (fastmid ablate's default)"
+        return inspect.Parameter(name, keyword, annotation=field_type(name), default=option)
+
+    return inspect.Signature(
+        [
+            inspect.Parameter(
+                "ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context
+            ),
+            inspect.Parameter(
+                "config",
+                inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                annotation=Path | None,
+                default=typer.Argument(
+                    None,
+                    help="YAML config of the shared base; flags override its keys.",
+                    metavar="CONFIG",
+                ),
+            ),
+            own("arms", str, ",".join(ARMS), f"arms, comma-separated: {' | '.join(ARMS)}"),
+            own(
+                "lrs",
+                str,
+                DEFAULT_LRS,
+                "learning-rate grids, fixed in advance: one grid for every arm (1e-4,3e-4,1e-3) "
+                "or KEY=GRID groups separated by ';', KEY full-rank, lora or an arm",
+            ),
+            own("seeds", int, DEFAULT_SEEDS, "seeds per arm at its chosen rate", 1),
+            own(
+                "val_n",
+                int,
+                DEFAULT_VAL_N,
+                "validation problems carved from the training data (never the test set)",
+                1,
+            ),
+            own(
+                "lr_extend",
+                int,
+                DEFAULT_LR_EXTEND,
+                "rates a grid may grow by, per arm, when its best rate sits at an edge",
+                0,
+            ),
+            own("random_arm_seed", int, 0, "seed of the random arm's draw of layers", 0),
+            own("bootstrap", int, DEFAULT_BOOTSTRAP, "bootstrap resamples of the statistics", 1),
+            own(
+                "keep",
+                str,
+                "results",
+                "what a finished run keeps: results (metrics, evaluations; checkpoints and models "
+                f"removed once evaluated), final (also final/), all: {' | '.join(KEEP_CHOICES)}",
+            ),
+            *(shared(name) for name in FIELDS),
+        ]
+    )
+
+
+_ablate.__signature__ = _ablate_signature()  # type: ignore[attr-defined]
+_ablate.__annotations__ = {
+    p.name: p.annotation
+    for p in _ablate.__signature__.parameters.values()  # type: ignore[attr-defined]
+}
+app.command("ablate", cls=_Command)(_ablate)
 
 
 @app.command(cls=_Command)

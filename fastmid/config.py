@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ GROUPS = (
     "model",
     "data",
     "band",
+    "adapter",
     "optimization",
     "scale",
     "checkpointing",
@@ -52,6 +54,8 @@ Schedule = Literal["cosine", "constant"]
 Truncation = Literal["prompt-left", "drop"]
 KernelMode = Literal["auto", "on", "off"]
 Placement = Literal["first", "last", "middle", "random"]
+# Must equal fastmid.models.lora.LORA_TARGETS (a test checks it); config imports nothing from models.
+LoraTargets = Literal["all-linear", "qkvo"]
 # Must equal fastmid.data.formats.FORMATS (a test checks it); config imports nothing from data.
 DataFormat = Literal["messages", "sharegpt", "alpaca", "prompt-completion", "gsm8k", "text"]
 
@@ -67,11 +71,53 @@ TRACKERS: tuple[str, ...] = ("none", "tensorboard", "wandb", "trackio")
 STOCHASTIC_ROUNDING_OPTIMIZERS: tuple[str, ...] = ("ao_adamw8bit", "ao_adamw4bit")
 
 
+#: Overrides what ``--precision auto`` picks on a CPU (``fp32`` or ``bf16-master``) instead of
+#: :func:`cpu_has_fast_bf16`; the test suite pins it to ``fp32`` so that its results do not depend
+#: on the machine it runs on.
+AUTO_CPU_PRECISION_ENV = "FASTMID_AUTO_CPU_PRECISION"
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (Intel AMX tiles, with oneDNN's
+    bf16 kernels available to torch).
+
+    There a bf16 matmul runs about 2x to 3x faster than fp32 (measured here at SmolLM2's MLP
+    shapes on a 2-core Xeon with AMX: 1100x576 @ 576x1536); without AMX, bf16 matmuls are
+    emulated and slower than fp32. False when torch cannot say (its probes are private APIs).
+    """
+    try:
+        import torch
+
+        return bool(torch.cpu._is_amx_tile_supported()) and bool(
+            torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        )
+    except Exception:  # an older or newer torch without the probes: assume no
+        return False
+
+
 def resolve_precision(precision: str, device_type: str) -> str:
-    """``auto`` -> ``bf16-master`` on CUDA, ``fp32`` elsewhere; any other value unchanged."""
+    """``auto`` -> ``bf16-master`` on CUDA and on CPUs with hardware bf16 matmuls
+    (:func:`cpu_has_fast_bf16`), ``fp32`` elsewhere; any other value unchanged.
+
+    ``$FASTMID_AUTO_CPU_PRECISION`` (``fp32`` or ``bf16-master``), when set, replaces the CPU
+    detection.
+
+    Raises:
+        ConfigError: ``$FASTMID_AUTO_CPU_PRECISION`` holds another value.
+    """
     if precision != "auto":
         return precision
-    return "bf16-master" if device_type == "cuda" else "fp32"
+    if device_type == "cuda":
+        return "bf16-master"
+    forced = os.environ.get(AUTO_CPU_PRECISION_ENV)
+    if forced:
+        if forced not in ("fp32", "bf16-master"):
+            raise ConfigError(
+                f"${AUTO_CPU_PRECISION_ENV}: '{forced}' is not fp32 or bf16-master; "
+                "unset it or pass --precision"
+            )
+        return forced
+    return "bf16-master" if cpu_has_fast_bf16() else "fp32"
 
 
 def resolve_optim(optim: str, precision: str, distributed: bool = False) -> str:
@@ -305,6 +351,46 @@ class TrainConfig:
     train_final_norm: bool = field(
         default=False, metadata=_meta("also train the final norm", "band", resume_must_match=True)
     )
+    # adapter: LoRA on the band's layers instead of full-rank updates (fastmid.models.lora)
+    lora_rank: int = field(
+        default=0,
+        metadata=_meta(
+            "LoRA rank r: the band's layers get low-rank adapters and their own weights freeze "
+            "(0: full-rank updates of the band, fastmid's method; needs the ablate extra)",
+            "adapter",
+            ge=0,
+            note="(0: full-rank band)",
+            resume_must_match=True,
+        ),
+    )
+    lora_alpha: float | None = field(
+        default=None,
+        metadata=_meta(
+            "LoRA alpha of every adapter, whose output is scaled by alpha / rank (default: twice "
+            "each adapter's rank, a scale of 2)",
+            "adapter",
+            gt=0,
+            resume_must_match=True,
+        ),
+    )
+    lora_targets: LoraTargets = field(
+        default="all-linear",
+        metadata=_meta(
+            "the band's linear layers that get adapters: every one, or the attention's "
+            "q, k, v and o projections",
+            "adapter",
+            resume_must_match=True,
+        ),
+    )
+    lora_match_budget: bool = field(
+        default=False,
+        metadata=_meta(
+            "raise the rank on the band's layers so the total rank equals uniform LoRA of "
+            "--lora-rank over every decoder layer: the source paper's released Mid-Block method",
+            "adapter",
+            resume_must_match=True,
+        ),
+    )
     # optimization
     max_steps: int | None = field(
         default=90, metadata=_meta("optimizer steps (overrides --epochs)", "optimization", ge=1)
@@ -368,7 +454,8 @@ class TrainConfig:
         default="auto",
         metadata=_meta(
             "weights and compute (bf16-master: bf16 autocast, fp32 band weights; bf16: all "
-            "weights bf16, stochastic rounding; auto: bf16-master on CUDA, else fp32)",
+            "weights bf16, stochastic rounding; auto: bf16-master on CUDA and on CPUs with "
+            "AMX bf16 matmuls, else fp32)",
             "optimization",
             resume_must_match=True,
         ),
@@ -453,8 +540,9 @@ class TrainConfig:
     eval_n: int = field(
         default=100, metadata=_meta("problems in the accuracy eval", "evaluation", ge=1)
     )
+    # 96: the longest builtin:arith reference answer is 88 SmolLM2 tokens (train and test splits)
     eval_max_new_tokens: int = field(
-        default=128,
+        default=96,
         metadata=_meta("generation budget per problem in the accuracy eval", "evaluation", ge=1),
     )
     eval_batch_size: int = field(
@@ -987,6 +1075,25 @@ def validate(cfg: TrainConfig, where: Callable[[str], str] = flag) -> None:
             f"{where('optim')}: paged_adamw8bit pages its states itself; with "
             "--optimizer-offload use adamw, adamw8bit, ao_adamw8bit or ao_adamw4bit"
         )
+    if cfg.lora_rank == 0:
+        for name in ("lora_match_budget", "lora_alpha"):
+            if getattr(cfg, name) not in (None, False):
+                raise ConfigError(
+                    f"{where(name)}: applies to LoRA adapters; give --lora-rank R (R >= 1) too, "
+                    f"or drop {flag(name)}"
+                )
+    else:
+        # LoRA is built and tested on one process with plain frozen layers.
+        if cfg.nproc > 1:
+            raise ConfigError(
+                f"{where('nproc')}: LoRA adapters (--lora-rank) run on one process; use "
+                "--nproc 1, or drop --lora-rank for the full-rank band"
+            )
+        if cfg.fuse_frozen:
+            raise ConfigError(
+                f"{where('fuse_frozen')}: --fuse-frozen is not supported with LoRA adapters "
+                "(--lora-rank); drop one of them"
+            )
     if cfg.packing and cfg.group_by_length:
         raise ConfigError(
             f"{where('packing')}: packed rows are already filled by length; drop "

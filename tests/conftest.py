@@ -3,6 +3,7 @@
 * ``TRITON_INTERPRET=1`` before anything imports triton, so every Triton kernel can be run on
   CPU tensors by the kernel tests (production dispatch still uses Triton only on CUDA).
 * No network: the Hugging Face hub is offline for the whole run.
+* ``--precision auto`` resolves to fp32 on CPU whatever the CPU (``FASTMID_AUTO_CPU_PRECISION``).
 * ``@pytest.mark.slow`` tests (long end-to-end runs) are skipped unless ``FASTMID_FULL=1``;
   each has a short version that always runs.
 * SmolLM2-135M-Instruct, loaded once per session: ``smol_tokenizer`` and
@@ -11,7 +12,8 @@
   (``-m "not realmodel"``) leaves it out.
 * The tokenization cache (``fastmid.data.cache``, under ``HF_DATASETS_CACHE``) is a temporary
   folder: one for the session (what session- and module-scoped fixtures build), and a fresh one
-  for every test, so no test reads another's entries or touches the user's cache.
+  for every test, so no test reads another's entries or touches the user's cache; so is the
+  base-model evaluation cache (``FASTMID_EVAL_CACHE``, :mod:`fastmid.eval.base_cache`).
 * Tiny random models come from one factory, ``tests/tiny.py`` (``from tiny import tiny_model``;
   pyproject puts tests/ on the import path); ``tiny_llama_dir`` is a tiny Llama saved once per
   session with SmolLM2's tokenizer.
@@ -25,6 +27,10 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `--precision auto` on a CPU follows the hardware (bf16-master with AMX, else fp32); the suite's
+# exactness tests are written for fp32, so pin it (subprocesses inherit it). Tests of the
+# detection itself unset it.
+os.environ.setdefault("FASTMID_AUTO_CPU_PRECISION", "fp32")
 
 from pathlib import Path
 from typing import Any
@@ -53,6 +59,7 @@ def _session_datasets_cache(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """``HF_DATASETS_CACHE`` in a temporary folder before any fixture builds examples."""
     patch = pytest.MonkeyPatch()
     patch.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("datasets-cache")))
+    patch.setenv("FASTMID_EVAL_CACHE", str(tmp_path_factory.mktemp("eval-cache")))
     yield
     patch.undo()
 
@@ -64,6 +71,7 @@ def _test_datasets_cache(
     """A fresh tokenization cache per test (a test that wants a second build to hit the cache
     builds twice within itself)."""
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("datasets-cache")))
+    monkeypatch.setenv("FASTMID_EVAL_CACHE", str(tmp_path_factory.mktemp("eval-cache")))
 
 
 def _skip_unless_installed() -> None:

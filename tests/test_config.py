@@ -130,10 +130,12 @@ def test_every_field_has_help_group_and_bounds_metadata():
 
 # --packing changes which examples share a micro-batch, so a resumed run must keep it.
 DATA_ORDER_RESUME_KEYS = {"packing"}
+# LoRA on the band (--lora-rank): the adapters' shapes, scale and which modules carry them.
+LORA_RESUME_KEYS = {"lora_rank", "lora_alpha", "lora_targets", "lora_match_budget"}
 
 
 def test_resume_keys_come_from_metadata():
-    expected = OLD_RESUME_KEYS | OPTIMIZER_RESUME_KEYS | DATA_ORDER_RESUME_KEYS
+    expected = OLD_RESUME_KEYS | OPTIMIZER_RESUME_KEYS | DATA_ORDER_RESUME_KEYS | LORA_RESUME_KEYS
     assert set(resume_keys()) == expected
     assert len(resume_keys()) == len(expected)
 
@@ -319,3 +321,28 @@ def test_dump_yaml_round_trips(tmp_path):
     again = build_config(path)
     assert again == dataclasses.replace(cfg, resume=None, overwrite=False)
     assert config_yaml(again) == config_yaml(cfg)
+
+
+def test_auto_precision_follows_the_cpu(monkeypatch):
+    import fastmid.config as config
+
+    monkeypatch.delenv("FASTMID_AUTO_CPU_PRECISION", raising=False)
+    monkeypatch.setattr(config, "cpu_has_fast_bf16", lambda: True)
+    assert config.resolve_precision("auto", "cpu") == "bf16-master"
+    monkeypatch.setattr(config, "cpu_has_fast_bf16", lambda: False)
+    assert config.resolve_precision("auto", "cpu") == "fp32"
+    assert config.resolve_precision("auto", "cuda") == "bf16-master"
+    # an explicit value is never changed, and the variable replaces the detection on CPU only
+    assert config.resolve_precision("fp32", "cuda") == "fp32"
+    monkeypatch.setenv("FASTMID_AUTO_CPU_PRECISION", "bf16-master")
+    assert config.resolve_precision("auto", "cpu") == "bf16-master"
+    assert config.resolve_precision("bf16", "cpu") == "bf16"
+    monkeypatch.setenv("FASTMID_AUTO_CPU_PRECISION", "bf16")
+    with pytest.raises(ConfigError, match=r"\$FASTMID_AUTO_CPU_PRECISION: 'bf16'"):
+        config.resolve_precision("auto", "cpu")
+
+
+def test_cpu_bf16_probe_is_a_bool():
+    from fastmid.config import cpu_has_fast_bf16
+
+    assert isinstance(cpu_has_fast_bf16(), bool)

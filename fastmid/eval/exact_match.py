@@ -3,7 +3,8 @@
 Accuracy follows the GSM8K convention (Cobbe et al. 2021, "Training Verifiers to Solve Math Word
 Problems"): the reference answer is the number after ``####``; a generated answer is scored by
 its *last* number (commas removed); they must be equal as numbers. Generation is greedy, batched
-and left-padded, with the chat template's generation prompt.
+and left-padded, with the chat template's generation prompt; a row stops at its end-of-turn token
+or once its ``#### <number>`` line has ended (:class:`AnswerLineStop`).
 
 The 95% confidence interval is the Wilson score interval (Wilson 1927, "Probable inference, the law
 of succession, and statistical inference", JASA 22:209), which behaves at accuracies near 0 or 1
@@ -25,6 +26,7 @@ The answer loss is not split: every rank computes every batch (same forwards, sa
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -33,6 +35,7 @@ import torch
 import torch.distributed as dist
 from rich.console import Console
 from scipy.stats import binomtest
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from fastmid.data import collate_batch, pad_token_id
 from fastmid.data.chat_template import end_of_turn_ids
@@ -113,6 +116,9 @@ class AccuracyResult:
         accuracy: ``correct / n``; ci95: Wilson 95% interval (low, high).
         eval_loss: mean token loss on the reference answers (nats/token), if computed.
         samples: the first few (prompt, generated, predicted, reference) for inspection.
+        per_problem: one record per scored problem, in problem order: ``reference`` (str),
+            ``predicted`` (str or None) and ``correct`` (bool); what paired statistics over
+            problems need (``fastmid ablate``).
     """
 
     n: int
@@ -122,10 +128,15 @@ class AccuracyResult:
     eval_loss: float | None = None
     generation_s: float = 0.0
     samples: list[dict[str, Any]] = field(default_factory=list)
+    per_problem: list[dict[str, Any]] = field(default_factory=list)
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (``ci95`` as a list)."""
-        return {**asdict(self), "ci95": list(self.ci95)}
+    def to_dict(self, per_problem: bool = False) -> dict[str, Any]:
+        """JSON-ready dict (``ci95`` as a list); ``per_problem`` only when asked, so summaries
+        and ``fastmid eval --json`` keep their size."""
+        out = {**asdict(self), "ci95": list(self.ci95)}
+        if not per_problem:
+            del out["per_problem"]
+        return out
 
 
 @torch.no_grad()
@@ -188,6 +199,45 @@ def generate_answers(
     return completions
 
 
+# the final-answer line is complete: "####", a number on the same line, then the line's end
+_ANSWER_LINE = re.compile(r"####[^\n]*\d[^\n]*\n")
+
+
+class AnswerLineStop(StoppingCriteria):
+    """Stop a row of a greedy ``generate`` batch once its final-answer line is complete.
+
+    GSM8K's format ends a solution with ``#### <number>``; once a completion holds a ``####``
+    line with a digit in it and that line has ended (a newline), the answer is fixed and what
+    follows cannot change a correct score into another one except by writing a second ``####``
+    line. A model that keeps writing after its answer line (an untuned model often does: a
+    restated question, another solution) would spend the rest of the token budget for nothing,
+    and a batch runs until its slowest row stops. The end-of-turn token still stops a row on its
+    own (``eos_token_id``).
+
+    Scoring is unchanged in meaning: :func:`fastmid.data.extract_final_answer` takes the number
+    after the last ``####``, which is now the first answer line the model wrote.
+
+    Args:
+        tokenizer: decodes the generated ids.
+        prompt_len: the (left-padded) prompt length of the batch, in tokens; ids from there on
+            are the generated ones.
+    """
+
+    def __init__(self, tokenizer: Any, prompt_len: int) -> None:
+        self.tokenizer = tokenizer
+        self.prompt_len = prompt_len
+
+    def __call__(
+        self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any
+    ) -> torch.BoolTensor:
+        """Per-row stop flags, shape ``(batch,)``, dtype bool."""
+        texts = self.tokenizer.batch_decode(
+            input_ids[:, self.prompt_len :], skip_special_tokens=True
+        )
+        done = [_ANSWER_LINE.search(t) is not None for t in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
 def _generate_batches(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -225,6 +275,9 @@ def _generate_batches(
                 do_sample=False,
                 eos_token_id=end_of_turn_ids(tokenizer),
                 pad_token_id=pad_id,
+                stopping_criteria=StoppingCriteriaList(
+                    [AnswerLineStop(tokenizer, enc["input_ids"].shape[1])]
+                ),
                 **sync,
             )
             new = gen[:, enc["input_ids"].shape[1] :]
@@ -313,10 +366,12 @@ def evaluate_accuracy(
         elapsed = max(times)
     correct = 0
     samples = []
+    per_problem = []
     for (prompt, ref), completion in zip(problems, completions, strict=True):
         pred = extract_final_answer(completion)
         ok = pred is not None and pred == ref
         correct += ok
+        per_problem.append({"reference": ref, "predicted": pred, "correct": ok})
         if len(samples) < keep_samples:
             samples.append(
                 {
@@ -348,6 +403,7 @@ def evaluate_accuracy(
         loss,
         elapsed,
         samples,
+        per_problem,
     )
 
 

@@ -65,6 +65,7 @@ from fastmid.data import (
     split_eval,
 )
 from fastmid.errors import FastmidError, first_line
+from fastmid.eval.base_cache import base_eval_key, load_base_eval, save_base_eval
 from fastmid.eval.exact_match import evaluate_accuracy, token_mean_loss
 from fastmid.models.band import (
     BandPlan,
@@ -81,6 +82,7 @@ from fastmid.models.loading import (
     load_model_and_tokenizer,
     replay_library_notices,
 )
+from fastmid.models.lora import LoraPlan, inject_lora, lora_counts, merged_state_dict, plan_lora
 from fastmid.models.loss import batch_loss_sum, count_supervised, packed_attention_path
 from fastmid.models.patching import PatchReport, patch_model, resolve_kernels_flag
 from fastmid.models.precision import PrecisionPolicy
@@ -511,6 +513,7 @@ class MidBlockRecipe:
         self.tokenizer: Any = None
         self.plan: BandPlan | None = None
         self.counts: ParameterCounts | None = None
+        self.lora: LoraPlan | None = None  # --lora-rank: the adapters on the band's layers
         self.trainable: list[torch.nn.Parameter] = []
         self.trainable_names: list[str] = []
         self.policy: ExecutionPolicy | None = None
@@ -596,6 +599,23 @@ class MidBlockRecipe:
         )
         self.trainable = apply_band(self.model, self.plan, **extras)
         self.counts = count_parameters(self.model, self.plan, **extras)
+        if cfg.lora_rank:
+            if self.dist is not None:  # torchrun without --nproc; --nproc > 1 is refused earlier
+                raise ConfigError(
+                    "--lora-rank: LoRA adapters run on one process; start the run without "
+                    "torchrun, or drop --lora-rank for the full-rank band"
+                )
+            self.lora = plan_lora(
+                self.model,
+                self.plan,
+                cfg.lora_rank,
+                cfg.lora_targets,
+                cfg.lora_alpha,
+                cfg.lora_match_budget,
+            )
+            # The band's own weights freeze; its adapters (drawn from the seeded generator) train.
+            self.trainable = inject_lora(self.model, self.lora)
+            self.counts = lora_counts(self.counts, self.plan, self.lora)
         # bf16-master: fp32 master weights for what trains, bf16 for the frozen rest.
         self.precision.cast_trainable(self.trainable)
         ids = {id(p) for p in self.trainable}
@@ -981,6 +1001,38 @@ class MidBlockRecipe:
         hit = self.dist.broadcast(self._on_main(cached)) if self.dist else cached()
         if hit is not None:
             return hit
+        shared_key = None
+        if label == "before":
+            # The machine-wide cache (fastmid.eval.base_cache): a second run on the same base
+            # model, problems and generation settings skips the generation, and says so.
+            shared_key = base_eval_key(
+                cfg.model,
+                cfg.eval_accuracy_data,
+                {
+                    **settings,
+                    "batch_size": cfg.eval_batch_size,
+                    "kernels": cfg.kernels,
+                    "fuse_frozen": cfg.fuse_frozen,
+                    "trust_remote_code": cfg.trust_remote_code,
+                    "world_size": self.dist.world_size if self.dist else 1,
+                    "device": self.device.type,
+                },
+            )
+            shared = load_base_eval(shared_key)
+            if shared is not None:
+                record, where = shared
+                line = (
+                    f"  before: accuracy {record['accuracy']:.1%} "
+                    f"({record['correct']}/{record['n']}), reused from {where} (same base model, "
+                    "problems and generation settings; delete that file to recompute)"
+                )
+                self.console.print(line)
+                _RUN_LOG.info(line.strip())
+                if self.is_main:
+                    cache.write_text(
+                        json.dumps({"settings": settings, "result": record}, indent=1) + "\n"
+                    )
+                return record
         self.console.print(
             f"[bold]eval[/] {label}: exact match on {cfg.eval_n} problems of "
             f"{cfg.eval_accuracy_data}"
@@ -1008,6 +1060,9 @@ class MidBlockRecipe:
         record = result.to_dict()
         if label == "before" and self.is_main:
             cache.write_text(json.dumps({"settings": settings, "result": record}, indent=1) + "\n")
+            save_base_eval(
+                shared_key, record, {"model": cfg.model, "data": cfg.eval_accuracy_data, **settings}
+            )
         return record
 
     # ---- train --------------------------------------------------------------------------------
@@ -1273,14 +1328,20 @@ class MidBlockRecipe:
 
     def export(self) -> Path:
         """Write ``final/`` (an HF folder ``from_pretrained`` loads, in the run's model dtype:
-        fp32 under ``--precision fp32``, else bf16) and ``band_delta.safetensors`` (the band in
-        its training dtype); returns ``final/``."""
+        fp32 under ``--precision fp32``, else bf16; with ``--lora-rank`` the adapters merged into
+        the base weights) and ``band_delta.safetensors`` (the band, or the LoRA adapters, in its
+        training dtype); returns ``final/``."""
         assert self.plan is not None
         plan = self.plan.to_dict()
+        if self.lora is not None:
+            plan["lora"] = self.lora.to_dict(per_module=False)
         if self.dist is None:
             unfuse_frozen_layers(self.model)  # save_pretrained would copy the packed views
         # Several processes: every rank takes part in gathering the full weights to rank 0.
         state = full_state_dict(self.model, self.dist) if self.dist else None
+        # LoRA: final/ is a plain model under the base names, the adapters merged into the
+        # weights; band_delta.safetensors keeps the adapters themselves (one process only).
+        merged = merged_state_dict(self.model) if self.lora is not None else state
 
         def write() -> Path:
             final = export_hf_folder(
@@ -1288,7 +1349,7 @@ class MidBlockRecipe:
                 self.tokenizer,
                 self.out / "final",
                 dtype=self.precision.export_dtype,
-                state_dict=state,
+                state_dict=merged,
             )
             delta = self.out / "band_delta.safetensors"
             save_band_delta(self.model, self.trainable_names, delta, plan, state_dict=state)
@@ -1305,6 +1366,7 @@ class MidBlockRecipe:
         stats = self.data_stats
         return {
             "band": self.plan.to_dict(),
+            "lora": self.lora.to_dict() if self.lora is not None else None,
             "parameters": self.counts.to_dict(),
             "model": self.cfg.model,
             "model_type": self.model.config.model_type,
@@ -1354,6 +1416,7 @@ class MidBlockRecipe:
             "model": self.cfg.model,
             "model_type": self.model.config.model_type,
             "band": self.plan.to_dict(),
+            "lora": self.lora.to_dict(per_module=False) if self.lora is not None else None,
             "parameters": self.counts.to_dict(),
             "steps": state.step,
             "tokens": state.tokens,
@@ -1453,6 +1516,8 @@ def _logged_run(recipe: MidBlockRecipe, console: Console) -> dict[str, Any]:
         f"{len(recipe.eval_examples)} eval examples, {recipe.total_steps} steps, precision "
         f"{cfg.precision}, optimizer {cfg.optim}"
     )
+    if recipe.lora is not None:
+        header += f", {recipe.lora.describe()}"
     if recipe.dist is not None:
         header += f", {recipe.dist.world_size} processes (FSDP2, {recipe.dist.backend})"
     console.print(f"[bold]fastmid train[/]{header[len('fastmid train') :]}", highlight=False)
@@ -1481,6 +1546,16 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
     table.add_column("what")
     table.add_column("value")
     table.add_row("band", f"layers {summary['band']['first']}..{summary['band']['last']}")
+    if summary.get("lora"):
+        lora = summary["lora"]
+        ranks = (
+            f"r={lora['rank_min']}"
+            if lora["rank_min"] == lora["rank_max"]
+            else f"ranks {lora['rank_min']}-{lora['rank_max']}"
+        )
+        table.add_row(
+            "adapters", f"LoRA {lora['targets']} {ranks}, {lora['modules_adapted']} modules"
+        )
     p = summary["parameters"]
     table.add_row("trainable", f"{p['trainable']:,} ({p['trainable_share_percent']:.1f}%)")
     table.add_row("precision / optimizer", f"{summary['precision']} / {summary['optimizer']}")
