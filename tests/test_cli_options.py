@@ -133,7 +133,7 @@ def test_max_seq_len_and_eval_defaults_agree():
     defaults = {c: _params(c)["max_seq_len"].default for c in ("data inspect", "analyze")}
     assert defaults == {"data inspect": 512, "analyze": 512} and TrainConfig().max_seq_len == 512
     eval_params = _params("eval")
-    assert (eval_params["n"].default, eval_params["max_new_tokens"].default) == (100, 128)
+    assert (eval_params["n"].default, eval_params["max_new_tokens"].default) == (100, 96)
     assert eval_params["batch_size"].default == 50
     assert eval_params["n"].opts == ["--n"] and eval_params["batch_size"].opts == ["--batch-size"]
 
