@@ -81,11 +81,12 @@ from fastmid.models.loading import (
     default_device,
     load_model_and_tokenizer,
     replay_library_notices,
+    weights_folder,
 )
 from fastmid.models.lora import LoraPlan, inject_lora, lora_counts, merged_state_dict, plan_lora
 from fastmid.models.loss import batch_loss_sum, count_supervised, packed_attention_path
 from fastmid.models.patching import PatchReport, patch_model, resolve_kernels_flag
-from fastmid.models.precision import PrecisionPolicy
+from fastmid.models.precision import PrecisionPolicy, restore_stored_values
 from fastmid.progress import make_progress
 from fastmid.train.checkpoint import (
     CheckpointError,
@@ -619,7 +620,14 @@ class MidBlockRecipe:
         # bf16-master: fp32 master weights for what trains, bf16 for the frozen rest.
         self.precision.cast_trainable(self.trainable)
         ids = {id(p) for p in self.trainable}
-        self.trainable_names = [n for n, p in self.model.named_parameters() if id(p) in ids]
+        named = dict(self.model.named_parameters())
+        self.trainable_names = [n for n, p in named.items() if id(p) in ids]
+        if self.precision.trained_dtype != self.precision.weight_dtype:
+            # The masters start at the files' values, not the bf16-rounded load (see
+            # fastmid.models.precision: on the bf16 grid small updates stay invisible).
+            restore_stored_values(
+                {n: named[n] for n in self.trainable_names}, weights_folder(cfg.model)
+            )
         self.policy = install_execution_policy(
             self.model, self.plan, grad_checkpointing=cfg.grad_checkpointing
         )

@@ -264,3 +264,58 @@ def test_a_compile_failure_during_a_step_is_one_line(square_llama_dir, tmp_path,
     message = str(info.value)
     assert "torch.compile failed" in message and "CppCompileError" in message
     assert "step 1" in message and "\n" not in message
+
+
+def test_bf16_master_masters_start_at_the_files_values_not_the_bf16_load(
+    square_llama_dir, tmp_path
+):
+    """Under bf16-master the model loads in bf16; the fp32 masters must still hold the stored
+    fp32 values: a master on the bf16 grid hides every update below half a bf16 step from the
+    forward pass (the autocast copy rounds it back), which slowed early training (see
+    fastmid.models.precision)."""
+    from safetensors.torch import load_file
+
+    stored = load_file(str(square_llama_dir / "model.safetensors"))
+    recipe = MidBlockRecipe(_config(str(square_llama_dir), tmp_path / "o", precision="bf16-master"))
+    recipe.setup()
+    params = dict(recipe.model.named_parameters())
+    off_grid = 0
+    for name in recipe.trainable_names:
+        value = stored[name]
+        assert value.dtype == torch.float32
+        assert params[name].dtype == torch.float32
+        assert torch.equal(params[name].detach(), value), name
+        off_grid += int(not torch.equal(value, value.bfloat16().float()))
+    assert off_grid > 0  # the check above could not tell the two loads apart otherwise
+    frozen = [n for n, p in params.items() if not p.requires_grad]
+    assert frozen and all(params[n].dtype == torch.bfloat16 for n in frozen)
+
+
+def test_restore_stored_values_reads_sharded_files_and_skips_what_it_cannot_improve(tmp_path):
+    from safetensors.torch import save_file
+
+    from fastmid.models.precision import restore_stored_values
+
+    gen = torch.Generator().manual_seed(0)
+    a, b, c = (torch.randn(3, 5, generator=gen) for _ in range(3))
+    save_file({"a": a, "c": c.bfloat16()}, str(tmp_path / "model-00001-of-00002.safetensors"))
+    save_file(
+        {"b": b, "wrong_shape": torch.ones(2)}, str(tmp_path / "model-00002-of-00002.safetensors")
+    )
+    weight_map = {
+        "a": "model-00001-of-00002.safetensors",
+        "c": "model-00001-of-00002.safetensors",
+        "b": "model-00002-of-00002.safetensors",
+        "wrong_shape": "model-00002-of-00002.safetensors",
+    }
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    params = {
+        name: torch.nn.Parameter(t.bfloat16().float())
+        for name, t in (("a", a), ("b", b), ("c", c), ("wrong_shape", torch.zeros(3)))
+    }
+    params["adapter"] = torch.nn.Parameter(torch.full((2,), 7.0))
+    assert restore_stored_values(params, tmp_path) == 2
+    assert torch.equal(params["a"].detach(), a) and torch.equal(params["b"].detach(), b)
+    assert torch.equal(params["c"].detach(), c.bfloat16().float())  # stored bf16: as loaded
+    assert torch.equal(params["wrong_shape"].detach(), torch.zeros(3))
+    assert torch.equal(params["adapter"].detach(), torch.full((2,), 7.0))
