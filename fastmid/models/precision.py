@@ -18,7 +18,7 @@ hides every update smaller than half a bf16 step from the forward pass (the auto
 it back to the same value) until updates of one sign add up past it, while a master off the grid
 crosses a rounding boundary for a share of its elements proportional to the update. Measured on
 the default run (SmolLM2-135M, lr warming up to 5e-5 at step 1): the loss after the first step was
-0.954 with masters from the bf16 load, 0.774 with masters from the files, 0.727 under ``fp32``.
+0.954 with masters from the bf16 load, 0.775 with masters from the files, 0.727 under ``fp32``.
 Under ``bf16`` there is no master: the optimizer computes the update in fp32
 and writes it back into the bf16 weight with stochastic rounding (torchao's optimizers,
 ``bf16_stochastic_round=True``), which keeps the expected value of every update; plain
