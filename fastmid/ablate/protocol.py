@@ -918,6 +918,9 @@ class Ablation:
         for lr, run in runs.items():
             if lr != chosen and run.status == "finished":
                 self._prune(run.folder)
+            elif run.status == "finished" and self.settings.keep != "all":
+                # finished: its checkpoints can resume nothing; final/ stays for the test set
+                remove_folder(run.folder / "checkpoints")
         return chosen, [runs[lr] for lr in sorted(runs)], note
 
     # ---- report -----------------------------------------------------------------------------

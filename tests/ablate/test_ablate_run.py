@@ -150,8 +150,20 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(fast_config, monkeypatch
     assert (folder / "checkpoints" / "step-1").is_dir() and not (folder / "summary.json").exists()
 
     monkeypatch.setattr(recipe_module, "train_step", real)
+    # Between the rate selection and the test set the chosen run keeps its model, not its
+    # checkpoints (a finished run resumes nothing; they would fill the disk over 35 runs).
+    seen: list[tuple[bool, bool]] = []
+    real_evaluate = protocol.Ablation._evaluate_run
+
+    def evaluate(self, arm, lr, seed, which):
+        if "test" in which:
+            seen.append(((folder / "final").is_dir(), (folder / "checkpoints").exists()))
+        return real_evaluate(self, arm, lr, seed, which)
+
+    monkeypatch.setattr(protocol.Ablation, "_evaluate_run", evaluate)
     capsys.readouterr()
     doc = protocol.run_ablation(cfg, settings, None, explicit)
+    assert seen == [(True, False)]
     err = "".join(capsys.readouterr().err.split())  # the console wraps long lines at 80
     assert f"resumedfrom{folder / 'checkpoints' / 'step-1'}atstep1" in err
     steps = [json.loads(x)["step"] for x in (folder / "metrics.jsonl").read_text().splitlines()]
