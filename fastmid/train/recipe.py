@@ -1212,7 +1212,9 @@ class MidBlockRecipe:
                         )
                         stop.repeated = not self.is_main  # rank 0 alone says it
                         raise stop
-                    if self._interrupted:
+                    # Several processes: only the collective check above may stop, else a
+                    # signal landing after it sends each rank down this path on its own.
+                    if self.dist is None and self._interrupted:
                         path = self.save_checkpoint()
                         raise TrainingInterrupted(
                             f"interrupted at step {state.step}; checkpoint saved to {path}. "
