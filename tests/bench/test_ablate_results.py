@@ -3,22 +3,17 @@ says, row by row, and refuses a folder without one."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
+
+from bench_scripts import load_bench_script
 
 SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "ablate_results.py"
 
 
 def load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("ablate_results", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["ablate_results"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("ablate_results.py", "ablate_results")
 
 
 def _doc(tmp_path: Path) -> dict:

@@ -10,7 +10,6 @@ the slow test.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -19,6 +18,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from bench_scripts import BENCH, load_bench_script
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "bench" / "gpu" / "fit_32b.py"
@@ -91,11 +91,7 @@ def test_fit_32b_smoke_in_the_gpu_default_mode(tmp_path: Path) -> None:
 
 
 def load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("fit_32b", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script(str(SCRIPT.relative_to(BENCH)), "fit_32b")
 
 
 def test_recommended_flags_replace_the_given_mode(tmp_path: Path, monkeypatch) -> None:

@@ -8,25 +8,19 @@ check the same property with the tokenizer alone.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
+from bench_scripts import load_bench_script
 
 SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "peers_cpu.py"
 ROWS = 16
 
 
 def load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("peers_cpu", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["peers_cpu"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("peers_cpu.py", "peers_cpu")
 
 
 @pytest.fixture(scope="module")
