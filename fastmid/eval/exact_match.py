@@ -38,7 +38,7 @@ from scipy.stats import binomtest
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from fastmid.data import collate_batch, pad_token_id
-from fastmid.data.chat_template import end_of_turn_ids
+from fastmid.data.chat_template import ChatRenderer, end_of_turn_ids
 from fastmid.errors import FastmidError
 from fastmid.models.loading import load_model_and_tokenizer
 from fastmid.models.loss import batch_loss_sum
@@ -260,13 +260,13 @@ def _generate_batches(
     tokenizer.padding_side = "left"
     pad_id = pad_token_id(tokenizer)
     sync = {"synced_gpus": True} if synced_gpus else {}
+    # the renderer training uses: a base model without a chat template is prompted in the same
+    # ChatML fallback it was trained in (apply_chat_template raises on it)
+    renderer = ChatRenderer(tokenizer)
     outputs: list[list[str]] = []
     try:
         for chunk in batches:
-            texts = [
-                tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
-                for m in chunk
-            ]
+            texts = [renderer.render(m, add_generation_prompt=True) for m in chunk]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
             enc = {k: v.to(device) for k, v in enc.items()}
             gen = model.generate(

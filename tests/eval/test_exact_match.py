@@ -180,6 +180,35 @@ def test_generation_restores_mode_and_padding_side(tiny_lm) -> None:
         model.eval()
 
 
+def test_a_tokenizer_without_chat_template_is_prompted_in_chatml(tiny_lm, monkeypatch) -> None:
+    """A base model (no chat template, e.g. Gemma-3-270M base) is evaluated in the ChatML
+    fallback it was trained in; apply_chat_template would raise. The expected prompt is the
+    ChatML text written out by hand."""
+    import copy
+
+    from fastmid.data.chat_template import ChatTemplateFallbackWarning
+
+    model, tok = tiny_lm
+    tok = copy.deepcopy(tok)
+    tok.chat_template = None
+    with pytest.raises(ValueError):
+        tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+    seen: list[str] = []
+    generate = model.generate
+
+    def spy(**kwargs):
+        seen.extend(tok.batch_decode(kwargs["input_ids"]))
+        return generate(**kwargs)
+
+    monkeypatch.setattr(model, "generate", spy)
+    with pytest.warns(ChatTemplateFallbackWarning):
+        out = generate_answers(
+            model, tok, [[{"role": "user", "content": "What is 2 + 2?"}]], max_new_tokens=2
+        )
+    assert len(out) == 1
+    assert seen == ["<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n"]
+
+
 def test_accuracy_on_a_tiny_model(tiny_lm) -> None:
     model, tok = tiny_lm
     result = evaluate_accuracy(
