@@ -73,7 +73,12 @@ def render(doc: dict[str, Any], command: str, wall_s: float, partial: str | None
         f"{proto['validation']['validation_problems']} "
         "problems carved from the training data.",
         "",
-        f"## Learning-rate selection (validation exact match, %, seed {proto['seeds'][0]})",
+        (
+            f"## Learning rates: one fixed rate per arm, no selection (validation exact match, %, "
+            f"seed {proto['seeds'][0]})"
+            if proto.get("lr_grids") and all(len(g) == 1 for g in proto["lr_grids"].values())
+            else f"## Learning-rate selection (validation exact match, %, seed {proto['seeds'][0]})"
+        ),
         "",
         "| arm | " + " | ".join(["rates tried -> validation exact match", "chosen"]) + " |",
         "| --- | --- | ---: |",
@@ -96,10 +101,20 @@ def render(doc: dict[str, Any], command: str, wall_s: float, partial: str | None
         "Mean and 95% interval: percentile bootstrap over problems of the seed-averaged "
         "correctness. `mid - arm`: paired bootstrap over problems, Holm-adjusted over the "
         f"comparisons against mid ({doc['statistics']['bootstrap_resamples']} resamples).",
+    ]
+    # the test answer loss (nats per answer token, mean over seeds), where ablate.json has it
+    loss = any(row.get("answer_loss_mean") is not None for row in rows)
+    if loss:
+        out[-1] += (
+            " Answer loss: mean cross-entropy per reference-answer token (nats, teacher-forced), "
+            "mean over seeds; no interval."
+        )
+    out += [
         "",
         "| arm | layers | how | trainable | tokens | lr | per seed | mean [95% CI] | "
-        "mid - arm [95% CI] | p (Holm) |",
-        "| --- | --- | --- | ---: | ---: | ---: | --- | --- | --- | ---: |",
+        "mid - arm [95% CI] | p (Holm) |" + (" answer loss |" if loss else ""),
+        "| --- | --- | --- | ---: | ---: | ---: | --- | --- | --- | ---: |"
+        + (" ---: |" if loss else ""),
     ]
     for row in rows:
         ci, vs = row.get("ci95"), row.get("vs_mid")
@@ -118,6 +133,13 @@ def render(doc: dict[str, Any], command: str, wall_s: float, partial: str | None
             f"| {row['arm']} | {row.get('layers_text', '')} | {row.get('how', '')} | "
             f"{_params(row.get('trainable_parameters'))} | {tokens} | {lr} | {seeds} | {mean} | "
             f"{diff} | {p_holm} |"
+            + (
+                ""
+                if not loss
+                else " - |"
+                if row.get("answer_loss_mean") is None
+                else f" {row['answer_loss_mean']:.3f} |"
+            )
         )
     out += ["", "## Comparisons against mid", ""]
     out += [f"- {c['sentence']}" for c in doc.get("comparisons", [])]

@@ -944,6 +944,7 @@ class Ablation:
                 "lr": None,
                 "seeds": [],
                 "accuracy_per_seed": [base_eval["accuracy"]],
+                "answer_loss_per_seed": [finite_or_none(base_eval.get("eval_loss"))],
                 "correct": [[bool(p["correct"]) for p in base_eval["per_problem"]]],
                 "runs": [str(self.out / "base" / "eval_test.json")],
             }
@@ -998,6 +999,9 @@ class Ablation:
                     "lr_note": note,
                     "seeds": [r.seed for r in done],
                     "accuracy_per_seed": [r.test["accuracy"] for r in done if r.test],
+                    "answer_loss_per_seed": [
+                        finite_or_none(r.test.get("eval_loss")) for r in done if r.test
+                    ],
                     "diverged_seeds": [r.seed for r in runs if r.status == "diverged"],
                     "correct": correct,
                     "runs": [str(r.folder) for r in runs],

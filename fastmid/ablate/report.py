@@ -2,8 +2,11 @@
 ``ablate.json``, ``ablate.csv``, ``ablate.png`` and the console table.
 
 Each row (an arm, or ``base``, the untrained model) carries its per-problem correctness on the
-test set for each seed (``correct``: seeds x problems, 0/1). The statistics
-(:mod:`fastmid.ablate.stats`):
+test set for each seed (``correct``: seeds x problems, 0/1) and each seed's test answer loss
+(``answer_loss_per_seed``: mean cross-entropy in nats per reference-answer token, teacher-forced,
+:func:`fastmid.eval.exact_match.answer_loss`). The answer loss is reported beside exact match, not
+tested: it still separates arms when exact match sits near 0% (a small base model on arithmetic).
+The statistics (:mod:`fastmid.ablate.stats`):
 
 * accuracy: the mean over seeds of the per-seed accuracies, with a 95% percentile bootstrap
   interval over problems of the seed-averaged correctness;
@@ -48,6 +51,8 @@ CSV_COLUMNS: tuple[str, ...] = (
     "diff_ci95_high",
     "p_vs_mid",
     "p_holm_vs_mid",
+    "answer_loss_per_seed",
+    "answer_loss_mean",
 )
 
 
@@ -107,6 +112,8 @@ def compute_statistics(
     """
     for row in rows:
         row["accuracy_mean"], row["ci95"], row["vs_mid"] = None, None, None
+        losses = [x for x in row.get("answer_loss_per_seed", []) if x is not None]
+        row["answer_loss_mean"] = float(np.mean(losses)) if losses else None
         if row.get("correct"):
             c = seed_averaged(row["correct"])
             mean, lo, hi = bootstrap_ci(c, resamples, seed, confidence)
@@ -189,6 +196,12 @@ def csv_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "diff_ci95_high": "" if diff_ci[1] is None else diff_ci[1],
                 "p_vs_mid": vs.get("p", ""),
                 "p_holm_vs_mid": vs.get("p_holm", ""),
+                "answer_loss_per_seed": ";".join(
+                    f"{x:.6f}" for x in row.get("answer_loss_per_seed", []) if x is not None
+                ),
+                "answer_loss_mean": (
+                    "" if row.get("answer_loss_mean") is None else row["answer_loss_mean"]
+                ),
             }
         )
     return out
@@ -268,7 +281,7 @@ def print_table(console: Console, rows: list[dict[str, Any]], comparisons: list[
     table = Table(title="fastmid ablate: test exact match (%)", show_lines=False)
     for column in (
         "arm", "layers", "how", "trainable", "tokens", "lr", "seeds", "mean [95% CI]",
-        "mid - arm [95% CI]", "p Holm",
+        "mid - arm [95% CI]", "p Holm", "answer loss",
     ):  # fmt: skip
         table.add_column(column, no_wrap=column != "layers")
     for row in rows:
@@ -297,6 +310,7 @@ def print_table(console: Console, rows: list[dict[str, Any]], comparisons: list[
             mean,
             diff,
             f"{vs['p_holm']:.3g}" if vs else "-",
+            "-" if row.get("answer_loss_mean") is None else f"{row['answer_loss_mean']:.3f}",
         )
     if console.is_terminal:
         console.print(table)

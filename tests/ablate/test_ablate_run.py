@@ -103,6 +103,18 @@ def test_two_arms_layout_schema_resume_and_a_refused_change(fast_args, tmp_path,
     for comp in doc["comparisons"]:
         assert set(comp) >= {"difference", "ci95", "p", "p_holm", "distinguishable", "sentence"}
     assert lora["vs_mid"]["p_holm"] == doc["comparisons"][1]["p_holm"]
+    # the test answer loss beside exact match: each seed's eval_test.json, read back here
+    for row in doc["rows"]:
+        records = [
+            json.loads((Path(folder) / "eval_test.json").read_text())
+            if row["arm"] != "base"
+            else json.loads(Path(folder).read_text())
+            for folder in row["runs"]
+        ]
+        expected = [rec["result"]["eval_loss"] for rec in records]
+        assert row["answer_loss_per_seed"] == pytest.approx(expected, rel=1e-12)
+        assert row["answer_loss_mean"] == pytest.approx(sum(expected) / len(expected), rel=1e-12)
+        assert all(0 < x < 20 for x in expected)
     assert doc["protocol"]["validation"]["validation_problems"] == 4
     assert doc["protocol"]["test"]["problems"] == 4
 
@@ -112,6 +124,8 @@ def test_two_arms_layout_schema_resume_and_a_refused_change(fast_args, tmp_path,
     assert tuple(table[0]) == CSV_COLUMNS
     assert [r["arm"] for r in table] == ["base", "mid", "lora-mid"]
     assert table[2]["p_holm_vs_mid"] != "" and table[1]["p_holm_vs_mid"] == ""
+    for rec, row in zip(table, doc["rows"], strict=True):
+        assert float(rec["answer_loss_mean"]) == pytest.approx(row["answer_loss_mean"], rel=1e-6)
 
     # a re-run trains and evaluates nothing: every run is finished
     def forbidden(*args, **kwargs):

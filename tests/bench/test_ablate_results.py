@@ -101,6 +101,31 @@ def test_markdown_shows_the_json_rows(tmp_path):
     assert "- mid - base: +10.5 points (...)." in lines
 
 
+def test_fixed_rates_and_the_answer_loss_column(tmp_path):
+    """One rate per arm is said to be no selection; the answer loss is the row's mean with three
+    decimals, '-' where a row has none."""
+    mod = load_script()
+    doc = _doc(tmp_path)
+    doc["protocol"]["lr_grids"] = {"mid": [1e-4]}
+    doc["rows"][0]["answer_loss_mean"] = 1.62425
+    doc["rows"][1]["answer_loss_mean"] = None
+    lines = mod.render(doc, "c", 60.0, None).splitlines()
+    assert any(
+        line.startswith("## Learning rates: one fixed rate per arm, no selection") for line in lines
+    )
+    header = next(x for x in lines if x.startswith("| arm | layers"))
+    assert header.endswith("| p (Holm) | answer loss |")
+    assert any(
+        line.startswith("| base |") and line.endswith("| 0.0002 | 1.624 |") for line in lines
+    )
+    assert any(
+        line.startswith("| mid | 6-23 |") and line.endswith("| - | - | - |") for line in lines
+    )
+    doc["protocol"]["lr_grids"] = {"mid": [1e-4, 3e-4]}
+    text = mod.render(doc, "c", 60.0, None)
+    assert "## Learning-rate selection" in text and "no selection" not in text
+
+
 def test_a_folder_without_ablate_json_is_refused(tmp_path, capsys):
     mod = load_script()
     assert mod.main([str(tmp_path), "x", "--command", "c"]) == 2
