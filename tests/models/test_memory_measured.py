@@ -114,8 +114,7 @@ def _is_autocast_copy(t: torch.Tensor) -> bool:
     return hasattr(fn.next_functions[0][0], "variable")  # AccumulateGrad of a leaf
 
 
-@contextlib.contextmanager
-def _interpreter_cycles_collected():
+def _collect_interpreter_cycles(monkeypatch: pytest.MonkeyPatch) -> None:
     """Run the cyclic GC after every Triton kernel launch in the interpreter.
 
     ``triton.runtime.interpreter.GridExecutor`` keeps each launch's argument storages in
@@ -137,11 +136,7 @@ def _interpreter_cycles_collected():
         finally:
             gc.collect()
 
-    interpreter.GridExecutor.__call__ = collected
-    try:
-        yield
-    finally:
-        interpreter.GridExecutor.__call__ = call
+    monkeypatch.setattr(interpreter.GridExecutor, "__call__", collected)
 
 
 class LiveStorages(TorchDispatchMode):
@@ -350,6 +345,8 @@ def measure_step(monkeypatch: pytest.MonkeyPatch) -> Any:
             import torchao.optim.adam as ao_adam
 
             monkeypatch.setattr(ao_adam, "single_param_adam", lambda *args: None)
+        if fused:
+            _collect_interpreter_cycles(monkeypatch)
         if in_backward:
             optimizer = OptimizerInBackward(named, lambda one: build_optimizer(one, optim, 1e-4))
             optimizers = optimizer.optimizers
@@ -372,7 +369,6 @@ def measure_step(monkeypatch: pytest.MonkeyPatch) -> Any:
                 torch.autograd.graph.saved_tensors_hooks(meter.pack, lambda t: t),
                 meter.live,
                 use_backend("triton") if fused else contextlib.nullcontext(),
-                _interpreter_cycles_collected() if fused else contextlib.nullcontext(),
             ):
                 recipe.train_step(
                     model,
