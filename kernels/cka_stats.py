@@ -398,6 +398,7 @@ def _augmented_gram(
     syd,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     # Program (i, j) computes the tile G[i-block, j-block] of G = W^T W for i <= j only; the
     # lower tiles are the transposes and are filled on the host.
@@ -416,8 +417,10 @@ def _augmented_gram(
             wj = _load_w_tile(
                 x_ptr, y_ptr, rx_ptr, ry_ptr, a_ptr, b_ptr, rows, cj, n, d1, d2, sxn, sxd, syn, syd
             )
-            # IEEE fp32 products: TF32 keeps 10 mantissa bits, far too few for these sums.
-            acc = tl.dot(tl.trans(wi), wj, acc, input_precision="ieee")
+            # IEEE fp32 products by default: TF32 keeps 10 mantissa bits, far too few for these
+            # sums; "tf32x3" (three TF32 products per product, about 21 bits) is offered for
+            # measurement against it (bench/gpu/cka_precision.py).
+            acc = tl.dot(tl.trans(wi), wj, acc, input_precision=PRECISION)
         gmask = (ci < D)[:, None] & (cj < D)[None, :]
         offs = ci.to(tl.int64)[:, None] * D + cj.to(tl.int64)[None, :]
         tl.store(g_ptr + offs, acc, mask=gmask)
@@ -436,6 +439,7 @@ def cka_block_stats_triton(
     ref_y: torch.Tensor,
     block_n: int = 32,
     block_d: int = 64,
+    input_precision: str = "ieee",
 ) -> CKABlockStats:
     """Statistics of one token block with the Triton kernels (fp32, IEEE dot products).
 
@@ -445,7 +449,8 @@ def cka_block_stats_triton(
         :class:`CKABlockStats` in float32 on ``x.device``.
     """
     _n, d1, d2 = _check_inputs(x, y, ref_x, ref_y)
-    return _unpack_gram(augmented_gram_triton(x, y, ref_x, ref_y, block_n, block_d), d1, d2)
+    G = augmented_gram_triton(x, y, ref_x, ref_y, block_n, block_d, input_precision)
+    return _unpack_gram(G, d1, d2)
 
 
 def augmented_gram_triton(
@@ -455,6 +460,7 @@ def augmented_gram_triton(
     ref_y: torch.Tensor,
     block_n: int = 32,
     block_d: int = 64,
+    input_precision: str = "ieee",
 ) -> torch.Tensor:
     """``G = W^T W`` of one token block with the Triton kernels (fp32, IEEE dot products).
 
@@ -466,6 +472,9 @@ def augmented_gram_triton(
         ref_y: (d2,) reference mean.
         block_n: tokens per inner step (a power of two, >= 16).
         block_d: output tile width (a power of two, >= 16).
+        input_precision: ``tl.dot``'s product precision: ``"ieee"`` (fp32 products, the
+            default and what every caller uses) or ``"tf32x3"`` (three TF32 tensor-core products
+            per product, about 21 mantissa bits; for measurement, bench/gpu/cka_precision.py).
 
     Returns:
         (D, D) symmetric float32 ``G`` on ``x.device``, ``D = d1 + d2 + 3``.
@@ -482,6 +491,8 @@ def augmented_gram_triton(
         )
     if y.device != x.device:
         raise CKAStatsError(f"x is on {x.device} but y is on {y.device}")
+    if input_precision not in ("ieee", "tf32x3"):
+        raise CKAStatsError(f"input_precision must be 'ieee' or 'tf32x3', got {input_precision!r}")
     dev = x.device
     rx = ref_x.to(device=dev, dtype=torch.float32).contiguous()
     ry = ref_y.to(device=dev, dtype=torch.float32).contiguous()
@@ -521,6 +532,7 @@ def augmented_gram_triton(
             *y.stride(),
             BLOCK_N=block_n,
             BLOCK_D=block_d,
+            PRECISION=input_precision,
         )
         tile = torch.arange(D, device=dev) // block_d
         G = torch.where(tile[:, None] > tile[None, :], G.T, G)

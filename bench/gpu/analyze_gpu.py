@@ -26,6 +26,7 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 if "--smoke" in sys.argv:
@@ -37,9 +38,10 @@ import gpu_common as common  # noqa: E402
 import gpu_results  # noqa: E402
 import torch  # noqa: E402
 
-from fastmid.analysis.analyze import measure_layers  # noqa: E402
+from fastmid.analysis.analyze import measure_layers, token_mask  # noqa: E402
 from fastmid.analysis.capture import layer_outputs  # noqa: E402
 from fastmid.analysis.cka import StreamingCKA  # noqa: E402
+from fastmid.analysis.metrics import PooledCosine, SpectralMeans  # noqa: E402
 from fastmid.models.families import backbone, decoder_layers  # noqa: E402
 from fastmid.models.loading import load_config, quiet_torchao  # noqa: E402
 
@@ -62,6 +64,12 @@ def main() -> int:
     p.add_argument("--results-json", default=None)
     p.add_argument("--results-case", default="analyze")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--profile", action="store_true",
+        help="also time each part of the per-layer work on one batch (captures, finiteness "
+        "checks, spectra, CKA prepare and accumulate, pooled cosine) and record torch.profiler's "
+        "top operators of one measure_layers batch",
+    )  # fmt: skip
     a = p.parse_args()
     quiet_torchao()
     device = torch.device("cpu" if a.smoke else "cuda")
@@ -167,7 +175,89 @@ def main() -> int:
         "cka_max_abs_diff": max(d["abs_diff"] for d in diffs.values()),
         "wall_s": round(time.perf_counter() - t0, 1),
     })  # fmt: skip
+    if a.profile:
+        out({"breakdown": breakdown(base, tuned, batch, n_layers, device)})
+        out({"profile_top": profile_top(base, tuned, batch, device)})
+        out({"wall_s": round(time.perf_counter() - t0, 1)})
     return 0
+
+
+def breakdown(
+    base: torch.nn.Module,
+    tuned: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    n_layers: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """Seconds per batch of each part of measure_layers' work, every layer, one batch.
+
+    Each part runs alone over all layers between two synchronizations, so the parts add up to
+    about what measure_layers spends (it runs them in this order, layer by layer).
+    """
+    layers = list(range(n_layers))
+    mask = token_mask(batch["attention_mask"], False)
+    times: dict[str, float] = {}
+
+    def timed(name: str, fn: Callable[[], object]) -> object:
+        common.sync(device)
+        ts = time.perf_counter()
+        result = fn()
+        common.sync(device)
+        times[name] = round(times.get(name, 0.0) + time.perf_counter() - ts, 4)
+        return result
+
+    timed("bare_forward_both", lambda: bare_forward([base, tuned], batch))
+    hb = timed("capture_base", lambda: layer_outputs(
+        base, batch["input_ids"], batch["attention_mask"], layers))  # fmt: skip
+    ht = timed("capture_tuned", lambda: layer_outputs(
+        tuned, batch["input_ids"], batch["attention_mask"], layers))  # fmt: skip
+    assert isinstance(hb, dict) and isinstance(ht, dict)
+    m = mask.to(device)
+    timed("finite_checks", lambda: [bool(torch.isfinite(h).all()) for d in (hb, ht)
+                                     for h in d.values()])  # fmt: skip
+    spectra = [SpectralMeans() for _ in range(2 * n_layers)]
+    timed("spectra_both", lambda: [spectra[2 * i + k].update(h[i], m)
+                                    for i in layers for k, h in enumerate((hb, ht))])  # fmt: skip
+    ckas = [StreamingCKA(f"layer {i}") for i in layers]
+    blocks = timed("cka_prepare", lambda: [ckas[i].prepare(hb[i], ht[i], m) for i in layers])
+    assert isinstance(blocks, list)
+    timed("cka_accumulate", lambda: [ckas[i].accumulate(blocks[i]) for i in layers])
+    cos = PooledCosine()
+    timed("pooled_cosine", lambda: [cos.update(hb[i], ht[i], m) for i in layers])
+    print(f"analyze breakdown (s per batch): {times}", flush=True)
+    return times
+
+
+def profile_top(
+    base: torch.nn.Module,
+    tuned: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    device: torch.device,
+    rows: int = 20,
+) -> list[dict[str, object]]:
+    """torch.profiler over one measure_layers batch: the operators with the most self time on
+    the device (CUDA) or, on a CPU, on the host."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        measure_layers(base, tuned, [batch])
+        common.sync(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0.0), reverse=True)
+    top = [
+        {
+            "op": e.key[:80], "calls": e.count,
+            "self_device_ms": round(getattr(e, "self_device_time_total", 0.0) / 1e3, 2),
+            "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 2),
+        }
+        for e in events[:rows]
+    ]  # fmt: skip
+    for row in top:
+        print(f"  {row}", flush=True)
+    return top
 
 
 if __name__ == "__main__":

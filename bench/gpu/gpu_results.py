@@ -425,7 +425,12 @@ def _case_details(name: str, res: dict[str, Any]) -> list[str]:
     if name == "analyze":
         keys = ("model_shape", "tokens", "bare_s", "analysis_s", "overhead_ratio",
                 "cka_max_abs_diff", "cka_layers")  # fmt: skip
-        return _table(["", ""], [[k, res.get(k)] for k in keys if k in res])
+        lines = _table(["", ""], [[k, res.get(k)] for k in keys if k in res])
+        parts = res.get("breakdown") or {}
+        if parts:  # --profile: seconds per batch of each part of the work
+            lines += ["Seconds per batch, each part timed alone (`--profile`):", ""]
+            lines += _table(["part", "s"], [[k, v] for k, v in parts.items()])
+        return lines
     if name == "env":
         return ["(see Machine)", ""]
     flat = [[k, v] for k, v in res.items() if not isinstance(v, dict | list)]

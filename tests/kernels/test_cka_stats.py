@@ -63,6 +63,21 @@ def test_triton_matches_float64(n, d1, d2, dtype):
         assert rel_err(getattr(tri, f.name), want[f.name]) < 1e-5, f.name
 
 
+def test_tf32x3_products_match_float64():
+    # The interpreter computes tl.dot in fp32 whatever the precision, so on CPU this checks the
+    # argument's path through both functions; the GPU's error is in
+    # bench/results/gpu_h200_cka_precision.json (at most 9.4e-7 at the 8B shape).
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(29, 21, generator=g) * 3 + 1, torch.randn(29, 11, generator=g)
+    rx, ry = torch.randn(21, generator=g), torch.randn(11, generator=g)
+    want = naive_stats(x, y, rx, ry)
+    tri = cka_block_stats_triton(x, y, rx, ry, block_n=16, block_d=16, input_precision="tf32x3")
+    for f in fields(tri):
+        assert rel_err(getattr(tri, f.name), want[f.name]) < 1e-5, f.name
+    with pytest.raises(CKAStatsError, match="input_precision must be 'ieee' or 'tf32x3'"):
+        cka_block_stats_triton(x, y, rx, ry, input_precision="tf32")
+
+
 def test_triton_accepts_non_contiguous_input():
     g = torch.Generator().manual_seed(9)
     x = torch.randn(48, 37, generator=g).T  # (37, 48), column-major

@@ -1,0 +1,157 @@
+"""The CKA statistics kernel's product precision and tile sizes: time and error vs float64.
+
+    python bench/gpu/cka_precision.py [--n 1920] [--d 4096] [--out R.json] [--smoke]
+
+On the GPU's profile of ``fastmid analyze`` at the 8B shape (bench/results/
+gpu_h200_analyze_profile.json) the Triton kernel ``_augmented_gram`` (fp32 IEEE ``tl.dot``, tiles
+of 64 features x 32 tokens) takes 19 ms per layer and batch, about 45% of the analysis. This
+script times :func:`fastmid.kernels.cka_stats.augmented_gram_triton` on one layer's block (``n``
+tokens, two models of width ``d``, bf16) for each product precision (``ieee``: fp32 products;
+``tf32x3``: three TF32 tensor-core products per product, about 21 mantissa bits) and tile size,
+and reports each variant's largest relative error against the float64 reference
+(:func:`cka_block_stats_reference`), field by field as ``tests/bench/test_gpu_subset.py``
+measures it (max |got - want| / max |want|; that test's bound is 1e-5).
+
+The activations imitate an LLM layer's: unit-normal features plus a per-feature mean offset and
+four outlier channels 300 times the typical size (the cancellation the reference mean guards
+against); the "tuned" side is the base plus 10% noise. ``--smoke``: CPU, Triton's interpreter,
+tiny shapes (the script's code path, no timing meaning).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+from dataclasses import fields
+
+if "--smoke" in sys.argv:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+from fastmid.kernels.cka_stats import (
+    _unpack_gram,
+    augmented_gram_triton,
+    cka_block_stats_reference,
+)
+
+VARIANTS = [  # (precision, block_n, block_d); the first is the shipped default
+    ("ieee", 32, 64),
+    ("ieee", 32, 128),
+    ("ieee", 64, 128),
+    ("tf32x3", 32, 64),
+    ("tf32x3", 32, 128),
+    ("tf32x3", 64, 128),
+]
+
+
+def activations(n: int, d: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, d) bf16 base and tuned activations with a mean offset and outlier channels."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=g) + 0.5 * torch.randn(d, generator=g)
+    x[:, :4] *= 300.0
+    y = x + 0.1 * x.std(0) * torch.randn(n, d, generator=g)
+    return x.to(device, torch.bfloat16), y.to(device, torch.bfloat16)
+
+
+def spectra_timing(device: torch.device, small: bool) -> dict[str, float]:
+    """Milliseconds for the eigenvalues behind matrix entropy at the 8B analysis's size: 32
+    layers x 2 models of 4 prompts' (128, 128) Gram matrices, as ``measure_layers`` asks for
+    them (64 calls of a batch of 4) and as one batched call, on the device and in float64 on
+    the host's CPU."""
+    calls, batch, t = (4, 2, 8) if small else (64, 4, 128)
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(calls * batch, t, 2 * t, generator=g)
+    gram = z @ z.transpose(1, 2)
+    on_dev = gram.to(device)
+
+    def timed(fn) -> float:
+        fn()  # warm-up (cusolver handles, workspace)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return round((time.perf_counter() - t0) * 1e3, 2)
+
+    return {
+        "shape": f"{calls} calls x ({batch}, {t}, {t})",
+        "device_per_call_ms": timed(
+            lambda: [
+                torch.linalg.eigvalsh(on_dev[i * batch : (i + 1) * batch]) for i in range(calls)
+            ]
+        ),
+        "device_one_batched_call_ms": timed(lambda: torch.linalg.eigvalsh(on_dev)),
+        "cpu_float64_one_call_ms": timed(lambda: torch.linalg.eigvalsh(gram.double())),
+        "cpu_threads": torch.get_num_threads(),
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=1920, help="tokens in the block")
+    p.add_argument("--d", type=int, default=4096, help="width of each model")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", default=None)
+    p.add_argument("--smoke", action="store_true")
+    a = p.parse_args()
+    device = torch.device("cpu" if a.smoke else "cuda")
+    n, d = (40, 24) if a.smoke else (a.n, a.d)
+    x, y = activations(n, d, device)
+    rx, ry = x[: max(1, n // 4)].float().mean(0), y[: max(1, n // 4)].float().mean(0)
+    want = cka_block_stats_reference(x.double(), y.double(), rx.double(), ry.double())
+    rows = []
+    for precision, block_n, block_d in VARIANTS:
+        run = functools.partial(augmented_gram_triton, x, y, rx, ry, block_n, block_d, precision)
+        G = run()  # compiles
+        times = []
+        for _ in range(1 if a.smoke else a.repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            G = run()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        got = _unpack_gram(G, d, d)
+        errs = {}
+        for f in fields(got):
+            g64, w64 = getattr(got, f.name).double().cpu(), getattr(want, f.name).double().cpu()
+            scale = w64.abs().max().item()
+            diff = (g64 - w64).abs().max().item()
+            errs[f.name] = diff / scale if scale else diff
+        worst = max(errs, key=errs.get)
+        median = sorted(times)[len(times) // 2]
+        D = 2 * d + 3
+        row = {
+            "precision": precision, "block_n": block_n, "block_d": block_d,
+            "ms": round(median * 1e3, 3),
+            # upper tiles only: n D^2 multiply-adds, 2 FLOPs each
+            "tflops": round(2 * n * D * D / 2 / median / 1e12, 2),
+            "max_rel_err": errs[worst], "worst_field": worst,
+            "rel_err_xty": errs["xty"],
+        }  # fmt: skip
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    spectra = spectra_timing(device, small=a.smoke)
+    print(json.dumps(spectra), flush=True)
+    result = {
+        "spectra": spectra,
+        "command": "python bench/gpu/cka_precision.py" + (" --smoke" if a.smoke else ""),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (interpreter)",
+        "torch": torch.__version__,
+        "n": n,
+        "d": d,
+        "rows": rows,
+    }
+    if a.out:
+        with open(a.out, "w") as fh:
+            json.dump(result, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
