@@ -78,19 +78,22 @@ AUTO_CPU_PRECISION_ENV = "FASTMID_AUTO_CPU_PRECISION"
 
 
 def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU multiplies bf16 matrices in hardware (Intel AMX tiles, with oneDNN's
-    bf16 kernels available to torch).
+    """Whether this CPU multiplies bf16 matrices in hardware (Intel AMX tiles or the AVX512-BF16
+    dot-product instructions, with oneDNN's bf16 kernels available to torch).
 
-    There a bf16 matmul runs about 2x to 3x faster than fp32 (measured here at SmolLM2's MLP
-    shapes on a 2-core Xeon with AMX: 1100x576 @ 576x1536); without AMX, bf16 matmuls are
+    There a bf16 matmul runs about 2x to 3x faster than fp32 at SmolLM2's MLP shapes
+    (1100x576 @ 576x1536): measured here on a 2-core Xeon with AMX, and 2.3x (4.7 ms vs 10.8 ms)
+    on a 2-core AMD EPYC with AVX512-BF16 and no AMX, where a whole `fastmid train` step ran 1.6x
+    faster in bf16-master than in fp32 (315 vs 198 tokens/s). Without either, bf16 matmuls are
     emulated and slower than fp32. False when torch cannot say (its probes are private APIs).
     """
     try:
         import torch
 
-        return bool(torch.cpu._is_amx_tile_supported()) and bool(
-            torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        hardware = bool(torch.cpu._is_amx_tile_supported()) or bool(
+            torch.cpu._is_avx512_bf16_supported()
         )
+        return hardware and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except Exception:  # an older or newer torch without the probes: assume no
         return False
 

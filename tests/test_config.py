@@ -346,3 +346,25 @@ def test_cpu_bf16_probe_is_a_bool():
     from fastmid.config import cpu_has_fast_bf16
 
     assert isinstance(cpu_has_fast_bf16(), bool)
+
+
+@pytest.mark.parametrize(
+    ("amx", "avx512_bf16", "onednn_bf16", "fast"),
+    [
+        (True, False, True, True),  # Xeon Sapphire Rapids and later
+        (False, True, True, True),  # AMD Zen 4, Xeon Cooper Lake: native bf16 dot products
+        (False, False, True, False),  # AVX-512 without BF16: oneDNN emulates bf16, slower
+        (True, True, False, False),  # torch built without oneDNN's bf16 kernels
+    ],
+)
+def test_cpu_bf16_probe_counts_amx_and_avx512_bf16(
+    monkeypatch, amx, avx512_bf16, onednn_bf16, fast
+):
+    import torch
+
+    from fastmid.config import cpu_has_fast_bf16
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: onednn_bf16)
+    assert cpu_has_fast_bf16() is fast
