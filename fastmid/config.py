@@ -458,7 +458,7 @@ class TrainConfig:
         metadata=_meta(
             "weights and compute (bf16-master: bf16 autocast, fp32 band weights; bf16: all "
             "weights bf16, stochastic rounding; auto: bf16-master on CUDA and on CPUs with "
-            "AMX bf16 matmuls, else fp32)",
+            "hardware bf16 matmuls (AMX or AVX512-BF16), else fp32)",
             "optimization",
             resume_must_match=True,
         ),
