@@ -3,7 +3,7 @@
 wall time, the learning-rate sweeps, the table and one sentence per comparison against ``mid``).
 
     python bench/ablate_results.py runs/ablate-smollm2 smollm2 \
-        --command "fastmid ablate --output runs/ablate-smollm2" [--partial "why"]
+        --command "fastmid ablate --output runs/ablate-smollm2" [--partial "why"] [--note "..."]
 
 The wall time is the span from the first file the ablation wrote (``ablate_settings.json``) to
 ``ablate.json``; an ablation resumed after a pause counts the pause too, so pass ``--wall`` with
@@ -40,8 +40,15 @@ def _params(n: int | None) -> str:
     return "0" if not n else f"{n / 1e6:.2f}M"
 
 
-def render(doc: dict[str, Any], command: str, wall_s: float, partial: str | None) -> str:
-    """The markdown page of one ablation (``doc``: ``ablate.json``'s content)."""
+def render(
+    doc: dict[str, Any],
+    command: str,
+    wall_s: float,
+    partial: str | None,
+    note: str | None = None,
+) -> str:
+    """The markdown page of one ablation (``doc``: ``ablate.json``'s content); ``partial`` and
+    ``note`` are printed at the top when given."""
     proto = doc["protocol"]
     rows = doc["rows"]
     runs = doc["runs"]
@@ -59,6 +66,8 @@ def render(doc: dict[str, Any], command: str, wall_s: float, partial: str | None
     ]
     if partial:
         out += [f"**Partial:** {partial}", ""]
+    if note:
+        out += [f"**Note:** {note}", ""]
     out += [
         f"`{command}` on {cpu_name()}, {dt.date.today().isoformat()}. Wall time "
         f"{_clock(wall_s)} for {len(runs)} training runs (training alone {_clock(train_s)}; the "
@@ -154,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--command", required=True, help="the fastmid ablate command that ran")
     p.add_argument("--partial", help="why these results are partial (printed at the top)")
     p.add_argument("--wall", type=float, help="measured wall time in seconds")
+    p.add_argument("--note", help="how this run relates to others (printed at the top)")
     args = p.parse_args(argv)
     doc_path = args.folder / "ablate.json"
     if not doc_path.is_file():
@@ -167,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         src = args.folder / f"ablate.{ext}"
         if src.is_file():
             shutil.copyfile(src, RESULTS / f"ablate_{args.name}.{ext}")
-    text = render(doc, args.command, wall, args.partial).replace("{name}", args.name)
+    text = render(doc, args.command, wall, args.partial, args.note).replace("{name}", args.name)
     (RESULTS / f"ablate_{args.name}.md").write_text(text)
     print(f"wrote {RESULTS}/ablate_{args.name}.{{json,csv,png,md}}")
     return 0

@@ -86,6 +86,11 @@ def test_markdown_shows_the_json_rows(tmp_path):
     text = mod.render(_doc(tmp_path), "fastmid ablate --output X", 3725.0, "1 of 2 seeds")
     lines = text.splitlines()
     assert "**Partial:** 1 of 2 seeds" in lines
+    assert not any(line.startswith("**Note:**") for line in lines)
+    (tmp_path / "again").mkdir()
+    noted = mod.render(_doc(tmp_path / "again"), "c", 1.0, None, "rates from run A").splitlines()
+    assert "**Note:** rates from run A" in noted
+    assert not any(line.startswith("**Partial:**") for line in noted)
     assert "Wall time 1:02:05 for 1 training runs (training alone 0:01:15" in text
     assert "precision `bf16-master`" in text
     # the sweep sorted by rate, the chosen rate beside it
