@@ -103,6 +103,10 @@ def test_library_notices_stay_off_the_console_and_replay_into_a_run_log(capfd):
 
     logging.getLogger("torchao").warning("Failed to load _C_mxfp8.so")
     logging.getLogger("bitsandbytes.backends.cpu.ops").warning("no kernels-community kernel")
+    logging.getLogger("kernels._internals.hf_hub").warning(
+        "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' "
+        "because Hugging Face Hub is in offline mode."
+    )
     logging.getLogger("torch.utils._pytree").warning(
         "<enum 'X'> is an Enum subclass ... Calling register_constant() on Enum subclasses is "
         "deprecated"
@@ -114,13 +118,14 @@ def test_library_notices_stay_off_the_console_and_replay_into_a_run_log(capfd):
     held: list[logging.LogRecord] = []
     handler = logging.Handler(logging.INFO)
     handler.emit = held.append  # type: ignore[method-assign]
-    assert replay_library_notices(handler) == 3
+    assert replay_library_notices(handler) == 4
     assert [(r.name, r.levelno) for r in held] == [
         ("torchao", logging.WARNING),
         ("bitsandbytes.backends.cpu.ops", logging.WARNING),
+        ("kernels._internals.hf_hub", logging.WARNING),
         ("torch.utils._pytree", logging.WARNING),
     ]
-    assert "register_constant()" in held[2].getMessage()
+    assert "register_constant()" in held[3].getMessage()
     assert replay_library_notices(handler) == 0  # replayed once
 
 

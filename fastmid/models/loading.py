@@ -326,9 +326,10 @@ class _LibraryNotices(logging.Handler):
 
 
 _NOTICES = _LibraryNotices()
-# The loggers whose notices are held: torchao's, bitsandbytes' (and torch's enum notice, which
-# _EnumNoticeToTorchao routes through torchao's).
-NOTICE_LOGGERS = ("torchao", "bitsandbytes")
+# The loggers whose notices are held: torchao's, bitsandbytes', the ``kernels`` hub package's
+# (which bitsandbytes calls at import) and torch's enum notice, which _EnumNoticeToTorchao routes
+# through torchao's.
+NOTICE_LOGGERS = ("torchao", "bitsandbytes", "kernels")
 
 
 def _hold_notices(name: str) -> None:
@@ -385,10 +386,14 @@ def quiet_bitsandbytes() -> None:
     """Route bitsandbytes' import notices to Python logging, as :func:`quiet_torchao`.
 
     On AVX512-BF16 CPUs its import looks for a 4-bit CPU matmul in the ``kernels`` hub package
-    and logs a warning when it is absent; fastmid never runs 4-bit matmuls. Call this before
-    bitsandbytes is imported.
+    and logs a warning when it is absent; fastmid never runs 4-bit matmuls. When ``kernels`` is
+    installed (transformers 5.25 depends on it) that package logs its own warning instead, under
+    its own logger, in offline mode ("Skipping publisher trust check for
+    'kernels-community/quantization-bitsandbytes' ..."; seen with kernels 0.19.1 on an AMD EPYC):
+    both are held. Call this before bitsandbytes is imported.
     """
     _hold_notices("bitsandbytes")
+    _hold_notices("kernels")
 
 
 def _quiet_transformers() -> None:
