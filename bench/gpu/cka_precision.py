@@ -26,10 +26,15 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import fields
+from pathlib import Path
+from typing import Any
 
 if "--smoke" in sys.argv:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu_common as common
 import torch
 from fastmid.kernels.cka_stats import (
     _unpack_gram,
@@ -45,6 +50,15 @@ VARIANTS = [  # (precision, block_n, block_d); the first is the shipped default
     ("tf32x3", 32, 128),
     ("tf32x3", 64, 128),
 ]
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    """``(seconds, fn())`` with the device synchronized before and after."""
+    common.sync(device)
+    t0 = time.perf_counter()
+    result = fn()
+    common.sync(device)
+    return time.perf_counter() - t0, result
 
 
 def activations(n: int, d: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,25 +81,19 @@ def spectra_timing(device: torch.device, small: bool) -> dict[str, float]:
     gram = z @ z.transpose(1, 2)
     on_dev = gram.to(device)
 
-    def timed(fn) -> float:
+    def ms_after_warm_up(fn: Callable[[], Any]) -> float:
         fn()  # warm-up (cusolver handles, workspace)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return round((time.perf_counter() - t0) * 1e3, 2)
+        return round(timed(fn, device)[0] * 1e3, 2)
 
     return {
         "shape": f"{calls} calls x ({batch}, {t}, {t})",
-        "device_per_call_ms": timed(
+        "device_per_call_ms": ms_after_warm_up(
             lambda: [
                 torch.linalg.eigvalsh(on_dev[i * batch : (i + 1) * batch]) for i in range(calls)
             ]
         ),
-        "device_one_batched_call_ms": timed(lambda: torch.linalg.eigvalsh(on_dev)),
-        "cpu_float64_one_call_ms": timed(lambda: torch.linalg.eigvalsh(gram.double())),
+        "device_one_batched_call_ms": ms_after_warm_up(lambda: torch.linalg.eigvalsh(on_dev)),
+        "cpu_float64_one_call_ms": ms_after_warm_up(lambda: torch.linalg.eigvalsh(gram.double())),
         "cpu_threads": torch.get_num_threads(),
     }
 
@@ -109,13 +117,8 @@ def main() -> int:
         G = run()  # compiles
         times = []
         for _ in range(1 if a.smoke else a.repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            G = run()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
+            seconds, G = timed(run, device)
+            times.append(seconds)
         got = _unpack_gram(G, d, d)
         errs = {}
         for f in fields(got):
@@ -129,7 +132,7 @@ def main() -> int:
         row = {
             "precision": precision, "block_n": block_n, "block_d": block_d,
             "ms": round(median * 1e3, 3),
-            # upper tiles only: n D^2 multiply-adds, 2 FLOPs each
+            # upper tiles only: n D^2 / 2 multiply-adds, 2 FLOPs each
             "tflops": round(2 * n * D * D / 2 / median / 1e12, 2),
             "max_rel_err": errs[worst], "worst_field": worst,
             "rel_err_xty": errs["xty"],
