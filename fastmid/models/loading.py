@@ -325,11 +325,10 @@ class _LibraryNotices(logging.Handler):
         self.records.append(record)
 
 
+# Held: the notices of torchao's logger (with torch's enum notice, which _EnumNoticeToTorchao
+# routes through it), bitsandbytes' and the ``kernels`` hub package's (which bitsandbytes calls at
+# import); see quiet_torchao and quiet_bitsandbytes.
 _NOTICES = _LibraryNotices()
-# The loggers whose notices are held: torchao's, bitsandbytes', the ``kernels`` hub package's
-# (which bitsandbytes calls at import) and torch's enum notice, which _EnumNoticeToTorchao routes
-# through torchao's.
-NOTICE_LOGGERS = ("torchao", "bitsandbytes", "kernels")
 
 
 def _hold_notices(name: str) -> None:

@@ -1,9 +1,9 @@
 """``bench/peers_cpu.py`` (issue 19): TRL's completion-only loss on the prompt-completion form of
 ``builtin:arith`` supervises exactly fastmid's tokens, and the benchmark's FLOP count.
 
-The benchmark itself (several minutes) is not run here. TRL is a ``[bench]`` extra, not a
-``[dev]`` one: the test that runs TRL's own dataset preparation is skipped without it; the others
-check the same property with the tokenizer alone.
+The benchmark itself (several minutes) is not run here. TRL is in the ``[dev]`` extra (and the
+``[bench]`` one), so the test that runs TRL's own dataset preparation runs in CI; it is skipped
+only where TRL is absent. The others check the same property with the tokenizer alone.
 """
 
 from __future__ import annotations
