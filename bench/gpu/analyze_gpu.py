@@ -121,11 +121,7 @@ def main() -> int:
     last = [0.0]
 
     def timed_bare(batch: dict[str, torch.Tensor]) -> float:
-        common.sync(device)
-        ts = time.perf_counter()
-        bare_forward([base, tuned], batch)
-        common.sync(device)
-        return time.perf_counter() - ts
+        return common.timed(lambda: bare_forward([base, tuned], batch), device)[0]
 
     def between(done: int, total: int) -> None:
         common.sync(device)
@@ -199,11 +195,8 @@ def breakdown(
     times: dict[str, float] = {}
 
     def timed(name: str, fn: Callable[[], object]) -> object:
-        common.sync(device)
-        ts = time.perf_counter()
-        result = fn()
-        common.sync(device)
-        times[name] = round(times.get(name, 0.0) + time.perf_counter() - ts, 4)
+        seconds, result = common.timed(fn, device)
+        times[name] = round(times.get(name, 0.0) + seconds, 4)
         return result
 
     timed("bare_forward_both", lambda: bare_forward([base, tuned], batch))

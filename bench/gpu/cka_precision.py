@@ -25,7 +25,6 @@ import functools
 import json
 import os
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
@@ -52,15 +51,6 @@ VARIANTS = [  # (precision, block_n, block_d); the first is the shipped default
 ]
 
 
-def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
-    """``(seconds, fn())`` with the device synchronized before and after."""
-    common.sync(device)
-    t0 = time.perf_counter()
-    result = fn()
-    common.sync(device)
-    return time.perf_counter() - t0, result
-
-
 def activations(n: int, d: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(n, d) bf16 base and tuned activations with a mean offset and outlier channels."""
     g = torch.Generator().manual_seed(0)
@@ -83,7 +73,7 @@ def spectra_timing(device: torch.device, small: bool) -> dict[str, float]:
 
     def ms_after_warm_up(fn: Callable[[], Any]) -> float:
         fn()  # warm-up (cusolver handles, workspace)
-        return round(timed(fn, device)[0] * 1e3, 2)
+        return round(common.timed(fn, device)[0] * 1e3, 2)
 
     return {
         "shape": f"{calls} calls x ({batch}, {t}, {t})",
@@ -117,7 +107,7 @@ def main() -> int:
         G = run()  # compiles
         times = []
         for _ in range(1 if a.smoke else a.repeats):
-            seconds, G = timed(run, device)
+            seconds, G = common.timed(run, device)
             times.append(seconds)
         got = _unpack_gram(G, d, d)
         errs = {}
