@@ -11,7 +11,10 @@ weights), random token batches (``--batches`` x ``--batch-size`` x ``--seq-len``
   and effective rank of both models on every layer) against a bare forward of both decoder
   stacks, interleaved batch by batch as ``bench/analyze_speed.py`` does (the bare forward of a
   batch is timed right before the analysis processes it; CUDA synchronized). Reported:
-  ``overhead_ratio`` = analysis time / bare time (goal: at most 1.1).
+  ``overhead_ratio`` = analysis time / bare time (goal: at most 1.1). The same timing again
+  with CKA on the float64 torch path (``backend="torch"``: cuBLAS on a GPU, what
+  ``FASTMID_KERNELS=off`` selects) under ``cka_torch_fp64``, with its largest CKA difference from
+  the first pass.
 * **Values**: for two layers (middle and last) of the first batch, the streaming CKA on the GPU
   (Triton, fp32 IEEE products, float64 running sums) against float64 on the CPU (BLAS) for the
   same captured activations: the largest absolute difference of debiased and biased CKA.
@@ -111,42 +114,17 @@ def main() -> int:
         {"model_shape": shape, "device": str(device), "setup_s": round(time.perf_counter() - t0, 1)}
     )
 
-    # warm-up: kernels compile, cuBLAS and the allocator settle
-    bare_forward([base, tuned], batches[0])
-    measure_layers(base, tuned, batches[:1])
-    common.sync(device)
-
-    bare_s: list[float] = []
-    analysis_s: list[float] = []
-    last = [0.0]
-
-    def timed_bare(batch: dict[str, torch.Tensor]) -> float:
-        return common.timed(lambda: bare_forward([base, tuned], batch), device)[0]
-
-    def between(done: int, total: int) -> None:
-        common.sync(device)
-        analysis_s.append(time.perf_counter() - last[0])
-        if done < total:
-            bare_s.append(timed_bare(batches[done]))
-        last[0] = time.perf_counter()
-
-    bare_s.append(timed_bare(batches[0]))
-    last[0] = time.perf_counter()
-    rows, n_tokens = measure_layers(base, tuned, batches, on_batch=between)
-    common.sync(device)
-    analysis_s[-1] += time.perf_counter() - last[0]  # the final computation from the sums
-    bare, analysis = sum(bare_s), sum(analysis_s)
-    out({
-        "tokens": n_tokens, "bare_s": round(bare, 4), "analysis_s": round(analysis, 4),
-        "bare_s_per_batch": [round(x, 4) for x in bare_s],
-        "analysis_s_per_batch": [round(x, 4) for x in analysis_s],
-        "overhead_ratio": round(analysis / bare, 4) if bare > 0 else None,
-        "bare_tokens_per_s": round(n_tokens / bare, 1) if bare > 0 else None,
-        "analysis_tokens_per_s": round(n_tokens / analysis, 1) if analysis > 0 else None,
-        "cka_debiased_first_layers": [round(r.cka_debiased, 6) for r in rows[:3]],
-        **common.peaks(device),
-    })  # fmt: skip
-    print(f"analyze: {analysis:.3f} s vs bare {bare:.3f} s ({analysis / bare:.2f}x)", flush=True)
+    timing, rows = time_analysis(base, tuned, batches, device, "auto")
+    out({**timing, "cka_debiased_first_layers": [round(r.cka_debiased, 6) for r in rows[:3]],
+         **common.peaks(device)})  # fmt: skip
+    # The same analysis with CKA on the float64 torch path (cuBLAS on a GPU; what
+    # FASTMID_KERNELS=off selects): exact sums, and Hopper's float64 tensor cores may make it
+    # faster than the fp32 Triton kernel.
+    fp64, rows64 = time_analysis(base, tuned, batches, device, "torch")
+    fp64["cka_max_abs_diff_vs_auto"] = max(
+        abs(r.cka_debiased - q.cka_debiased) for r, q in zip(rows, rows64, strict=True)
+    )
+    out({"cka_torch_fp64": fp64})
 
     # values: the device path against float64 on the CPU, same activations
     layers = sorted({n_layers // 2, n_layers - 1})
@@ -176,6 +154,54 @@ def main() -> int:
         out({"profile_top": profile_top(base, tuned, batch, device)})
         out({"wall_s": round(time.perf_counter() - t0, 1)})
     return 0
+
+
+def time_analysis(
+    base: torch.nn.Module,
+    tuned: torch.nn.Module,
+    batches: list[dict[str, torch.Tensor]],
+    device: torch.device,
+    backend: str,
+) -> tuple[dict[str, object], list]:
+    """measure_layers over ``batches`` with CKA on ``backend``, against a bare forward of both
+    models, interleaved batch by batch (the bare forward of a batch timed right before the
+    analysis processes it), after one warm-up batch of each. Returns the timing fields and the
+    per-layer rows."""
+    bare_forward([base, tuned], batches[0])  # warm-up: kernels compile, cuBLAS settles
+    measure_layers(base, tuned, batches[:1], backend=backend)
+    common.sync(device)
+
+    bare_s: list[float] = []
+    analysis_s: list[float] = []
+    last = [0.0]
+
+    def timed_bare(batch: dict[str, torch.Tensor]) -> float:
+        return common.timed(lambda: bare_forward([base, tuned], batch), device)[0]
+
+    def between(done: int, total: int) -> None:
+        common.sync(device)
+        analysis_s.append(time.perf_counter() - last[0])
+        if done < total:
+            bare_s.append(timed_bare(batches[done]))
+        last[0] = time.perf_counter()
+
+    bare_s.append(timed_bare(batches[0]))
+    last[0] = time.perf_counter()
+    rows, n_tokens = measure_layers(base, tuned, batches, on_batch=between, backend=backend)
+    common.sync(device)
+    analysis_s[-1] += time.perf_counter() - last[0]  # the final computation from the sums
+    bare, analysis = sum(bare_s), sum(analysis_s)
+    print(f"analyze ({backend}): {analysis:.3f} s vs bare {bare:.3f} s ({analysis / bare:.2f}x)",
+          flush=True)  # fmt: skip
+    return {
+        "cka_backend": backend, "tokens": n_tokens, "bare_s": round(bare, 4),
+        "analysis_s": round(analysis, 4),
+        "bare_s_per_batch": [round(x, 4) for x in bare_s],
+        "analysis_s_per_batch": [round(x, 4) for x in analysis_s],
+        "overhead_ratio": round(analysis / bare, 4) if bare > 0 else None,
+        "bare_tokens_per_s": round(n_tokens / bare, 1) if bare > 0 else None,
+        "analysis_tokens_per_s": round(n_tokens / analysis, 1) if analysis > 0 else None,
+    }, rows  # fmt: skip
 
 
 def breakdown(

@@ -15,7 +15,8 @@ measures it (max |got - want| / max |want|; that test's bound is 1e-5).
 The activations imitate an LLM layer's: unit-normal features plus a per-feature mean offset and
 four outlier channels 300 times the typical size (the cancellation the reference mean guards
 against); the "tuned" side is the base plus 10% noise. ``--smoke``: CPU, Triton's interpreter,
-tiny shapes (the script's code path, no timing meaning).
+tiny shapes (the script's code path, no timing meaning). Two more rows time the same statistics
+through torch's matmul (cuBLAS) in float64 and in float32 (:func:`cublas_row`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import torch
 from fastmid.kernels.cka_stats import (
     _unpack_gram,
     augmented_gram_triton,
+    augmented_rows,
     cka_block_stats_reference,
 )
 
@@ -58,6 +60,62 @@ def activations(n: int, d: int, device: torch.device) -> tuple[torch.Tensor, tor
     x[:, :4] *= 300.0
     y = x + 0.1 * x.std(0) * torch.randn(n, d, generator=g)
     return x.to(device, torch.bfloat16), y.to(device, torch.bfloat16)
+
+
+def relative_errors(got: Any, want: Any) -> dict[str, float]:
+    """Per field of :class:`CKABlockStats`: max |got - want| / max |want| (float64, on the CPU)."""
+    errs = {}
+    for f in fields(got):
+        g64, w64 = getattr(got, f.name).double().cpu(), getattr(want, f.name).double().cpu()
+        scale = w64.abs().max().item()
+        diff = (g64 - w64).abs().max().item()
+        errs[f.name] = diff / scale if scale else diff
+    return errs
+
+
+def cublas_row(
+    name: str,
+    dtype: torch.dtype,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    rx: torch.Tensor,
+    ry: torch.Tensor,
+    want: Any,
+    repeats: int,
+    device: torch.device,
+) -> dict[str, Any]:
+    """The same block's statistics through torch's matmul (cuBLAS on a GPU): the augmented rows
+    ``W`` (:func:`augmented_rows`) in ``dtype``, then the full ``W^T W``. float64 is what
+    ``fastmid analyze`` runs on a GPU under ``FASTMID_KERNELS=off`` (the ``torch`` path); Hopper
+    has float64 tensor cores (about 67 TFLOP/s dense on an H100 SXM, NVIDIA's data sheet), so the
+    exact path may beat the fp32 Triton kernel. float32 runs with TF32 off (IEEE products). The
+    timed work includes building ``W``; ``tflops`` counts the full product (``2 n D^2``), which is
+    what cuBLAS computes."""
+    n, d = x.shape
+    D = 2 * d + 3
+
+    def run() -> torch.Tensor:
+        W = augmented_rows(x, y, rx, ry, dtype)
+        return W.T @ W
+
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        run()  # warm-up (cuBLAS handle, workspace)
+        times = []
+        for _ in range(repeats):
+            seconds, G = common.timed(run, device)
+            times.append(seconds)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    errs = relative_errors(_unpack_gram(G, d, d), want)
+    worst = max(errs, key=errs.get)
+    median = sorted(times)[len(times) // 2]
+    return {
+        "precision": name, "block_n": None, "block_d": None, "ms": round(median * 1e3, 3),
+        "tflops": round(2 * n * D * D / median / 1e12, 2), "flops_counted": "full 2 n D^2",
+        "max_rel_err": errs[worst], "worst_field": worst, "rel_err_xty": errs["xty"],
+    }  # fmt: skip
 
 
 def spectra_timing(device: torch.device, small: bool) -> dict[str, float]:
@@ -109,13 +167,7 @@ def main() -> int:
         for _ in range(1 if a.smoke else a.repeats):
             seconds, G = common.timed(run, device)
             times.append(seconds)
-        got = _unpack_gram(G, d, d)
-        errs = {}
-        for f in fields(got):
-            g64, w64 = getattr(got, f.name).double().cpu(), getattr(want, f.name).double().cpu()
-            scale = w64.abs().max().item()
-            diff = (g64 - w64).abs().max().item()
-            errs[f.name] = diff / scale if scale else diff
+        errs = relative_errors(_unpack_gram(G, d, d), want)
         worst = max(errs, key=errs.get)
         median = sorted(times)[len(times) // 2]
         D = 2 * d + 3
@@ -123,10 +175,14 @@ def main() -> int:
             "precision": precision, "block_n": block_n, "block_d": block_d,
             "ms": round(median * 1e3, 3),
             # upper tiles only: n D^2 / 2 multiply-adds, 2 FLOPs each
-            "tflops": round(2 * n * D * D / 2 / median / 1e12, 2),
+            "tflops": round(2 * n * D * D / 2 / median / 1e12, 2), "flops_counted": "upper n D^2",
             "max_rel_err": errs[worst], "worst_field": worst,
             "rel_err_xty": errs["xty"],
         }  # fmt: skip
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    for name, dtype in (("cublas-fp64", torch.float64), ("cublas-fp32", torch.float32)):
+        row = cublas_row(name, dtype, x, y, rx, ry, want, 1 if a.smoke else a.repeats, device)
         rows.append(row)
         print(json.dumps(row), flush=True)
     spectra = spectra_timing(device, small=a.smoke)

@@ -121,6 +121,9 @@ def test_run_all_smoke_schema_and_every_case(smoke_run):
 
     an = res["analyze"]
     assert an["overhead_ratio"] > 0 and an["cka_max_abs_diff"] < 1e-5
+    fp64 = an["cka_torch_fp64"]  # the second timing, CKA on the float64 torch path
+    assert fp64["cka_backend"] == "torch" and fp64["overhead_ratio"] > 0
+    assert fp64["tokens"] == an["tokens"] and fp64["cka_max_abs_diff_vs_auto"] < 1e-5
 
     assert [g["case"] for g in data["goals"]] == [
         "step_8b", "kernel_bench", "kernel_bench", "fit_32b", "analyze"
