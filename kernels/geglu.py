@@ -26,11 +26,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import Backend, resolve_backend
-from ._launch import num_warps_for, rows_per_program
-from ._triton import cdiv, jit, next_power_of_2, tl
+from ._dispatch import Backend
+from ._gated import GatedOp, check_pair, gated
+from ._triton import jit, tl
 
-_BLOCK = 1024
 _K0 = math.sqrt(2.0 / math.pi)
 _K1 = 0.044715
 
@@ -103,98 +102,17 @@ def _geglu_bwd_kernel(
     tl.store(DU + rows[:, None] * stride_d + cols[None, :], du.to(DU.dtype.element_ty), mask=mask)
 
 
-def _rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
-    """A (rows, n_cols) view with unit column stride (copies only when no such view exists)."""
-    t2 = t.reshape(-1, n_cols)
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
-
-
-def _geometry(n_rows: int, n_cols: int, t: torch.Tensor) -> tuple[tuple[int, int], int, int]:
-    """(grid, rows per program, columns per program) for a (n_rows, n_cols) elementwise op."""
-    block = min(_BLOCK, next_power_of_2(max(n_cols, 1)))
-    block_r = rows_per_program(block, t, n_rows)
-    return (cdiv(n_rows, block_r), cdiv(n_cols, block)), block_r, block
-
-
-def _triton_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    n_cols = gate.shape[-1]
-    g2, u2 = _rows(gate, n_cols), _rows(up, n_cols)
-    out = torch.empty(g2.shape, dtype=gate.dtype, device=gate.device)
-    if out.numel() > 0:
-        grid, block_r, block = _geometry(g2.shape[0], n_cols, gate)
-        _geglu_fwd_kernel[grid](
-            g2,
-            g2.stride(0),
-            u2,
-            u2.stride(0),
-            out,
-            out.stride(0),
-            g2.shape[0],
-            n_cols,
-            _K0,
-            _K1,
-            BLOCK_R=block_r,
-            BLOCK=block,
-            num_warps=num_warps_for(block_r * block),
-        )
-    return out.view(gate.shape)
-
-
-class _GeGLUFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, gate, up):  # type: ignore[override]
-        ctx.save_for_backward(gate, up)
-        return _triton_forward(gate, up)
-
-    @staticmethod
-    def backward(ctx, dy):  # type: ignore[override]
-        gate, up = ctx.saved_tensors
-        n_cols = gate.shape[-1]
-        g2, u2, dy2 = _rows(gate, n_cols), _rows(up, n_cols), _rows(dy, n_cols)
-        dg = torch.empty(g2.shape, dtype=gate.dtype, device=gate.device)
-        du = torch.empty(u2.shape, dtype=up.dtype, device=up.device)
-        if dg.numel() > 0:
-            grid, block_r, block = _geometry(g2.shape[0], n_cols, gate)
-            _geglu_bwd_kernel[grid](
-                dy2,
-                dy2.stride(0),
-                g2,
-                g2.stride(0),
-                u2,
-                u2.stride(0),
-                dg,
-                du,
-                dg.stride(0),
-                g2.shape[0],
-                n_cols,
-                _K0,
-                _K1,
-                BLOCK_R=block_r,
-                BLOCK=block,
-                num_warps=num_warps_for(block_r * block),
-            )
-        return dg.view(gate.shape), du.view(up.shape)
+_OP = GatedOp("geglu", _geglu_fwd_kernel, _geglu_bwd_kernel, (_K0, _K1))
 
 
 def geglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """Torch reference of :func:`geglu`: ``F.gelu(gate, approximate="tanh") * up`` in float32
     (float64 for float64 input), input dtype out. In float32 it is bit-equal to Gemma's eager
     ``act_fn(gate_proj(x)) * up_proj(x)``."""
-    _check(gate, up)
+    check_pair("geglu", gate, up)
     compute = torch.promote_types(gate.dtype, torch.float32)
     g = gate.to(compute)
     return (F.gelu(g, approximate="tanh") * up.to(compute)).to(gate.dtype)
-
-
-def _check(gate: torch.Tensor, up: torch.Tensor) -> None:
-    if gate.shape != up.shape:
-        raise ValueError(
-            f"geglu: gate {tuple(gate.shape)} and up {tuple(up.shape)} must have the same shape"
-        )
-    if gate.dtype != up.dtype:
-        raise ValueError(f"geglu: gate dtype {gate.dtype} != up dtype {up.dtype}")
-    if gate.dim() == 0:
-        raise ValueError("geglu: gate and up need at least one dimension")
 
 
 def geglu(gate: torch.Tensor, up: torch.Tensor, *, backend: Backend = "auto") -> torch.Tensor:
@@ -213,9 +131,4 @@ def geglu(gate: torch.Tensor, up: torch.Tensor, *, backend: Backend = "auto") ->
         ValueError: shapes or dtypes of ``gate`` and ``up`` differ.
         KernelBackendError: ``backend="triton"`` cannot run here.
     """
-    _check(gate, up)
-    if resolve_backend(backend, gate, up) == "torch":
-        return geglu_reference(gate, up)
-    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
-        return _GeGLUFunction.apply(gate, up)
-    return _triton_forward(gate, up)
+    return gated(_OP, geglu_reference, gate, up, backend)
