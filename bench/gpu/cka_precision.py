@@ -16,7 +16,7 @@ The activations imitate an LLM layer's: unit-normal features plus a per-feature 
 four outlier channels 300 times the typical size (the cancellation the reference mean guards
 against); the "tuned" side is the base plus 10% noise. ``--smoke``: CPU, Triton's interpreter,
 tiny shapes (the script's code path, no timing meaning). Two more rows time the same statistics
-through torch's matmul (cuBLAS) in float64 and in float32 (:func:`cublas_row`).
+through torch's matmul (cuBLAS) in float64 and in float32 (:func:`cublas_runs`).
 """
 
 from __future__ import annotations
@@ -37,10 +37,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_common as common
 import torch
 from fastmid.kernels.cka_stats import (
-    _unpack_gram,
+    accumulate_cka_block,
     augmented_gram_triton,
     augmented_rows,
     cka_block_stats_reference,
+    gram_to_stats,
+    new_running_gram,
+    prepare_cka_block,
 )
 
 VARIANTS = [  # (precision, block_n, block_d); the first is the shipped default
@@ -73,49 +76,61 @@ def relative_errors(got: Any, want: Any) -> dict[str, float]:
     return errs
 
 
-def cublas_row(
-    name: str,
-    dtype: torch.dtype,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    rx: torch.Tensor,
-    ry: torch.Tensor,
-    want: Any,
+def measure(
+    run: Callable[[], torch.Tensor],
     repeats: int,
     device: torch.device,
+    n: int,
+    d: int,
+    want: Any,
+    flops_counted: str,
 ) -> dict[str, Any]:
-    """The same block's statistics through torch's matmul (cuBLAS on a GPU): the augmented rows
-    ``W`` (:func:`augmented_rows`) in ``dtype``, then the full ``W^T W``. float64 is what
-    ``fastmid analyze`` runs on a GPU under ``FASTMID_KERNELS=off`` (the ``torch`` path); Hopper
-    has float64 tensor cores (about 67 TFLOP/s dense on an H100 SXM, NVIDIA's data sheet), so the
-    exact path may beat the fp32 Triton kernel. float32 runs with TF32 off (IEEE products). The
-    timed work includes building ``W``; ``tflops`` counts the full product (``2 n D^2``), which is
-    what cuBLAS computes."""
-    n, d = x.shape
-    D = 2 * d + 3
-
-    def run() -> torch.Tensor:
-        W = augmented_rows(x, y, rx, ry, dtype)
-        return W.T @ W
-
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        run()  # warm-up (cuBLAS handle, workspace)
-        times = []
-        for _ in range(repeats):
-            seconds, G = common.timed(run, device)
-            times.append(seconds)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-    errs = relative_errors(_unpack_gram(G, d, d), want)
+    """Time ``run`` (the (D, D) augmented Gram of ``n`` tokens, ``D = 2 d + 3``) after one warm-up call (Triton
+    compiles, cuBLAS makes its handle), the median of ``repeats``, and its largest relative error
+    against ``want``. ``flops_counted``: ``"upper"`` (``n D^2 / 2`` multiply-adds, what the
+    Triton kernel computes) or ``"full"`` (``n D^2``, what a cuBLAS ``W^T W`` computes); 2 FLOPs
+    each."""
+    G = run()
+    times = []
+    for _ in range(repeats):
+        seconds, G = common.timed(run, device)
+        times.append(seconds)
+    errs = relative_errors(gram_to_stats(G, d, d), want)  # reads the upper triangle, as analyze
     worst = max(errs, key=errs.get)
     median = sorted(times)[len(times) // 2]
+    D = 2 * d + 3
+    flops = 2 * n * D * D / (2 if flops_counted == "upper" else 1)
     return {
-        "precision": name, "block_n": None, "block_d": None, "ms": round(median * 1e3, 3),
-        "tflops": round(2 * n * D * D / median / 1e12, 2), "flops_counted": "full 2 n D^2",
-        "max_rel_err": errs[worst], "worst_field": worst, "rel_err_xty": errs["xty"],
+        "ms": round(median * 1e3, 3), "tflops": round(flops / median / 1e12, 2),
+        "flops_counted": flops_counted, "max_rel_err": errs[worst], "worst_field": worst,
+        "rel_err_xty": errs["xty"],
     }  # fmt: skip
+
+
+def cublas_runs(
+    x: torch.Tensor, y: torch.Tensor, rx: torch.Tensor, ry: torch.Tensor
+) -> dict[str, Callable[[], torch.Tensor]]:
+    """The same block's Gram through torch's matmul (cuBLAS on a GPU).
+
+    ``cublas-fp64`` is the library's own ``torch`` path, what ``fastmid analyze`` runs on a GPU
+    under ``FASTMID_KERNELS=off`` (:func:`prepare_cka_block` and :func:`accumulate_cka_block`
+    into a fresh running Gram; on a CPU that is BLAS ``dsyrk``, upper triangle only). Hopper has float64 tensor cores (about 67 TFLOP/s dense on an H100
+    SXM, NVIDIA's data sheet), so the exact path may beat the fp32 Triton kernel. ``cublas-fp32``
+    is the same product on float32 rows (:func:`augmented_rows`), measured with TF32 off (IEEE
+    products): no library path, a candidate for one.
+    """
+    d1, d2 = x.shape[1], y.shape[1]
+
+    def fp64() -> torch.Tensor:
+        gram = new_running_gram(d1, d2, x.device)
+        accumulate_cka_block(prepare_cka_block(x, y, rx, ry, backend="torch"), gram)
+        return gram
+
+    def fp32() -> torch.Tensor:
+        W = augmented_rows(x, y, rx, ry, torch.float32)
+        return W.T @ W
+
+    return {"cublas-fp64": fp64, "cublas-fp32": fp32}
 
 
 def spectra_timing(device: torch.device, small: bool) -> dict[str, float]:
@@ -160,31 +175,23 @@ def main() -> int:
     rx, ry = x[: max(1, n // 4)].float().mean(0), y[: max(1, n // 4)].float().mean(0)
     want = cka_block_stats_reference(x.double(), y.double(), rx.double(), ry.double())
     rows = []
+    repeats = 1 if a.smoke else a.repeats
     for precision, block_n, block_d in VARIANTS:
         run = functools.partial(augmented_gram_triton, x, y, rx, ry, block_n, block_d, precision)
-        G = run()  # compiles
-        times = []
-        for _ in range(1 if a.smoke else a.repeats):
-            seconds, G = common.timed(run, device)
-            times.append(seconds)
-        errs = relative_errors(_unpack_gram(G, d, d), want)
-        worst = max(errs, key=errs.get)
-        median = sorted(times)[len(times) // 2]
-        D = 2 * d + 3
-        row = {
-            "precision": precision, "block_n": block_n, "block_d": block_d,
-            "ms": round(median * 1e3, 3),
-            # upper tiles only: n D^2 / 2 multiply-adds, 2 FLOPs each
-            "tflops": round(2 * n * D * D / 2 / median / 1e12, 2), "flops_counted": "upper n D^2",
-            "max_rel_err": errs[worst], "worst_field": worst,
-            "rel_err_xty": errs["xty"],
-        }  # fmt: skip
+        row = {"precision": precision, "block_n": block_n, "block_d": block_d,
+               **measure(run, repeats, device, n, d, want, "upper")}  # fmt: skip
         rows.append(row)
         print(json.dumps(row), flush=True)
-    for name, dtype in (("cublas-fp64", torch.float64), ("cublas-fp32", torch.float32)):
-        row = cublas_row(name, dtype, x, y, rx, ry, want, 1 if a.smoke else a.repeats, device)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # IEEE fp32 products for cublas-fp32
+    try:
+        for name, run in cublas_runs(x, y, rx, ry).items():
+            row = {"precision": name, "block_n": None, "block_d": None,
+                   **measure(run, repeats, device, n, d, want, "full")}  # fmt: skip
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     spectra = spectra_timing(device, small=a.smoke)
     print(json.dumps(spectra), flush=True)
     result = {
