@@ -113,7 +113,22 @@ def gated(
     backend: Backend,
 ) -> torch.Tensor:
     """``op`` on the backend :func:`resolve_backend` picks: ``reference`` on ``torch``; the kernels
-    under autograd when a gradient is wanted; the forward kernel alone (nothing saved) otherwise."""
+    under autograd when a gradient is wanted; the forward kernel alone (nothing saved) otherwise.
+
+    Args:
+        op: the activation's kernels and constants.
+        reference: its torch reference, ``(gate, up) -> out``.
+        gate: (..., I) float32/bf16/fp16; rows may be strided.
+        up: (..., I), same shape and dtype as ``gate``.
+        backend: ``"auto"`` | ``"triton"`` | ``"torch"``.
+
+    Returns:
+        (..., I) ``act(gate) * up`` in the input dtype.
+
+    Raises:
+        ValueError: shapes or dtypes of ``gate`` and ``up`` differ (:func:`check_pair`).
+        KernelBackendError: ``backend="triton"`` cannot run here.
+    """
     check_pair(op.name, gate, up)
     if resolve_backend(backend, gate, up) == "torch":
         return reference(gate, up)
